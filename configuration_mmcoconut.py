@@ -1,0 +1,91 @@
+"""Configuration for MMCoconut: an InternVL model that reasons in continuous latent space."""
+
+from transformers import AutoConfig, InternVLConfig, PretrainedConfig
+
+LATENT_TOKEN = "<|latent|>"
+START_LATENT_TOKEN = "<|start-latent|>"
+END_LATENT_TOKEN = "<|end-latent|>"
+LATENT_TOKENS = (START_LATENT_TOKEN, END_LATENT_TOKEN, LATENT_TOKEN)
+
+
+class MMCoconutConfig(PretrainedConfig):
+    r"""
+    Configuration of [`MMCoconutForConditionalGeneration`]: the wrapped InternVL configuration plus
+    the ids of the three latent tokens and the curriculum settings the checkpoint was trained with.
+
+    Args:
+        internvl_config (`InternVLConfig` or `dict`):
+            Configuration of the wrapped `InternVLForConditionalGeneration`.
+        latent_token_id (`int`):
+            Id of `<|latent|>`; each one is filled with the last hidden state of the position before it.
+        start_latent_id (`int`), end_latent_id (`int`):
+            Ids of `<|start-latent|>` and `<|end-latent|>` that delimit the continuous thoughts.
+        c_thought (`int`, defaults to 1):
+            Continuous thoughts per replaced reasoning step.
+        latent_stage (`int`, defaults to 0):
+            Curriculum stage the weights were trained at; `latent_stage * c_thought` latents are the
+            default at evaluation.
+
+    Example:
+
+    ```python
+    >>> from transformers import InternVLConfig
+    >>> from configuration_mmcoconut import MMCoconutConfig
+    >>> config = MMCoconutConfig(InternVLConfig(), latent_token_id=151676, start_latent_id=151674,
+    ...                          end_latent_id=151675, c_thought=2)
+    ```
+    """
+
+    model_type = "mmcoconut"
+    sub_configs = {"internvl_config": InternVLConfig}
+
+    def __init__(
+        self,
+        internvl_config=None,
+        latent_token_id=None,
+        start_latent_id=None,
+        end_latent_id=None,
+        c_thought=1,
+        latent_stage=0,
+        **kwargs,
+    ):
+        if internvl_config is None:
+            internvl_config = InternVLConfig()
+        elif isinstance(internvl_config, dict):
+            internvl_config = InternVLConfig(**internvl_config)
+        self.internvl_config = internvl_config
+        self.latent_token_id = latent_token_id
+        self.start_latent_id = start_latent_id
+        self.end_latent_id = end_latent_id
+        self.c_thought = c_thought
+        self.latent_stage = latent_stage
+        kwargs.setdefault("tie_word_embeddings", internvl_config.tie_word_embeddings)
+        super().__init__(**kwargs)
+
+    @property
+    def latent_ids(self):
+        """`(start_latent_id, end_latent_id, latent_token_id)`."""
+        return (self.start_latent_id, self.end_latent_id, self.latent_token_id)
+
+    def validate_latent_ids(self):
+        missing = [
+            name
+            for name in ("latent_token_id", "start_latent_id", "end_latent_id")
+            if getattr(self, name) is None
+        ]
+        if missing:
+            raise ValueError(
+                f"MMCoconutConfig is missing {', '.join(missing)}; build the model with "
+                "MMCoconutForConditionalGeneration.from_internvl(internvl, tokenizer), which adds the "
+                "latent tokens to the tokenizer and records their ids."
+            )
+
+    def to_dict(self):
+        output = super().to_dict()
+        output["internvl_config"] = self.internvl_config.to_dict()
+        return output
+
+
+AutoConfig.register("mmcoconut", MMCoconutConfig)
+
+__all__ = ["MMCoconutConfig", "LATENT_TOKEN", "START_LATENT_TOKEN", "END_LATENT_TOKEN", "LATENT_TOKENS"]
