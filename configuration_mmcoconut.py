@@ -25,6 +25,9 @@ class MMCoconutConfig(PretrainedConfig):
         latent_stage (`int`, defaults to 0):
             Curriculum stage the weights were trained at; `latent_stage * c_thought` latents are the
             default at evaluation.
+        pause_as_thought (`bool`, defaults to False):
+            The "pause as thought" ablation: `<|latent|>` tokens keep their learned embedding (no
+            continuous thought) and the sequence runs in one pass.
 
     Example:
 
@@ -47,6 +50,7 @@ class MMCoconutConfig(PretrainedConfig):
         end_latent_id=None,
         c_thought=1,
         latent_stage=0,
+        pause_as_thought=False,
         **kwargs,
     ):
         if internvl_config is None:
@@ -59,6 +63,7 @@ class MMCoconutConfig(PretrainedConfig):
         self.end_latent_id = end_latent_id
         self.c_thought = c_thought
         self.latent_stage = latent_stage
+        self.pause_as_thought = pause_as_thought
         kwargs.setdefault("tie_word_embeddings", internvl_config.tie_word_embeddings)
         super().__init__(**kwargs)
 

@@ -1,0 +1,463 @@
+"""MMCoconut: an InternVL model that reasons in continuous latent space.
+
+Coconut ("Chain of Continuous Thought", arXiv 2412.06769) replaces reasoning steps by `<|latent|>`
+tokens whose input embedding is the last-layer hidden state of the position before them. This file
+extends it to transformers' native `InternVLForConditionalGeneration`: image features are merged into
+the embeddings once, then the sequence runs in passes over one KV cache — the prefix up to the first
+latent column, one pass per latent column, then the rest — with gradients flowing through the thoughts.
+
+This file and `configuration_mmcoconut.py` are saved beside the weights as remote code, so they
+import nothing else of this project.
+"""
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+from transformers import (
+    AutoModel,
+    AutoModelForImageTextToText,
+    DynamicCache,
+    GenerationMixin,
+    InternVLForConditionalGeneration,
+    PreTrainedModel,
+)
+from transformers.utils import ModelOutput
+
+try:  # imported as remote code (a package next to the weights)
+    from .configuration_mmcoconut import LATENT_TOKENS, MMCoconutConfig
+except ImportError:  # imported from a checkout or an installed mmcoconut
+    from configuration_mmcoconut import LATENT_TOKENS, MMCoconutConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class MMCoconutOutput(ModelOutput):
+    r"""
+    loss (`torch.FloatTensor`, *optional*):
+        Shifted next-token cross-entropy over the supervised positions (sum / `num_items_in_batch`
+        when given, else the mean).
+    logits (`torch.FloatTensor`):
+        With `labels`: `(num_supervised, vocab)`, the predictions for the supervised tokens in
+        row-major (batch, position) order — the LM head is applied nowhere else. Without `labels`:
+        `(batch, seq_len, vocab)`, or the last `logits_to_keep` positions.
+    past_key_values (`Cache`, *optional*):
+        The KV cache of the whole sequence, when `use_cache=True`.
+    last_hidden_state (`torch.FloatTensor`):
+        `(batch, seq_len, hidden)`, the final-norm hidden states (the continuous thoughts' source).
+    num_passes (`int`):
+        Language-model passes run over the sequence.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    past_key_values: object | None = None
+    last_hidden_state: torch.FloatTensor | None = None
+    num_passes: int | None = None
+
+
+class MMCoconutPreTrainedModel(PreTrainedModel):
+    config_class = MMCoconutConfig
+    base_model_prefix = "mmcoconut"
+    main_input_name = "input_ids"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["InternVLVisionLayer", "Qwen2DecoderLayer"]
+    _skip_keys_device_placement = "past_key_values"
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+
+class MMCoconutForConditionalGeneration(MMCoconutPreTrainedModel, GenerationMixin):
+    r"""
+    InternVL with Coconut's continuous thoughts. `self.internvl` is the wrapped
+    `InternVLForConditionalGeneration`; its weights are saved under the `internvl.` prefix.
+
+    Example:
+
+    ```python
+    >>> from processing_mmcoconut import build_internvl_tokenizer, tiny_internvl_config
+    >>> from transformers import InternVLForConditionalGeneration
+    >>> tokenizer = build_internvl_tokenizer()
+    >>> internvl = InternVLForConditionalGeneration(tiny_internvl_config())
+    >>> model = MMCoconutForConditionalGeneration.from_internvl(internvl, tokenizer, c_thought=2)
+    >>> model.config.latent_token_id == tokenizer.convert_tokens_to_ids("<|latent|>")
+    True
+    ```
+    """
+
+    # The wrapped InternVL declares its own tie (lm_head ↔ embed_tokens); nothing to add at this level.
+    _tied_weights_keys = None
+
+    def __init__(self, config: MMCoconutConfig, internvl: InternVLForConditionalGeneration | None = None):
+        super().__init__(config)
+        self.internvl = internvl if internvl is not None else InternVLForConditionalGeneration(config.internvl_config)
+        self.config.internvl_config = self.internvl.config
+        # Per-pass activation checkpointing (see `_set_gradient_checkpointing`).
+        self.gradient_checkpointing = False
+        self._gradient_checkpointing_func = None
+        self.post_init()
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_internvl(cls, internvl_or_path, tokenizer, c_thought=1, dtype=None, **load_kwargs):
+        """Wrap an InternVL model (or load one from a path / Hub id) and add the latent tokens.
+
+        Adds `<|start-latent|>`, `<|end-latent|>` and `<|latent|>` to `tokenizer` as special tokens,
+        resizes the language model's embeddings (and the lm_head when untied) to `len(tokenizer)`,
+        and initialises each new row to the mean of the existing rows of the pieces its text
+        tokenised to before (e.g. `<|`, `latent`, `|>`). Why: the rows start inside the trained
+        embedding distribution with the same norm scale as real tokens (random rows from the
+        initialiser are far smaller than trained ones), and the three markers start distinct from
+        each other, unlike copying one token into all three. Original-format checkpoints
+        (`model_type: internvl_chat`, as `OpenGVLab/InternVL3-1B-Pretrained`) are converted on load.
+        """
+        if isinstance(internvl_or_path, InternVLForConditionalGeneration):
+            internvl = internvl_or_path
+        else:
+            internvl = _load_internvl(str(internvl_or_path), dtype=dtype, **load_kwargs)
+
+        pieces = {token: tokenizer.encode(token, add_special_tokens=False) for token in LATENT_TOKENS}
+        num_added = tokenizer.add_tokens(list(LATENT_TOKENS), special_tokens=True)
+        token_ids = tokenizer.convert_tokens_to_ids(list(LATENT_TOKENS))
+        if num_added:
+            old_vocab = internvl.get_input_embeddings().weight.shape[0]
+            internvl.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+            rows = [internvl.get_input_embeddings().weight]
+            if not internvl.config.tie_word_embeddings:
+                rows.append(internvl.get_output_embeddings().weight)
+            with torch.no_grad():
+                for weight in rows:
+                    for token, token_id in zip(LATENT_TOKENS, token_ids):
+                        if token_id >= old_vocab:
+                            weight[token_id] = weight[pieces[token]].mean(0)
+        start_id, end_id, latent_id = token_ids
+        config = MMCoconutConfig(
+            internvl_config=internvl.config,
+            latent_token_id=latent_id,
+            start_latent_id=start_id,
+            end_latent_id=end_id,
+            c_thought=c_thought,
+        )
+        model = cls(config, internvl=internvl)
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        return model.to(dtype) if dtype is not None else model
+
+    def get_input_embeddings(self):
+        return self.internvl.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.internvl.set_input_embeddings(value)
+
+    def get_output_embeddings(self):
+        return self.internvl.get_output_embeddings()
+
+    def _init_weights(self, module):
+        # Every submodule belongs to the wrapped InternVL, which initialises its own weights.
+        self.internvl._init_weights(module)
+
+    def _set_gradient_checkpointing(self, enable=True, gradient_checkpointing_func=checkpoint, every_n_layers=1):
+        # The language model's own per-layer checkpointing turns `use_cache` off in training and so
+        # drops the KV cache the passes share. Instead each pass is checkpointed as a pure function
+        # of its inputs (see `_language_model_pass`); the vision tower (no cache) uses the standard one.
+        self.gradient_checkpointing = enable
+        self._gradient_checkpointing_func = gradient_checkpointing_func if enable else None
+        vision_tower = self.internvl.model.vision_tower
+        vision_tower._set_gradient_checkpointing(enable, gradient_checkpointing_func, every_n_layers)
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(
+        self,
+        input_ids,
+        attention_mask=None,
+        position_ids=None,
+        pixel_values=None,
+        labels=None,
+        num_items_in_batch=None,
+        num_tiles=None,
+        use_cache=False,
+        logits_to_keep=None,
+        **kwargs,
+    ):
+        r"""
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch, seq_len)`):
+                Image positions hold `internvl.config.image_token_id`; latents hold `config.latent_token_id`.
+            attention_mask (`torch.LongTensor` of shape `(batch, seq_len)`, *optional*): 0 on padding.
+            position_ids (`torch.LongTensor` of shape `(batch, seq_len)`, *optional*):
+                Defaults to per-sample positions counted from each sample's first real token.
+            pixel_values (`torch.FloatTensor` of shape `(total_tiles, 3, H, W)`, *optional*):
+                The tiles of all samples, concatenated in batch order.
+            labels (`torch.LongTensor` of shape `(batch, seq_len)`, *optional*): -100 where unsupervised.
+            num_items_in_batch (`int` or `torch.Tensor`, *optional*):
+                Supervised tokens in the whole (accumulated) batch; the loss is then sum / this count.
+            num_tiles (`torch.LongTensor` of shape `(batch,)`, *optional*):
+                Tiles per sample; when given, each sample's image-token count is checked on its own.
+            use_cache (`bool`): return the KV cache of the whole sequence.
+            logits_to_keep (`int`, *optional*): without labels, only the last `logits_to_keep` positions.
+        """
+        self.config.validate_latent_ids()
+        batch_size, seq_len = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if position_ids is None:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+        inputs_embeds = self._embed_with_images(input_ids, pixel_values, num_tiles)
+        latent_mask = self._latent_mask(input_ids, attention_mask)
+        boundaries = self._pass_boundaries(latent_mask, seq_len)
+
+        hidden_chunks, past = [], []
+        for start, end in zip(boundaries[:-1], boundaries[1:]):
+            chunk = inputs_embeds[:, start:end]
+            if hidden_chunks:
+                # Continuous thought: the latent at `start` takes the last hidden state of `start - 1`.
+                thought = hidden_chunks[-1][:, -1]  # (B, H)
+                is_latent = latent_mask[:, start, None]  # (B, 1)
+                first = torch.where(is_latent, thought.to(chunk.dtype), chunk[:, 0])
+                chunk = torch.cat([first[:, None], chunk[:, 1:]], dim=1)
+            hidden, *chunk_kv = self._language_model_pass(
+                chunk, attention_mask[:, :end], position_ids[:, start:end], past
+            )
+            hidden_chunks.append(hidden)
+            past.append(chunk_kv)
+        last_hidden_state = torch.cat(hidden_chunks, dim=1)  # (B, T, H)
+
+        loss = None
+        lm_head = self.internvl.lm_head
+        if labels is not None:
+            shift_labels = labels[:, 1:]
+            supervised = shift_labels != -100  # (B, T-1)
+            logits = lm_head(last_hidden_state[:, :-1][supervised])  # (N, V)
+            loss = F.cross_entropy(logits.float(), shift_labels[supervised], reduction="sum")
+            if num_items_in_batch is None:
+                loss = loss / supervised.sum().clamp_min(1)
+            else:
+                loss = loss / num_items_in_batch
+        elif logits_to_keep:
+            logits = lm_head(last_hidden_state[:, -logits_to_keep:])
+        else:
+            logits = lm_head(last_hidden_state)
+
+        cache = self._assemble_cache(past) if use_cache else None
+        return MMCoconutOutput(
+            loss=loss,
+            logits=logits,
+            past_key_values=cache,
+            last_hidden_state=last_hidden_state,
+            num_passes=len(boundaries) - 1,
+        )
+
+    def _embed_with_images(self, input_ids, pixel_values, num_tiles):
+        """Token embeddings with the projected image features at the image-token positions."""
+        internvl = self.internvl
+        inputs_embeds = internvl.get_input_embeddings()(input_ids)  # (B, T, H)
+        image_mask = input_ids == internvl.config.image_token_id
+        num_image_tokens = int(image_mask.sum())
+        if pixel_values is None:
+            if num_image_tokens:
+                raise ValueError(
+                    f"input_ids hold {num_image_tokens} image tokens but no pixel_values were given"
+                )
+            return inputs_embeds
+
+        per_tile = internvl.config.image_seq_length
+        num_total_tiles = pixel_values.shape[0]
+        if num_image_tokens != num_total_tiles * per_tile:
+            raise ValueError(
+                f"Image tokens and tiles do not match: input_ids hold {num_image_tokens} image tokens, "
+                f"but pixel_values hold {num_total_tiles} tiles x {per_tile} tokens per tile = "
+                f"{num_total_tiles * per_tile}"
+            )
+        if num_tiles is not None:
+            per_sample = image_mask.sum(-1)
+            expected = num_tiles.to(per_sample.device) * per_tile
+            wrong = (per_sample != expected).nonzero().flatten().tolist()
+            if wrong:
+                b = wrong[0]
+                raise ValueError(
+                    f"Sample {b} of the batch holds {int(per_sample[b])} image tokens, but its "
+                    f"{int(num_tiles[b])} tiles x {per_tile} tokens per tile = {int(expected[b])}"
+                )
+        features = internvl.model.get_image_features(pixel_values=pixel_values).pooler_output  # (tiles, per_tile, H)
+        if features.shape[1] != per_tile:
+            raise ValueError(
+                f"The vision tower gives {features.shape[1]} tokens per tile but the config says "
+                f"image_seq_length={per_tile}"
+            )
+        features = features.reshape(-1, features.shape[-1]).to(inputs_embeds.dtype)
+        return inputs_embeds.masked_scatter(image_mask[..., None], features)
+
+    def _latent_mask(self, input_ids, attention_mask):
+        if self.config.pause_as_thought:
+            # Pause tokens: ordinary learned embeddings, one pass, no thoughts.
+            return torch.zeros_like(input_ids, dtype=torch.bool)
+        latent_mask = input_ids == self.config.latent_token_id
+        # A thought is the hidden state of the token before it, so that token must be real context.
+        after_padding = latent_mask[:, 1:] & (attention_mask[:, :-1] == 0)
+        no_context = latent_mask[:, 0] | after_padding.any(-1)
+        if bool(no_context.any()):
+            b = int(no_context.nonzero()[0])
+            raise ValueError(
+                f"Sample {b} of the batch has a <|latent|> token before any context token "
+                "(at position 0 or right after padding); a continuous thought needs a preceding token"
+            )
+        return latent_mask
+
+    def _pass_boundaries(self, latent_mask, seq_len):
+        """`[0, c_1, ..., c_k, seq_len]` for the columns c_i that hold a latent in any sample.
+
+        Every latent column starts a pass, so its thought (the last hidden state of the previous
+        pass) is known before the pass runs; the layout of latents across the batch can be anything.
+        Under multi-process training the pass count is agreed across ranks (sharded models need every
+        rank to run the same number of forward calls) by splitting segments, which leaves results unchanged.
+        """
+        columns = latent_mask.any(0).nonzero().flatten().tolist()
+        boundaries = [0, *columns, seq_len]
+        target = _agree_across_ranks(len(boundaries) - 1, latent_mask.device)
+        while len(boundaries) - 1 < target:
+            widths = [end - start for start, end in zip(boundaries[:-1], boundaries[1:])]
+            widest = max(range(len(widths)), key=widths.__getitem__)
+            if widths[widest] < 2:
+                raise ValueError(
+                    f"Cannot run {target} passes (the maximum over ranks) over a sequence of {seq_len} tokens"
+                )
+            boundaries.insert(widest + 1, boundaries[widest] + widths[widest] // 2)
+        return boundaries
+
+    def _language_model_pass(self, chunk, attention_mask, position_ids, past):
+        """One language-model pass over `chunk` after the cached `past` passes.
+
+        `past` is a list (one per earlier pass) of per-layer key and value tensors. The cache is
+        rebuilt from them inside the pass, so the pass is a pure function of its inputs and can be
+        recomputed under activation checkpointing; only this pass's keys and values are returned.
+        """
+        flat_past = [tensor for chunk_kv in past for tensor in chunk_kv]
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return self._gradient_checkpointing_func(
+                self._pure_pass, chunk, attention_mask, position_ids, len(past), *flat_past
+            )
+        return self._pure_pass(chunk, attention_mask, position_ids, len(past), *flat_past)
+
+    def _pure_pass(self, chunk, attention_mask, position_ids, num_past, *flat_past):
+        num_layers = self.internvl.config.text_config.num_hidden_layers
+        cache = DynamicCache(config=self.internvl.config.text_config)
+        past_len = 0
+        if num_past:
+            per_pass = [flat_past[i * 2 * num_layers : (i + 1) * 2 * num_layers] for i in range(num_past)]
+            for layer in range(num_layers):
+                keys = torch.cat([kv[layer] for kv in per_pass], dim=-2)
+                values = torch.cat([kv[num_layers + layer] for kv in per_pass], dim=-2)
+                cache.update(keys, values, layer)
+            past_len = keys.shape[-2]
+        outputs = self.internvl.model.language_model(
+            inputs_embeds=chunk,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        new_keys = [layer.keys[:, :, past_len:] for layer in cache.layers]
+        new_values = [layer.values[:, :, past_len:] for layer in cache.layers]
+        return (outputs.last_hidden_state, *new_keys, *new_values)
+
+    def _assemble_cache(self, past):
+        num_layers = self.internvl.config.text_config.num_hidden_layers
+        cache = DynamicCache(config=self.internvl.config.text_config)
+        for layer in range(num_layers):
+            keys = torch.cat([kv[layer] for kv in past], dim=-2)
+            values = torch.cat([kv[num_layers + layer] for kv in past], dim=-2)
+            cache.update(keys, values, layer)
+        return cache
+
+    # ------------------------------------------------------------------ generation
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids,
+        attention_mask=None,
+        pixel_values=None,
+        num_tiles=None,
+        max_new_tokens=None,
+        do_sample=False,
+        temperature=1.0,
+        top_p=1.0,
+        **kwargs,
+    ):
+        """Batched generation with continuous thoughts; returns prompt + new tokens (HF convention).
+
+        Prompts are left-padded. Everything but the last prompt token is prefilled by the latent
+        forward (image features merged, latents filled with thoughts, one KV cache); decoding then
+        continues from that cache with transformers' generation loop (greedy or sampling,
+        per-sample EOS stopping, finished rows padded with `pad_token_id`).
+        """
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if not bool(attention_mask[:, -1].all()):
+            raise ValueError("generate() needs left-padded prompts: some prompt ends with padding")
+        if bool((input_ids[:, -1] == self.config.latent_token_id).any()):
+            raise ValueError(
+                "A prompt ends with <|latent|>; close the latent span with <|end-latent|> before generating"
+            )
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+        prefill = self(
+            input_ids=input_ids[:, :-1],
+            attention_mask=attention_mask[:, :-1],
+            position_ids=position_ids[:, :-1],
+            pixel_values=pixel_values,
+            num_tiles=num_tiles,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        synced = torch.distributed.is_available() and torch.distributed.is_initialized()
+        synced = synced and torch.distributed.get_world_size() > 1
+        return self.internvl.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            past_key_values=prefill.past_key_values,
+            generation_config=self.generation_config,
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_p=top_p,
+            synced_gpus=synced,
+            **kwargs,
+        )
+
+
+def _agree_across_ranks(num_passes, device):
+    """The maximum of `num_passes` over all ranks (itself outside distributed runs)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return num_passes
+    if torch.distributed.get_world_size() == 1:
+        return num_passes
+    backend = torch.distributed.get_backend()
+    tensor_device = device if backend != "gloo" else torch.device("cpu")
+    count = torch.tensor([num_passes], device=tensor_device)
+    torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
+    return int(count.item())
+
+
+def _load_internvl(name_or_path, dtype=None, **load_kwargs):
+    """A native InternVL from an `-hf` checkpoint, or converted from OpenGVLab's original format."""
+    # Conversion is a training-time tool of this project, not part of the remote code.
+    from convert_internvl_chat import is_internvl_chat_checkpoint, load_internvl_chat
+
+    if is_internvl_chat_checkpoint(name_or_path):
+        return load_internvl_chat(name_or_path, dtype=dtype)
+    return InternVLForConditionalGeneration.from_pretrained(name_or_path, dtype=dtype, **load_kwargs)
+
+
+AutoModel.register(MMCoconutConfig, MMCoconutForConditionalGeneration)
+AutoModelForImageTextToText.register(MMCoconutConfig, MMCoconutForConditionalGeneration)
+
+__all__ = ["MMCoconutForConditionalGeneration", "MMCoconutPreTrainedModel", "MMCoconutOutput"]

@@ -1,0 +1,356 @@
+"""The latent multi-pass forward and generate against a naive reference written from the definition."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModel, InternVLForConditionalGeneration
+
+from configuration_mmcoconut import MMCoconutConfig
+from modeling_mmcoconut import MMCoconutForConditionalGeneration
+from processing_mmcoconut import tiny_internvl_config
+
+VOCAB = 300
+IMAGE, START, END, LATENT, PAD, EOS = 290, 291, 292, 293, 0, 1
+PER_TILE = 4  # 28-px tiles, 7-px patches, pixel shuffle 0.5
+
+
+def make_model(seed=0, tie=False, **config_kwargs):
+    torch.manual_seed(seed)
+    internvl_config = tiny_internvl_config(vocab_size=VOCAB, tie_word_embeddings=tie)
+    internvl_config.image_token_id = IMAGE
+    internvl_config.tie_word_embeddings = tie
+    config = MMCoconutConfig(
+        internvl_config, latent_token_id=LATENT, start_latent_id=START, end_latent_id=END, **config_kwargs
+    )
+    model = MMCoconutForConditionalGeneration(config).float().eval()
+    model.generation_config.eos_token_id = EOS
+    model.generation_config.pad_token_id = PAD
+    return model
+
+
+def make_sample(num_tiles, num_latents, question_len=5, steps_len=6, seed=0):
+    """`[img]*tiles question <start> <latent>*n <end> steps` with labels on the steps."""
+    g = torch.Generator().manual_seed(seed)
+    text = lambda n: torch.randint(2, 280, (n,), generator=g).tolist()  # noqa: E731
+    prefix = [IMAGE] * (num_tiles * PER_TILE) + text(question_len)
+    latent_span = [START] + [LATENT] * num_latents + [END] if num_latents else []
+    steps = text(steps_len)
+    ids = prefix + latent_span + steps
+    labels = [-100] * (len(prefix) + len(latent_span)) + steps
+    pixels = torch.randn(num_tiles, 3, 28, 28, generator=g) if num_tiles else None
+    return ids, labels, pixels
+
+
+def collate(samples, left_align=True):
+    """Left-pad to align the prompt ends (enough for these tests; the real collator is tested elsewhere)."""
+    width = max(len(ids) for ids, _, _ in samples)
+    input_ids, labels, mask = [], [], []
+    for ids, lab, _ in samples:
+        pad = width - len(ids)
+        input_ids.append([PAD] * pad + ids)
+        labels.append([-100] * pad + lab)
+        mask.append([0] * pad + [1] * len(ids))
+    input_ids, labels, mask = map(torch.tensor, (input_ids, labels, mask))
+    tiles = [p for _, _, p in samples if p is not None]
+    pixel_values = torch.cat(tiles) if tiles else None
+    num_tiles = torch.tensor([0 if p is None else p.shape[0] for _, _, p in samples])
+    return dict(input_ids=input_ids, labels=labels, attention_mask=mask, pixel_values=pixel_values, num_tiles=num_tiles)
+
+
+def naive_hidden(model, input_ids, attention_mask, pixel_values):
+    """The definition: fill latents left to right, recomputing the whole sequence after each one."""
+    internvl = model.internvl
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)
+    embeds = internvl.get_input_embeddings()(input_ids)
+    if pixel_values is not None:
+        features = internvl.model.get_image_features(pixel_values=pixel_values).pooler_output
+        embeds = embeds.masked_scatter((input_ids == IMAGE)[..., None], features.reshape(-1, features.shape[-1]))
+
+    def full_pass(embeds):
+        out = internvl.model.language_model(
+            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        )
+        return out.last_hidden_state
+
+    latent_positions = [(b, t) for t in range(input_ids.shape[1]) for b in range(input_ids.shape[0])
+                        if input_ids[b, t] == LATENT]
+    for b, t in latent_positions:  # in column order, so each thought sees the thoughts before it
+        hidden = full_pass(embeds)
+        rows = list(embeds.unbind(0))
+        row = list(rows[b].unbind(0))
+        row[t] = hidden[b, t - 1]
+        rows[b] = torch.stack(row)
+        embeds = torch.stack(rows)
+    return full_pass(embeds)
+
+
+def naive_loss_and_logits(model, batch):
+    hidden = naive_hidden(model, batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
+    logits = model.internvl.lm_head(hidden)
+    shift_labels = batch["labels"][:, 1:]
+    supervised = shift_labels != -100
+    sup_logits = logits[:, :-1][supervised]
+    return F.cross_entropy(sup_logits, shift_labels[supervised]), sup_logits
+
+
+def grads_of(model, loss):
+    model.zero_grad()
+    loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_matches_naive(model, batch, atol=1e-5):
+    ours = model(**batch)
+    ours_grads = grads_of(model, ours.loss)
+    ref_loss, ref_logits = naive_loss_and_logits(model, batch)
+    ref_grads = grads_of(model, ref_loss)
+    torch.testing.assert_close(ours.loss, ref_loss, atol=atol, rtol=1e-5)
+    torch.testing.assert_close(ours.logits, ref_logits, atol=atol, rtol=1e-5)
+    assert ours_grads.keys() == ref_grads.keys()
+    for name in ref_grads:
+        torch.testing.assert_close(ours_grads[name], ref_grads[name], atol=atol, rtol=1e-4, msg=name)
+    # The thoughts must carry gradient into the vision tower and the language model.
+    assert any(n.startswith("internvl.model.vision_tower") for n in ref_grads)
+    return ours
+
+
+MIXED = [(2, 3), (1, 1), (0, 2), (1, 0)]  # (tiles, latents): images, text-only, no latents
+
+
+def mixed_batch():
+    return collate([make_sample(t, n, question_len=4 + i, steps_len=5 + i, seed=i) for i, (t, n) in enumerate(MIXED)])
+
+
+def test_single_sample_matches_naive_definition():
+    model = make_model()
+    out = assert_matches_naive(model, collate([make_sample(2, 3)]))
+    assert out.num_passes == 4  # prefix, one per latent column (3)... the rest starts at the last latent
+
+
+def test_mixed_batch_matches_naive_definition():
+    assert_matches_naive(make_model(), mixed_batch())
+
+
+def test_mixed_batch_with_gradient_checkpointing_matches_naive_definition():
+    model = make_model()
+    model.activation_checkpointing_enable()
+    model.train()  # checkpointing is active only in training; dropout is 0 in the tiny config
+    assert model.is_activation_checkpointing
+    assert not model.internvl.model.language_model.layers[0].gradient_checkpointing
+    assert_matches_naive(model, mixed_batch())
+
+
+def test_padded_batch_loss_is_token_weighted_mean_of_single_losses():
+    model = make_model()
+    samples = [make_sample(t, n, question_len=4 + i, steps_len=5 + i, seed=i) for i, (t, n) in enumerate(MIXED)]
+    batch = collate(samples)
+    with torch.no_grad():
+        batch_loss = model(**batch).loss
+        total, count = 0.0, 0
+        for sample in samples:
+            single = collate([sample])
+            n = int((single["labels"][:, 1:] != -100).sum())
+            total += model(**single).loss * n
+            count += n
+    torch.testing.assert_close(batch_loss, total / count, atol=1e-5, rtol=1e-5)
+
+
+def test_num_items_in_batch_gives_sum_over_count():
+    model = make_model()
+    batch = mixed_batch()
+    with torch.no_grad():
+        mean_loss = model(**batch).loss
+        n = int((batch["labels"][:, 1:] != -100).sum())
+        summed = model(**batch, num_items_in_batch=torch.tensor(2 * n)).loss
+    torch.testing.assert_close(summed, mean_loss / 2)
+
+
+def test_without_latents_loss_equals_plain_internvl():
+    model = make_model()
+    batch = collate([make_sample(2, 0, seed=3)])
+    with torch.no_grad():
+        ours = model(**batch).loss
+        plain = model.internvl(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+            pixel_values=batch["pixel_values"], labels=batch["labels"],
+        ).loss
+    torch.testing.assert_close(ours, plain, atol=1e-6, rtol=1e-6)
+
+
+def test_thoughts_are_filled_one_pass_per_latent_column():
+    """Consecutive latents: each thought must see the previous one, which a single fill pass cannot."""
+    model = make_model()
+    batch = collate([make_sample(1, 3, seed=5)])
+    with torch.no_grad():
+        out = model(**{**batch, "labels": None})
+        one_latent_at_a_time = naive_hidden(model, batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
+    torch.testing.assert_close(out.last_hidden_state, one_latent_at_a_time, atol=1e-5, rtol=1e-5)
+    assert out.num_passes == 4
+
+
+def naive_greedy(model, ids, pixels, max_new_tokens):
+    """One sample, no cache: recompute the whole sequence (thoughts included) for every new token."""
+    ids = torch.tensor([ids])
+    for _ in range(max_new_tokens):
+        mask = torch.ones_like(ids)
+        hidden = naive_hidden(model, ids, mask, pixels)
+        next_id = model.internvl.lm_head(hidden[:, -1]).argmax(-1)
+        ids = torch.cat([ids, next_id[:, None]], dim=1)
+        if int(next_id) == EOS:
+            break
+    return ids[0].tolist()
+
+
+def test_batched_greedy_generate_equals_naive_decoding_of_each_sample():
+    model = make_model(seed=1)
+    prompts = [make_sample(t, n, question_len=4 + i, steps_len=0, seed=i) for i, (t, n) in enumerate(MIXED)]
+    batch = collate(prompts)
+    max_new = 6
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+            pixel_values=batch["pixel_values"], num_tiles=batch["num_tiles"], max_new_tokens=max_new,
+        )
+        width = batch["input_ids"].shape[1]
+        assert out.shape[0] == len(prompts) and out.shape[1] <= width + max_new
+        torch.testing.assert_close(out[:, :width], batch["input_ids"])
+        for b, (ids, _, pixels) in enumerate(prompts):
+            expected = naive_greedy(model, ids, pixels, max_new)[len(ids):]
+            got = out[b, width:].tolist()[: len(expected)]
+            assert got == expected, f"sample {b}"
+
+
+def test_generate_uses_the_kv_cache():
+    model = make_model(seed=1)
+    batch = collate([make_sample(1, 2, steps_len=0)])
+    calls = []
+    hook = model.internvl.model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append(kwargs["inputs_embeds"].shape[1]), with_kwargs=True
+    )
+    with torch.no_grad():
+        model.generate(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], max_new_tokens=5,
+                       eos_token_id=None)
+    hook.remove()
+    # prefill: prefix + 2 latent passes (+ the rest before the last token); then one token per step
+    assert calls[3:] == [1] * 5, calls
+
+
+def test_sampling_generate_runs_with_temperature_and_top_p():
+    model = make_model(seed=1)
+    batch = collate([make_sample(1, 2, steps_len=0, seed=s) for s in range(2)])
+    torch.manual_seed(0)
+    out = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                         pixel_values=batch["pixel_values"], max_new_tokens=4, do_sample=True,
+                         temperature=0.7, top_p=0.9, eos_token_id=None)
+    assert out.shape == (2, batch["input_ids"].shape[1] + 4)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_save_and_load_round_trip(tmp_path, tie):
+    model = make_model(tie=tie)
+    batch = mixed_batch()
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    for loaded in (MMCoconutForConditionalGeneration.from_pretrained(tmp_path), AutoModel.from_pretrained(tmp_path)):
+        assert isinstance(loaded, MMCoconutForConditionalGeneration)
+        loaded.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, atol=0, rtol=0)
+        assert loaded.config.latent_ids == (START, END, LATENT)
+        assert loaded.generation_config.eos_token_id == EOS
+
+
+def test_bf16_forward_and_backward_run():
+    model = make_model().to(torch.bfloat16)
+    batch = mixed_batch()
+    batch["pixel_values"] = batch["pixel_values"].to(torch.bfloat16)
+    out = model(**batch)
+    out.loss.backward()
+    assert out.loss.dtype == torch.float32 and torch.isfinite(out.loss)
+
+
+# ---------------------------------------------------------------- documented errors
+
+
+def test_error_when_image_tokens_do_not_match_tiles():
+    model = make_model()
+    batch = collate([make_sample(2, 1)])
+    batch["pixel_values"] = batch["pixel_values"][:1]
+    with pytest.raises(ValueError, match=r"8 image tokens.*1 tiles x 4 tokens per tile = 4"):
+        model(**{k: v for k, v in batch.items() if k != "num_tiles"})
+
+
+def test_error_names_the_sample_whose_tiles_do_not_match():
+    model = make_model()
+    batch = collate([make_sample(1, 1, seed=0), make_sample(2, 1, seed=1)])
+    batch["num_tiles"] = torch.tensor([2, 1])
+    with pytest.raises(ValueError, match="Sample 0 of the batch holds 4 image tokens"):
+        model(**batch)
+
+
+def test_error_when_image_tokens_but_no_pixels():
+    model = make_model()
+    batch = collate([make_sample(1, 1)])
+    batch["pixel_values"] = None
+    with pytest.raises(ValueError, match="4 image tokens but no pixel_values"):
+        model(**batch)
+
+
+def test_error_when_latent_comes_before_any_context():
+    model = make_model()
+    with pytest.raises(ValueError, match="before any context token"):
+        model(input_ids=torch.tensor([[LATENT, 5, 6]]))
+    with pytest.raises(ValueError, match="Sample 1 .* before any context token"):
+        model(input_ids=torch.tensor([[4, 5, LATENT], [PAD, LATENT, 6]]), attention_mask=torch.tensor([[1, 1, 1], [0, 1, 1]]))
+
+
+def test_error_when_config_lacks_latent_ids():
+    model = make_model()
+    model.config.latent_token_id = None
+    with pytest.raises(ValueError, match="missing latent_token_id.*from_internvl"):
+        model(input_ids=torch.tensor([[4, 5, 6]]))
+
+
+def test_generate_rejects_right_padded_prompts():
+    model = make_model()
+    with pytest.raises(ValueError, match="left-padded"):
+        model.generate(input_ids=torch.tensor([[4, 5, PAD]]), attention_mask=torch.tensor([[1, 1, 0]]), max_new_tokens=2)
+
+
+def test_from_internvl_adds_latent_tokens_and_initialises_rows(internvl_tokenizer):
+    torch.manual_seed(0)
+    internvl = InternVLForConditionalGeneration(tiny_internvl_config()).eval()
+    old_vocab = internvl.get_input_embeddings().weight.shape[0]
+    old_embeddings = internvl.get_input_embeddings().weight.detach().clone()
+    model = MMCoconutForConditionalGeneration.from_internvl(internvl, internvl_tokenizer, c_thought=2)
+    ids = internvl_tokenizer.convert_tokens_to_ids(["<|start-latent|>", "<|end-latent|>", "<|latent|>"])
+    assert model.config.latent_ids == tuple(ids)
+    assert model.config.c_thought == 2
+    assert min(ids) >= old_vocab and len(internvl_tokenizer) == max(ids) + 1
+    assert internvl_tokenizer.encode("a<|latent|>b") [1] == ids[2]  # one special token, not split
+    embeddings = model.get_input_embeddings().weight
+    head = model.get_output_embeddings().weight
+    assert embeddings.shape[0] == head.shape[0] == len(internvl_tokenizer)
+    assert model.config.internvl_config.text_config.vocab_size == len(internvl_tokenizer)
+    torch.testing.assert_close(embeddings[:old_vocab], old_embeddings)  # old rows untouched
+    pieces = internvl_tokenizer.encode("<|latent|>", add_special_tokens=False)
+    assert pieces == [ids[2]]
+    for token_id in ids:  # rows in the trained distribution, distinct from each other
+        assert embeddings[token_id].norm() > 0.5 * old_embeddings.norm(dim=-1).mean() / len(ids)
+    assert not torch.equal(embeddings[ids[0]], embeddings[ids[2]])
+    assert model.generation_config.eos_token_id == internvl_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    # The image token id of the real vocabulary survives the resize and the model runs end to end.
+    prompt = torch.tensor([[151644] + [151667] * 4 + [100, ids[0], ids[2], ids[2], ids[1], 200, 201]])
+    out = model(input_ids=prompt, pixel_values=torch.randn(1, 3, 28, 28), labels=prompt)
+    assert torch.isfinite(out.loss) and out.num_passes == 3
+
+
+def test_returned_cache_is_a_transformers_cache_object():
+    from transformers import Cache
+
+    model = make_model()
+    batch = collate([make_sample(1, 2)])
+    with torch.no_grad():
+        out = model(**{**batch, "labels": None}, use_cache=True)
+    assert isinstance(out.past_key_values, Cache)
+    assert out.past_key_values.get_seq_length() == batch["input_ids"].shape[1]
