@@ -98,6 +98,8 @@ class MMCoconutForConditionalGeneration(MMCoconutPreTrainedModel, GenerationMixi
         super().__init__(config)
         self.internvl = internvl if internvl is not None else InternVLForConditionalGeneration(config.internvl_config)
         self.config.internvl_config = self.internvl.config
+        # The Trainer then counts `num_items_in_batch` over shifted labels, as the loss uses them.
+        self.loss_type = "ForCausalLM"
         # Per-pass activation checkpointing (see `_set_gradient_checkpointing`).
         self.gradient_checkpointing = False
         self._gradient_checkpointing_func = None
@@ -149,6 +151,11 @@ class MMCoconutForConditionalGeneration(MMCoconutPreTrainedModel, GenerationMixi
         model.generation_config.eos_token_id = tokenizer.eos_token_id
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         return model.to(dtype) if dtype is not None else model
+
+    def save_pretrained(self, save_directory, *args, save_original_format=False, **kwargs):
+        # Native parameter names by default. transformers would otherwise revert InternVL's names to
+        # its legacy layout, which the Trainer's resume (a plain `load_state_dict`) cannot match.
+        return super().save_pretrained(save_directory, *args, save_original_format=save_original_format, **kwargs)
 
     def get_input_embeddings(self):
         return self.internvl.get_input_embeddings()

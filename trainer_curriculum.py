@@ -1,0 +1,218 @@
+"""The Coconut curriculum on top of transformers' Trainer.
+
+The stage is a pure function of the epoch (`stage_for_epoch`). `CurriculumCallback` pushes it into
+the training dataset at the start of every epoch and, at the first step of a new stage, clears the
+optimizer state. The learning-rate schedule restarts at every stage boundary by construction: the
+scheduler's multiplier is a function of the global step's position inside its stage, so it needs no
+rebuilding and resumes from a checkpoint like any other scheduler.
+"""
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+from transformers import Trainer, TrainerCallback
+
+logger = logging.getLogger(__name__)
+
+SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
+
+
+def stage_for_epoch(epoch, epochs_per_stage, max_latent_stage, first_stage=0):
+    """Curriculum stage of (0-based) `epoch`: `first_stage + epoch // epochs_per_stage`, capped at `max_latent_stage`."""
+    if epochs_per_stage < 1:
+        raise ValueError(f"epochs_per_stage must be >= 1, got {epochs_per_stage}")
+    return min(first_stage + int(epoch) // epochs_per_stage, max_latent_stage)
+
+
+@dataclass(frozen=True)
+class CurriculumSchedule:
+    """When stages start and end, in epochs. `mode="cot"` / `"no_cot"` stay at stage 0."""
+
+    epochs_per_stage: int = 1
+    max_latent_stage: int = 0
+    first_stage: int = 0
+    reset_optimizer: bool = True
+    mode: str = "coconut"
+
+    def stage(self, epoch):
+        if self.mode in ("cot", "no_cot"):
+            return 0
+        return stage_for_epoch(epoch, self.epochs_per_stage, self.max_latent_stage, self.first_stage)
+
+    def starts_stage(self, epoch):
+        """Whether `epoch` is the first epoch of its stage (after the first stage of the run)."""
+        return epoch > 0 and self.stage(epoch) != self.stage(epoch - 1)
+
+    def stage_segments(self, num_epochs):
+        """`[(first_epoch, end_epoch), ...]`, one per stage of a run of `num_epochs` epochs."""
+        starts = [0] + [e for e in range(1, num_epochs) if self.starts_stage(e)]
+        return list(zip(starts, starts[1:] + [num_epochs]))
+
+
+def _schedule_multiplier(kind, step, num_steps, warmup_steps):
+    if step < warmup_steps and kind != "constant":
+        return (step + 1) / (warmup_steps + 1)
+    if kind in ("constant", "constant_with_warmup"):
+        return 1.0
+    progress = (step - warmup_steps) / max(1, num_steps - warmup_steps)
+    progress = min(progress, 1.0)
+    if kind == "linear":
+        return max(0.0, 1.0 - progress)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def stagewise_lr_lambda(schedule, kind, num_epochs, steps_per_epoch, warmup=0):
+    """A LambdaLR multiplier that runs `kind` afresh inside each stage.
+
+    `warmup` is as `TrainingArguments.warmup_steps`: >= 1 a number of steps, below 1 a ratio — here
+    of each stage's steps, since every stage starts from a fresh optimizer.
+    """
+    if kind not in SCHEDULES:
+        raise ValueError(f"lr_scheduler_type {kind!r} is not supported by the curriculum; use one of {SCHEDULES}")
+    segments = [(a * steps_per_epoch, b * steps_per_epoch) for a, b in schedule.stage_segments(num_epochs)]
+
+    def multiplier(global_step):
+        for start, end in segments:
+            if global_step < end:
+                break
+        length = end - start
+        warmup_steps = int(warmup) if warmup >= 1 else math.ceil(warmup * length)
+        return _schedule_multiplier(kind, global_step - start, length, warmup_steps)
+
+    return multiplier
+
+
+def reset_optimizer_state(optimizer):
+    """Forget Adam moments (and any other per-parameter state) through accelerate/DeepSpeed wrappers."""
+    cleared = False
+    while optimizer is not None:
+        if isinstance(optimizer, torch.optim.Optimizer):
+            optimizer.state.clear()
+            cleared = True
+        optimizer = getattr(optimizer, "optimizer", None)
+    if not cleared:
+        raise TypeError("found no torch optimizer to reset inside the trainer's optimizer")
+
+
+class CurriculumCallback(TrainerCallback):
+    """Sets the training data's stage each epoch; clears optimizer state when a new stage begins."""
+
+    def __init__(self, trainer, schedule: CurriculumSchedule):
+        self.trainer = trainer
+        self.schedule = schedule
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        epoch = self._epoch(state)
+        stage = self.schedule.stage(epoch)
+        dataset = self.trainer.train_dataset
+        if dataset.stage != stage:
+            logger.info("Epoch %d: curriculum stage %d", epoch, stage)
+            dataset.set_stage(stage)
+        # Only at the very start of the stage's first epoch: a run resumed mid-epoch restores the
+        # optimizer state of the current stage from its checkpoint and keeps it.
+        at_epoch_start = state.global_step == epoch * self.trainer.curriculum_steps_per_epoch
+        if self.schedule.reset_optimizer and self.schedule.starts_stage(epoch) and at_epoch_start:
+            reset_optimizer_state(self.trainer.optimizer)
+            logger.info("Stage %d begins: optimizer state reset", stage)
+
+    def _epoch(self, state):
+        # `state.epoch` is a float that trails by rounding; the global step is exact.
+        return state.global_step // self.trainer.curriculum_steps_per_epoch
+
+
+class CurriculumTrainer(Trainer):
+    """`Trainer` for the Coconut curriculum.
+
+    Needs a training dataset with a `stage` attribute and `set_stage(stage)` (the curriculum data
+    of `data_curriculum.py`) whose length does not depend on the stage. Logs the stage, latents per
+    sample and tokens/s with the loss.
+
+    Example:
+
+    ```python
+    >>> trainer = CurriculumTrainer(model=model, args=training_args, train_dataset=train_data,
+    ...                             data_collator=MMCoconutCollator(pad_token_id=tokenizer.pad_token_id),
+    ...                             schedule=CurriculumSchedule(epochs_per_stage=3, max_latent_stage=4))
+    >>> trainer.train()
+    ```
+    """
+
+    def __init__(self, *args, schedule: CurriculumSchedule, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.args.dataloader_persistent_workers and self.args.dataloader_num_workers > 0:
+            raise ValueError(
+                "dataloader_persistent_workers keeps each worker's copy of the dataset, so the curriculum "
+                "stage set at an epoch start would never reach it; turn it off"
+            )
+        self.schedule = schedule
+        self.add_callback(CurriculumCallback(self, schedule))
+        self._latent_token_id = self.model.config.latent_token_id if hasattr(self.model, "config") else None
+        self._log_tokens = 0
+        self._log_latents = 0
+        self._log_samples = 0
+        self._log_start = time.perf_counter()
+
+    def _issue_warnings_after_load(self, load_result):
+        # The Trainer only warns when a resumed checkpoint does not match the model; training on
+        # from freshly initialised weights would silently lose the checkpoint.
+        tied = set(getattr(self.model, "all_tied_weights_keys", None) or {})
+        missing = [key for key in load_result.missing_keys if key not in tied]
+        if missing or load_result.unexpected_keys:
+            raise ValueError(
+                f"Checkpoint does not match the model: missing {missing[:8]}, unexpected "
+                f"{load_result.unexpected_keys[:8]} ({len(missing)} and {len(load_result.unexpected_keys)} in all)"
+            )
+        super()._issue_warnings_after_load(load_result)
+
+    def set_initial_training_values(self, args, dataloader):
+        values = super().set_initial_training_values(args, dataloader)
+        # Stage boundaries in optimizer steps need the epoch length the Trainer itself uses.
+        self.curriculum_num_epochs, self.curriculum_steps_per_epoch = values[0], values[1]
+        return values
+
+    @property
+    def curriculum_stage(self):
+        return self.train_dataset.stage
+
+    def create_scheduler(self, num_training_steps, optimizer=None):
+        if self.lr_scheduler is None:
+            optimizer = optimizer if optimizer is not None else self.optimizer
+            steps_per_epoch = self.curriculum_steps_per_epoch
+            num_epochs = math.ceil(num_training_steps / steps_per_epoch)
+            kind = getattr(self.args.lr_scheduler_type, "value", self.args.lr_scheduler_type)
+            multiplier = stagewise_lr_lambda(self.schedule, kind, num_epochs, steps_per_epoch, self.args.warmup_steps)
+            self.lr_scheduler = LambdaLR(optimizer, multiplier)
+            self._created_lr_scheduler = True
+        return self.lr_scheduler
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        attention_mask = inputs.get("attention_mask")
+        self._log_tokens += int(attention_mask.sum()) if attention_mask is not None else inputs["input_ids"].numel()
+        if self._latent_token_id is not None:
+            self._log_latents += int((inputs["input_ids"] == self._latent_token_id).sum())
+        self._log_samples += inputs["input_ids"].shape[0]
+        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+
+    def log(self, logs, *args, **kwargs):
+        if "loss" in logs:  # a training log
+            elapsed = time.perf_counter() - self._log_start
+            logs["stage"] = self.curriculum_stage
+            logs["latents_per_sample"] = self._log_latents / max(self._log_samples, 1)
+            logs["train_tokens_per_second"] = round(self._log_tokens / max(elapsed, 1e-9), 2)
+            self._log_tokens = self._log_latents = self._log_samples = 0
+            self._log_start = time.perf_counter()
+        super().log(logs, *args, **kwargs)
+
+
+__all__ = [
+    "CurriculumTrainer",
+    "CurriculumCallback",
+    "CurriculumSchedule",
+    "stage_for_epoch",
+    "stagewise_lr_lambda",
+    "reset_optimizer_state",
+]
