@@ -7,6 +7,7 @@ writes
     {out}/aokvqa/aokvqa_v1p0_{train,val}.json     official A-OKVQA fields (load_official_aokvqa)
     {out}/coco/{train,val}2017/{image_id:012}.jpg COCO layout
     {out}/canonical/{train,val}.jsonl             canonical records (load_canonical), image paths relative
+    {out}/hf/                                     with --hf: the Hub copy's layout (load_hf_aokvqa), save_to_disk
 
 Every question needs the image and several steps. The default task, `shape_grid`, draws a grid of coloured
 shapes and asks e.g. "What colour is the shape to the right of the circle?", with the steps "The circle is in
@@ -25,6 +26,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+import datasets
 from PIL import Image, ImageDraw
 
 from data_aokvqa import aokvqa_to_canonical
@@ -196,6 +198,42 @@ def write_synthetic_aokvqa(out, n_train, n_val, seed=0, task="shape_grid", jpeg_
     return paths
 
 
+def official_to_hf(aokvqa_dir, coco_dir, splits=("train", "val")):
+    """The official files as the Hub copy `HuggingFaceM4/A-OKVQA` holds them: splits train/validation/test, the
+    image embedded, no image_id, and `direct_answers` as the repr of a Python list."""
+    features = datasets.Features({
+        "image": datasets.Image(),
+        "question_id": datasets.Value("string"),
+        "question": datasets.Value("string"),
+        "choices": datasets.List(datasets.Value("string")),
+        "correct_choice_idx": datasets.Value("int8"),
+        "direct_answers": datasets.Value("string"),
+        "difficult_direct_answer": datasets.Value("bool"),
+        "rationales": datasets.List(datasets.Value("string")),
+    })
+    hub_split = {"train": "train", "val": "validation", "test": "test"}
+    out = {}
+    for split in splits:
+        with open(Path(aokvqa_dir) / f"aokvqa_v1p0_{split}.json", encoding="utf-8") as f:
+            annotations = json.load(f)
+        rows = [
+            {
+                "image": str(Path(coco_dir) / f"{split}2017" / f"{a['image_id']:012d}.jpg"),
+                "question_id": a["question_id"],
+                "question": a["question"],
+                "choices": a["choices"],
+                "correct_choice_idx": a.get("correct_choice_idx"),
+                "direct_answers": repr(a["direct_answers"]) if "direct_answers" in a else None,
+                "difficult_direct_answer": a.get("difficult_direct_answer"),
+                "rationales": a.get("rationales") or [],
+            }
+            for a in annotations
+        ]
+        # The Image feature embeds the file bytes on save_to_disk, as the Hub parquet files do.
+        out[hub_split[split]] = datasets.Dataset.from_list(rows, features=features)
+    return datasets.DatasetDict(out)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="output directory")
@@ -203,12 +241,15 @@ def main(argv=None):
     parser.add_argument("--n-val", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--task", default="shape_grid", choices=sorted(TASKS))
+    parser.add_argument("--hf", action="store_true", help="also write {out}/hf as the Hub copy (save_to_disk)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    write_synthetic_aokvqa(args.out, args.n_train, args.n_val, args.seed, args.task)
+    paths = write_synthetic_aokvqa(args.out, args.n_train, args.n_val, args.seed, args.task)
+    if args.hf:
+        official_to_hf(paths["aokvqa_dir"], paths["coco_dir"]).save_to_disk(Path(args.out) / "hf")
 
 
-__all__ = ["SyntheticExample", "ShapeGridTask", "TASKS", "STEPS_FROM", "write_synthetic_aokvqa", "main"]
+__all__ = ["SyntheticExample", "ShapeGridTask", "TASKS", "STEPS_FROM", "write_synthetic_aokvqa", "official_to_hf", "main"]
 
 if __name__ == "__main__":
     main()

@@ -19,3 +19,33 @@ def internvl_tokenizer(base_tokenizer_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(base_tokenizer_dir)
+
+
+# ---- data fixtures (issue 3) ----
+
+
+@pytest.fixture(scope="session")
+def latent_processor(base_tokenizer_dir):
+    """`InternVLProcessor` for `tiny_internvl_config()` (28-px tiles, 4 image tokens per tile, at most 8 tiles)
+    whose tokenizer has the three latent tokens. Session-wide: don't mutate it."""
+    from transformers import AutoTokenizer
+
+    from configuration_mmcoconut import LATENT_TOKENS
+    from processing_mmcoconut import build_internvl_processor, tiny_internvl_config
+
+    tokenizer = AutoTokenizer.from_pretrained(base_tokenizer_dir)
+    tokenizer.add_special_tokens({"additional_special_tokens": list(LATENT_TOKENS)}, replace_extra_special_tokens=False)
+    return build_internvl_processor(tiny_internvl_config(), tokenizer, max_tiles=8)
+
+
+@pytest.fixture(scope="session")
+def synthetic_aokvqa(tmp_path_factory):
+    """The generated A-OKVQA-shaped set (6 train, 3 val, seed 0), with its Hub-layout copy saved at `hf_dir`.
+    A dict of paths: aokvqa_dir, coco_dir, canonical_dir, hf_dir. Read-only."""
+    from synthetic_data import official_to_hf, write_synthetic_aokvqa
+
+    out = tmp_path_factory.mktemp("synthetic_aokvqa")
+    paths = write_synthetic_aokvqa(out, n_train=6, n_val=3, seed=0)
+    paths["hf_dir"] = out / "hf"
+    official_to_hf(paths["aokvqa_dir"], paths["coco_dir"]).save_to_disk(paths["hf_dir"])
+    return paths
