@@ -108,10 +108,9 @@ class CurriculumCallback(TrainerCallback):
     def on_epoch_begin(self, args, state, control, **kwargs):
         epoch = self._epoch(state)
         stage = self.schedule.stage(epoch)
-        dataset = self.trainer.train_dataset
-        if dataset.stage != stage:
+        if self.trainer.train_dataset.stage != stage:
             logger.info("Epoch %d: curriculum stage %d", epoch, stage)
-            dataset.set_stage(stage)
+        self.trainer.set_curriculum_stage(stage)
         # Only at the very start of the stage's first epoch: a run resumed mid-epoch restores the
         # optimizer state of the current stage from its checkpoint and keeps it.
         at_epoch_start = state.global_step == epoch * self.trainer.curriculum_steps_per_epoch
@@ -177,6 +176,13 @@ class CurriculumTrainer(Trainer):
     @property
     def curriculum_stage(self):
         return self.train_dataset.stage
+
+    def set_curriculum_stage(self, stage):
+        """Lay out training (and validation) data at `stage`; the model's config records it for evaluation."""
+        self.train_dataset.set_stage(stage)
+        if hasattr(self.eval_dataset, "set_stage"):
+            self.eval_dataset.set_stage(stage)
+        self.model.config.latent_stage = stage
 
     def create_scheduler(self, num_training_steps, optimizer=None):
         if self.lr_scheduler is None:

@@ -1,0 +1,290 @@
+"""Train MMCoconut: `accelerate launch train.py recipes/coconut.yaml` (or `python train.py recipes/demo.yaml`).
+
+A recipe is YAML over four dataclasses — `ModelArguments`, `DataArguments`, `CurriculumArguments` and
+transformers' `TrainingArguments` — parsed by `HfArgumentParser`. A recipe may name a `base` recipe
+(a path relative to itself) whose keys it overrides. Command-line flags override the recipe:
+`python train.py recipes/cot.yaml --learning_rate 1e-5 --output_dir outputs/try`.
+"""
+
+import json
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import transformers
+import yaml
+from transformers import HfArgumentParser, InternVLForConditionalGeneration, TrainingArguments, set_seed
+
+from data_aokvqa import load_canonical, load_hf_aokvqa, load_official_aokvqa
+from data_collator import MMCoconutCollator
+from data_curriculum import MODES, CurriculumDataset
+from modeling_mmcoconut import MMCoconutForConditionalGeneration
+from processing_mmcoconut import (
+    build_internvl_processor,
+    build_internvl_tokenizer,
+    load_internvl_processor,
+    tiny_internvl_config,
+)
+from trainer_curriculum import CurriculumSchedule, CurriculumTrainer
+
+logger = logging.getLogger("train")
+
+DATA_SOURCES = ("aokvqa_hf", "aokvqa_official", "canonical", "synthetic")
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(
+        default="OpenGVLab/InternVL3-1B-Pretrained",
+        metadata={"help": "InternVL checkpoint to start from: a Hub id or path, `-hf` or original (internvl_chat) format."},
+    )
+    load_model_path: str | None = field(
+        default=None,
+        metadata={"help": "An MMCoconut checkpoint of ours to continue from (e.g. the CoT run's output); "
+                          "overrides model_name_or_path."},
+    )
+    tiny_internvl: dict | str | None = field(
+        default=None,
+        metadata={"help": "Build a tiny randomly initialised InternVL3-shaped model from config instead of "
+                          "loading one (demo and tests): a dict of `tiny_internvl_config` overrides ({} for defaults)."},
+    )
+    model_dtype: str = field(
+        default="bfloat16", metadata={"help": "Dtype of the loaded weights: float32, bfloat16 or float16."}
+    )
+    attn_implementation: str = field(default="sdpa", metadata={"help": "eager, sdpa or flash_attention_2."})
+    freeze_vision_tower: bool = field(default=False, metadata={"help": "Train only the projector and LM."})
+
+
+@dataclass
+class DataArguments:
+    data_source: str = field(default="aokvqa_hf", metadata={"help": f"One of {DATA_SOURCES}."})
+    hf_dataset_id: str = field(
+        default="HuggingFaceM4/A-OKVQA", metadata={"help": "Hub id or save_to_disk path (data_source=aokvqa_hf)."}
+    )
+    aokvqa_dir: str | None = field(default=None, metadata={"help": "Official annotations dir (aokvqa_official)."})
+    coco_dir: str | None = field(default=None, metadata={"help": "COCO 2017 images dir (aokvqa_official)."})
+    train_file: str | None = field(default=None, metadata={"help": "Canonical JSON/JSONL training file (canonical)."})
+    eval_file: str | None = field(default=None, metadata={"help": "Canonical JSON/JSONL validation file (canonical)."})
+    train_split: str = field(default="train", metadata={"help": "A-OKVQA training split."})
+    eval_split: str = field(default="val", metadata={"help": "A-OKVQA validation split."})
+    synthetic_dir: str = field(
+        default="data/generated/synthetic",
+        metadata={"help": "Where the synthetic set is generated when missing (data_source=synthetic)."},
+    )
+    synthetic_task: str = field(default="shape_grid", metadata={"help": "Task of synthetic_data.py."})
+    synthetic_train: int = field(default=64, metadata={"help": "Synthetic training questions."})
+    synthetic_val: int = field(default=16, metadata={"help": "Synthetic validation questions."})
+    steps_from: str = field(
+        default="rationales",
+        metadata={"help": "A-OKVQA steps: `rationales` (each rationale a step) or `first_rationale_sentences`."},
+    )
+    max_length: int = field(
+        default=3072, metadata={"help": "Longer samples are skipped and counted, never truncated."}
+    )
+    max_tiles: int = field(default=8, metadata={"help": "InternVL dynamic tiling cap (tiles per image, + thumbnail)."})
+    skip_bad_samples: bool = field(
+        default=False, metadata={"help": "Skip (count, log) records with missing/unreadable images instead of failing."}
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training records."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N validation records."})
+
+
+@dataclass
+class CurriculumArguments:
+    mode: str = field(default="coconut", metadata={"help": f"One of {MODES}."})
+    c_thought: int = field(default=2, metadata={"help": "Continuous thoughts per replaced reasoning step."})
+    epochs_per_stage: int = field(default=3, metadata={"help": "Epochs each curriculum stage lasts."})
+    max_latent_stage: int = field(default=3, metadata={"help": "Last stage; later epochs stay at it."})
+    first_stage: int = field(
+        default=0, metadata={"help": "Stage of the first epoch (1 when continuing from a stage-0 CoT checkpoint)."}
+    )
+    pad_latent_to_max: bool = field(
+        default=True, metadata={"help": "Give every sample stage·c_thought latents even with fewer steps."}
+    )
+    uniform_prob: float = field(default=0.0, metadata={"help": "Probability of a sample at a random stage."})
+    reset_optimizer: bool = field(default=True, metadata={"help": "Clear optimizer state at each new stage."})
+
+
+def read_recipe(path):
+    """The recipe at `path` merged over its `base` chain (later keys win)."""
+    path = Path(path)
+    with open(path, encoding="utf-8") as f:
+        recipe = yaml.safe_load(f) or {}
+    if not isinstance(recipe, dict):
+        raise ValueError(f"{path}: a recipe must be a YAML mapping, got {type(recipe).__name__}")
+    base = recipe.pop("base", None)
+    if base is None:
+        return recipe
+    return {**read_recipe(path.parent / base), **recipe}
+
+
+def parse_args(argv):
+    parser = HfArgumentParser((ModelArguments, DataArguments, CurriculumArguments, TrainingArguments))
+    if not argv or not argv[0].endswith((".yaml", ".yml")):
+        raise SystemExit("usage: train.py RECIPE.yaml [--flag value ...]")
+    recipe = read_recipe(argv[0])
+    known = {action.dest for action in parser._actions}
+    unknown = sorted(set(recipe) - known)
+    if unknown:
+        raise ValueError(f"{argv[0]}: unknown recipe keys {unknown}")
+    # The recipe becomes the defaults, so flags given after it override it.
+    for action in parser._actions:
+        if action.dest in recipe:
+            action.required = False
+    parser.set_defaults(**recipe)
+    return parser.parse_args_into_dataclasses(args=argv[1:])
+
+
+def load_records(data_args, split_name):
+    """Canonical records of the training (`split_name="train"`) or validation split."""
+    train = split_name == "train"
+    source = data_args.data_source
+    split = data_args.train_split if train else data_args.eval_split
+    if source == "aokvqa_hf":
+        return load_hf_aokvqa(split, data_args.hf_dataset_id, steps_from=data_args.steps_from)
+    if source == "aokvqa_official":
+        if not (data_args.aokvqa_dir and data_args.coco_dir):
+            raise ValueError("data_source=aokvqa_official needs aokvqa_dir and coco_dir")
+        return load_official_aokvqa(data_args.aokvqa_dir, data_args.coco_dir, split, steps_from=data_args.steps_from)
+    if source == "canonical":
+        path = data_args.train_file if train else data_args.eval_file
+        if path is None:
+            raise ValueError(f"data_source=canonical needs {'train_file' if train else 'eval_file'}")
+        return load_canonical(path)
+    if source == "synthetic":
+        canonical_dir = ensure_synthetic_data(data_args)
+        return load_canonical(canonical_dir / ("train.jsonl" if train else "val.jsonl"))
+    raise ValueError(f"data_source must be one of {DATA_SOURCES}, got {source!r}")
+
+
+def ensure_synthetic_data(data_args):
+    """Generate the synthetic set once (deterministic), recorded by a manifest of its arguments."""
+    from synthetic_data import write_synthetic_aokvqa
+
+    out = Path(data_args.synthetic_dir)
+    manifest = {"task": data_args.synthetic_task, "n_train": data_args.synthetic_train, "n_val": data_args.synthetic_val}
+    manifest_path = out / "manifest.json"
+    if manifest_path.is_file() and json.loads(manifest_path.read_text()) == manifest:
+        return out / "canonical"
+    if manifest_path.is_file():
+        raise ValueError(
+            f"{out} holds a synthetic set generated with {manifest_path.read_text().strip()}; the recipe asks for "
+            f"{manifest}. Point synthetic_dir elsewhere or delete {out}."
+        )
+    write_synthetic_aokvqa(out, data_args.synthetic_train, data_args.synthetic_val, seed=0, task=data_args.synthetic_task)
+    manifest_path.write_text(json.dumps(manifest))
+    return out / "canonical"
+
+
+def limit(records, n):
+    if n is None:
+        return records
+    return records.select(range(min(n, len(records)))) if hasattr(records, "select") else records[:n]
+
+
+def build_model_and_processor(model_args, data_args, curriculum_args):
+    dtype = getattr(torch, model_args.model_dtype)
+    if model_args.load_model_path:
+        model = MMCoconutForConditionalGeneration.from_pretrained(
+            model_args.load_model_path, dtype=dtype, attn_implementation=model_args.attn_implementation
+        )
+        processor = load_internvl_processor(model_args.load_model_path, data_args.max_tiles)
+    elif model_args.tiny_internvl is not None:
+        overrides = model_args.tiny_internvl
+        overrides = json.loads(overrides) if isinstance(overrides, str) else dict(overrides)
+        internvl_config = tiny_internvl_config(**overrides)
+        internvl_config._attn_implementation = model_args.attn_implementation
+        processor = build_internvl_processor(internvl_config, build_internvl_tokenizer(), data_args.max_tiles)
+        internvl = InternVLForConditionalGeneration(internvl_config)
+        model = MMCoconutForConditionalGeneration.from_internvl(internvl, processor.tokenizer, dtype=dtype)
+    else:
+        processor = load_base_processor(model_args.model_name_or_path, data_args.max_tiles)
+        model = MMCoconutForConditionalGeneration.from_internvl(
+            model_args.model_name_or_path, processor.tokenizer, dtype=dtype,
+            attn_implementation=model_args.attn_implementation,
+        )
+    model.config.c_thought = curriculum_args.c_thought
+    model.config.pause_as_thought = curriculum_args.mode == "pause"
+    if model_args.freeze_vision_tower:
+        model.internvl.model.vision_tower.requires_grad_(False)
+    return model, processor
+
+
+def load_base_processor(name_or_path, max_tiles):
+    """The processor of an InternVL checkpoint; original-format ones get the native processor rebuilt."""
+    from convert_internvl_chat import (
+        internvl_chat_config_to_hf,
+        is_internvl_chat_checkpoint,
+        load_internvl_chat_tokenizer,
+        read_internvl_chat_config,
+    )
+
+    if is_internvl_chat_checkpoint(name_or_path):
+        internvl_config = internvl_chat_config_to_hf(read_internvl_chat_config(name_or_path))
+        return build_internvl_processor(internvl_config, load_internvl_chat_tokenizer(name_or_path), max_tiles)
+    return load_internvl_processor(name_or_path, max_tiles)
+
+
+def main(argv=None):
+    model_args, data_args, curriculum_args, training_args = parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        level=logging.INFO if training_args.process_index == 0 else logging.WARNING,
+    )
+    transformers.utils.logging.set_verbosity_warning()
+    set_seed(training_args.seed)
+
+    model, processor = build_model_and_processor(model_args, data_args, curriculum_args)
+    dataset_kwargs = dict(
+        processor=processor,
+        mode=curriculum_args.mode,
+        c_thought=curriculum_args.c_thought,
+        max_latent_stage=curriculum_args.max_latent_stage,
+        pad_latent_to_max=curriculum_args.pad_latent_to_max,
+        max_length=data_args.max_length,
+        skip_bad_samples=data_args.skip_bad_samples,
+        max_tiles=data_args.max_tiles,
+        seed=training_args.seed,
+    )
+    train_dataset = CurriculumDataset(
+        limit(load_records(data_args, "train"), data_args.max_train_samples),
+        uniform_prob=curriculum_args.uniform_prob,
+        **dataset_kwargs,
+    )
+    eval_dataset = None
+    if training_args.eval_strategy != "no" or training_args.do_eval:
+        eval_dataset = CurriculumDataset(limit(load_records(data_args, "eval"), data_args.max_eval_samples), **dataset_kwargs)
+
+    schedule = CurriculumSchedule(
+        epochs_per_stage=curriculum_args.epochs_per_stage,
+        max_latent_stage=curriculum_args.max_latent_stage,
+        first_stage=curriculum_args.first_stage,
+        reset_optimizer=curriculum_args.reset_optimizer,
+        mode=curriculum_args.mode,
+    )
+    trainer = CurriculumTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=MMCoconutCollator(
+            pad_token_id=processor.tokenizer.pad_token_id, latent_token_id=model.config.latent_token_id
+        ),
+        processing_class=processor,
+        schedule=schedule,
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+    if trainer.is_world_process_zero():
+        processor.save_pretrained(training_args.output_dir)
+    if eval_dataset is not None:
+        metrics = trainer.evaluate()
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+    return trainer
+
+
+if __name__ == "__main__":
+    main()
