@@ -456,11 +456,15 @@ def _agree_across_ranks(num_passes, device):
 
 def _load_internvl(name_or_path, dtype=None, **load_kwargs):
     """A native InternVL from an `-hf` checkpoint, or converted from OpenGVLab's original format."""
-    # Conversion is a training-time tool of this project, not part of the remote code.
-    from convert_internvl_chat import is_internvl_chat_checkpoint, load_internvl_chat
-
+    # Inside `try` so that transformers' remote-code import check does not require this project module.
+    try:
+        from convert_internvl_chat import is_internvl_chat_checkpoint, load_internvl_chat
+    except ImportError as error:
+        raise ImportError(
+            "from_internvl with a path needs mmcoconut's convert_internvl_chat module (install mmcoconut)"
+        ) from error
     if is_internvl_chat_checkpoint(name_or_path):
-        return load_internvl_chat(name_or_path, dtype=dtype)
+        return load_internvl_chat(name_or_path, dtype=dtype, **load_kwargs)
     return InternVLForConditionalGeneration.from_pretrained(name_or_path, dtype=dtype, **load_kwargs)
 
 

@@ -200,11 +200,10 @@ def build_model_and_processor(model_args, data_args, curriculum_args):
         internvl = InternVLForConditionalGeneration(internvl_config)
         model = MMCoconutForConditionalGeneration.from_internvl(internvl, processor.tokenizer, dtype=dtype)
     else:
-        processor = load_base_processor(model_args.model_name_or_path, data_args.max_tiles)
-        model = MMCoconutForConditionalGeneration.from_internvl(
-            model_args.model_name_or_path, processor.tokenizer, dtype=dtype,
-            attn_implementation=model_args.attn_implementation,
+        internvl, processor = load_base_internvl(
+            model_args.model_name_or_path, dtype, model_args.attn_implementation, data_args.max_tiles
         )
+        model = MMCoconutForConditionalGeneration.from_internvl(internvl, processor.tokenizer)
     model.config.c_thought = curriculum_args.c_thought
     model.config.pause_as_thought = curriculum_args.mode == "pause"
     if model_args.freeze_vision_tower:
@@ -212,19 +211,18 @@ def build_model_and_processor(model_args, data_args, curriculum_args):
     return model, processor
 
 
-def load_base_processor(name_or_path, max_tiles):
-    """The processor of an InternVL checkpoint; original-format ones get the native processor rebuilt."""
-    from convert_internvl_chat import (
-        internvl_chat_config_to_hf,
-        is_internvl_chat_checkpoint,
-        load_internvl_chat_tokenizer,
-        read_internvl_chat_config,
-    )
+def load_base_internvl(name_or_path, dtype, attn_implementation, max_tiles):
+    """(InternVL model, processor) of a base checkpoint: `-hf` loads directly, original format is converted."""
+    from convert_internvl_chat import is_internvl_chat_checkpoint, load_internvl_chat, load_internvl_chat_tokenizer
 
     if is_internvl_chat_checkpoint(name_or_path):
-        internvl_config = internvl_chat_config_to_hf(read_internvl_chat_config(name_or_path))
-        return build_internvl_processor(internvl_config, load_internvl_chat_tokenizer(name_or_path), max_tiles)
-    return load_internvl_processor(name_or_path, max_tiles)
+        internvl = load_internvl_chat(name_or_path, dtype=dtype, attn_implementation=attn_implementation)
+        tokenizer = load_internvl_chat_tokenizer(name_or_path)
+        return internvl, build_internvl_processor(internvl.config, tokenizer, max_tiles)
+    internvl = InternVLForConditionalGeneration.from_pretrained(
+        name_or_path, dtype=dtype, attn_implementation=attn_implementation
+    )
+    return internvl, load_internvl_processor(name_or_path, max_tiles)
 
 
 def main(argv=None):
