@@ -137,15 +137,19 @@ class CurriculumDataset(torch.utils.data.Dataset):
         mode: `cot` (all steps, no latents), `coconut`, `no_cot` (answer only), `no_thoughts` (steps removed per
             stage, empty latent span) or `pause` (laid out like `coconut`, latents to be used as pause tokens).
         c_thought: latents per replaced step.
-        max_latent_stage: stages above it replace *all* steps while keeping `max_latent_stage` steps' worth of
-            latents (Coconut's final stage).
+        max_latent_stage: stage `k <= max_latent_stage` replaces the first `k` steps (all of them when there are
+            fewer); a stage above it replaces *all* steps with `max_latent_stage` steps' worth of latents
+            (Coconut's final stage, for samples with more steps than `max_latent_stage`).
         pad_latent_to_max: every sample gets `min(stage, max_latent_stage)·c_thought` latents even when it has
             fewer steps; otherwise a sample gets `min(stage, max_latent_stage, len(steps))·c_thought`.
         uniform_prob: probability that a sample is laid out at a stage drawn uniformly from `0..len(steps)`
             instead of the current one (Coconut's mixing); the draw is a function of `(seed, stage, epoch, index)`.
         max_length: records whose sequence would exceed it at any stage are skipped (never truncated).
         skip_bad_samples: skip (count, log) records whose image is missing or unreadable instead of raising.
-        max_tiles: cap on InternVL tiles per image; `None` keeps the processor's own `max_patches`.
+            Images are checked by their header at construction; a file that breaks later raises in `__getitem__`
+            (a map-style dataset cannot drop an index it has already announced).
+        max_tiles: cap on InternVL tiles per image (the thumbnail comes on top); `None` keeps the processor's
+            own `max_patches`.
 
     Example:
 
