@@ -470,5 +470,9 @@ def _load_internvl(name_or_path, dtype=None, **load_kwargs):
 
 AutoModel.register(MMCoconutConfig, MMCoconutForConditionalGeneration)
 AutoModelForImageTextToText.register(MMCoconutConfig, MMCoconutForConditionalGeneration)
+# save_pretrained then writes `auto_map` and copies this file and the configuration file beside the
+# weights, so `AutoModel.from_pretrained(path, trust_remote_code=True)` works without mmcoconut installed.
+MMCoconutConfig.register_for_auto_class()
+MMCoconutForConditionalGeneration.register_for_auto_class("AutoModel")
 
 __all__ = ["MMCoconutForConditionalGeneration", "MMCoconutPreTrainedModel", "MMCoconutOutput"]
