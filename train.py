@@ -55,6 +55,17 @@ class ModelArguments:
     )
     attn_implementation: str = field(default="sdpa", metadata={"help": "eager, sdpa or flash_attention_2."})
     freeze_vision_tower: bool = field(default=False, metadata={"help": "Train only the projector and LM."})
+    use_lora: bool = field(default=False, metadata={"help": "Train PEFT LoRA adapters instead of all weights."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA branch."})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        metadata={"help": "Linear layer names adapted in the language model."},
+    )
+    lora_vision: bool = field(
+        default=False, metadata={"help": "Also adapt the vision tower's attention and MLP (q/k/v_proj, fc1, fc2)."}
+    )
 
 
 @dataclass
@@ -208,7 +219,38 @@ def build_model_and_processor(model_args, data_args, curriculum_args):
     model.config.pause_as_thought = curriculum_args.mode == "pause"
     if model_args.freeze_vision_tower:
         model.internvl.model.vision_tower.requires_grad_(False)
+    if model_args.use_lora:
+        model = apply_lora(model, model_args)
     return model, processor
+
+
+def apply_lora(model, model_args):
+    """Wrap `model` with LoRA adapters; the three latent-token embedding rows stay trainable too."""
+    from peft import LoraConfig, get_peft_model
+
+    names = "|".join(model_args.lora_target_modules)
+    towers = "language_model|vision_tower" if model_args.lora_vision else "language_model"
+    vision_names = "|q_proj|k_proj|v_proj|projection_layer|fc1|fc2" if model_args.lora_vision else ""
+    config = LoraConfig(
+        r=model_args.lora_r,
+        lora_alpha=model_args.lora_alpha,
+        lora_dropout=model_args.lora_dropout,
+        target_modules=rf".*\.({towers})\..*\.({names}{vision_names})$",
+        # The latent markers are new tokens: their embeddings must learn even though the rest is frozen.
+        trainable_token_indices={"embed_tokens": list(model.config.latent_ids)},
+    )
+    peft_model = get_peft_model(model, config)
+    peft_model.print_trainable_parameters()
+    return peft_model
+
+
+def export_merged(peft_model, processor, directory):
+    """A standalone checkpoint with the LoRA adapters merged into the weights (loads without peft)."""
+    merged = peft_model.merge_and_unload()
+    merged.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    logger.info("Merged LoRA model written to %s", directory)
+    return merged
 
 
 def load_base_internvl(name_or_path, dtype, attn_implementation, max_tiles):
@@ -274,9 +316,11 @@ def main(argv=None):
         schedule=schedule,
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.save_model(training_args.output_dir)
+    trainer.save_model(training_args.output_dir)  # with LoRA: the adapters
     if trainer.is_world_process_zero():
         processor.save_pretrained(training_args.output_dir)
+        if model_args.use_lora:
+            export_merged(trainer.model, processor, Path(training_args.output_dir) / "merged")
     if eval_dataset is not None:
         metrics = trainer.evaluate()
         trainer.log_metrics("eval", metrics)
