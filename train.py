@@ -314,6 +314,12 @@ def main(argv=None):
         ),
         processing_class=processor,
         schedule=schedule,
+        model_card_info=dict(
+            base_model=model_args.load_model_path or model_args.model_name_or_path,
+            mode=curriculum_args.mode,
+            recipe=yaml.safe_dump(recipe_as_trained(model_args, data_args, curriculum_args, training_args)),
+            hub_model_id=training_args.hub_model_id,
+        ),
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)  # with LoRA: the adapters
@@ -325,7 +331,22 @@ def main(argv=None):
         metrics = trainer.evaluate()
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
+    trainer.create_model_card()
+    if training_args.push_to_hub:
+        trainer.push_to_hub(commit_message=f"mmcoconut {curriculum_args.mode}, stage {model.config.latent_stage}")
     return trainer
+
+
+def recipe_as_trained(model_args, data_args, curriculum_args, training_args):
+    """The recipe values that differ from the defaults, for the model card."""
+    values = {}
+    for args in (model_args, data_args, curriculum_args):
+        default = type(args)()
+        values.update({k: v for k, v in vars(args).items() if getattr(default, k) != v})
+    keys = ("learning_rate", "num_train_epochs", "per_device_train_batch_size", "gradient_accumulation_steps",
+            "lr_scheduler_type", "warmup_steps", "weight_decay", "bf16", "gradient_checkpointing", "seed")
+    values.update({k: getattr(training_args, k) for k in keys})
+    return {k: (v.value if hasattr(v, "value") else v) for k, v in values.items()}
 
 
 if __name__ == "__main__":

@@ -7,10 +7,12 @@ scheduler's multiplier is a function of the global step's position inside its st
 rebuilding and resumes from a checkpoint like any other scheduler.
 """
 
+import json
 import logging
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
@@ -110,7 +112,7 @@ class CurriculumCallback(TrainerCallback):
         stage = self.schedule.stage(epoch)
         if self.trainer.train_dataset.stage != stage:
             logger.info("Epoch %d: curriculum stage %d", epoch, stage)
-        self.trainer.set_curriculum_stage(stage)
+        self.trainer.set_curriculum_stage(stage, epoch)
         # Only at the very start of the stage's first epoch: a run resumed mid-epoch restores the
         # optimizer state of the current stage from its checkpoint and keeps it.
         at_epoch_start = state.global_step == epoch * self.trainer.curriculum_steps_per_epoch
@@ -140,8 +142,9 @@ class CurriculumTrainer(Trainer):
     ```
     """
 
-    def __init__(self, *args, schedule: CurriculumSchedule, **kwargs):
+    def __init__(self, *args, schedule: CurriculumSchedule, model_card_info: dict | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.model_card_info = model_card_info or {}
         if self.args.dataloader_persistent_workers and self.args.dataloader_num_workers > 0:
             raise ValueError(
                 "dataloader_persistent_workers keeps each worker's copy of the dataset, so the curriculum "
@@ -177,11 +180,14 @@ class CurriculumTrainer(Trainer):
     def curriculum_stage(self):
         return self.train_dataset.stage
 
-    def set_curriculum_stage(self, stage):
-        """Lay out training (and validation) data at `stage`; the model's config records it for evaluation."""
-        self.train_dataset.set_stage(stage)
+    def set_curriculum_stage(self, stage, epoch):
+        """Lay out training (and validation) data at `stage`; the model's config records it for evaluation.
+
+        `epoch` reseeds the data's `uniform_prob` draw, so mixed-in random stages differ between epochs.
+        """
+        self.train_dataset.set_stage(stage, epoch=epoch)
         if hasattr(self.eval_dataset, "set_stage"):
-            self.eval_dataset.set_stage(stage)
+            self.eval_dataset.set_stage(stage, epoch=epoch)
         self.model.config.latent_stage = stage
 
     def create_scheduler(self, num_training_steps, optimizer=None):
@@ -213,6 +219,69 @@ class CurriculumTrainer(Trainer):
             self._log_start = time.perf_counter()
         super().log(logs, *args, **kwargs)
 
+    def create_model_card(self, model_name=None, **kwargs):
+        """Write `README.md` in the output directory: base model, curriculum, final stage, metrics, recipe."""
+        if not self.is_world_process_zero():
+            return
+        path = Path(self.args.output_dir) / "README.md"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(render_model_card(self, model_name or Path(self.args.output_dir).name))
+
+
+def render_model_card(trainer, model_name):
+    config = trainer.model.config
+    info = trainer.model_card_info
+    base_model = info.get("base_model", "unknown")
+    evals = [entry for entry in trainer.state.log_history if any(k.startswith("eval_") for k in entry)]
+    metrics = {k: v for k, v in (evals[-1] if evals else {}).items() if k.startswith("eval_")}
+    stage = getattr(config, "latent_stage", 0)
+    c_thought = getattr(config, "c_thought", 1)
+    recipe = info.get("recipe", "")
+    metric_lines = "\n".join(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items())
+    return f"""---
+library_name: transformers
+pipeline_tag: image-text-to-text
+base_model: {base_model}
+tags: [mmcoconut, coconut, continuous-thought, internvl, a-okvqa]
+---
+
+# {model_name}
+
+An InternVL model trained with [mmcoconut](https://arxiv.org/abs/2412.06769)'s curriculum to reason in
+continuous latent space (Coconut, "Chain of Continuous Thought").
+
+| | |
+|---|---|
+| base model | `{base_model}` |
+| mode | `{info.get("mode", "coconut")}` |
+| final curriculum stage | {stage} |
+| c_thought | {c_thought} |
+| continuous thoughts at inference | {stage * c_thought} |
+| epochs | {trainer.state.epoch} |
+
+## Metrics
+
+| metric | value |
+|---|---|
+{metric_lines or "| (no evaluation was run) | |"}
+
+## Use
+
+```python
+from transformers import AutoModel, AutoProcessor
+model = AutoModel.from_pretrained("{info.get("hub_model_id") or model_name}", trust_remote_code=True)
+processor = AutoProcessor.from_pretrained("{info.get("hub_model_id") or model_name}")
+```
+Prompts end with `<|start-latent|>` + {stage * c_thought} x `<|latent|>` + `<|end-latent|>`; `model.generate`
+fills the thoughts and decodes the remaining steps and the `Answer:` line.
+
+## Training recipe
+
+```yaml
+{recipe.strip()}
+```
+"""
+
 
 __all__ = [
     "CurriculumTrainer",
@@ -221,4 +290,5 @@ __all__ = [
     "stage_for_epoch",
     "stagewise_lr_lambda",
     "reset_optimizer_state",
+    "render_model_card",
 ]

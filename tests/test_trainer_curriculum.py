@@ -18,9 +18,11 @@ class ToyCurriculumData(Dataset):
         self.n = n
         self.stage = None
         self.items_seen = []
+        self.epochs = []
 
-    def set_stage(self, stage):
+    def set_stage(self, stage, epoch=0):
         self.stage = stage
+        self.epochs.append(epoch)
 
     def __len__(self):
         return self.n
@@ -96,6 +98,7 @@ def test_optimizer_and_lr_schedule_restart_exactly_at_stage_boundaries(tmp_path)
     assert lrs[1] < lrs[0] and lrs[5] < lrs[4] and lrs[3] < lrs[2]
     # The data really changed: stage 1 and 2 items have latents, and the weights moved.
     assert {stage for stage, _ in trainer.train_dataset.items_seen} == {0, 1, 2}
+    assert trainer.train_dataset.epochs == list(range(6))  # reseeds uniform_prob mixing every epoch
     assert any(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters())
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert [entry["stage"] for entry in logs] == [s["stage"] for s in steps]
