@@ -1,0 +1,446 @@
+"""A-OKVQA evaluation: batched generation, answer parsing, official scoring, output files.
+
+Used by `evaluate_aokvqa.py` (the CLI) and by validation during training. One evaluation is:
+
+1. `build_eval_dataset`: canonical records → a `CurriculumDataset` laid out for an evaluation mode;
+2. `generate_answers`: batched greedy (or sampled) generation on left-padded prompts, sharded across
+   processes under `accelerate launch`, parsed into one dict per question (gathered on every rank);
+3. `score`: the A-OKVQA `evaluate` metric (`metrics/aokvqa`) on those dicts;
+4. `write_outputs`: `predictions_{split}.json`, `samples_{split}.jsonl` and `metrics.json`.
+
+`evaluate_model` runs 2 and 3 and adds throughput numbers.
+
+Modes and the prompt they give the model (the assistant turn is left open):
+
+    vanilla   <|im_start|>user\\n<img>…</img>\\n{question}<|im_end|>\\n<|im_start|>assistant\\n
+    cot       the same prompt; a CoT-trained model writes its steps, then `Answer: ...`
+    coconut   the same prompt + <|start-latent|> <|latent|>×n <|end-latent|>
+
+`vanilla` and `cot` prompts are identical (they are the `no_cot` and `cot` layouts of the data); what differs is
+how the model was trained to continue, and the default generation budget.
+
+Unparseable answers: the per-sample log and the metric get `None`; the official predictions file, whose format
+needs strings, gets `""` for both fields. `""` is never a choice nor a human answer, so the question scores 0 in
+both settings, as it does here; the official script in strict mode rejects it (`assert pred in choices`) rather
+than letting it pass as a choice. No answer is ever replaced by a default choice.
+"""
+
+import functools
+import json
+import logging
+import math
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import evaluate
+import torch
+from tqdm.auto import tqdm
+
+from answer_parsing import direct_answer_from, parse_answer
+from data_collator import MMCoconutCollator
+from data_curriculum import CurriculumDataset
+
+logger = logging.getLogger(__name__)
+
+EVAL_MODES = ("vanilla", "cot", "coconut")
+# Evaluation mode → the `CurriculumDataset` layout whose prompt it uses.
+DATASET_MODES = {"vanilla": "no_cot", "cot": "cot", "coconut": "coconut"}
+# Generation budget per mode: a direct answer is one short line; steps need room.
+DEFAULT_MAX_NEW_TOKENS = {"vanilla": 32, "cot": 256, "coconut": 256}
+METRIC_PATH = Path(__file__).resolve().parent / "metrics" / "aokvqa"
+# Written in the official predictions file for an unparseable answer (see the module docstring).
+UNPARSEABLE_PREDICTION = ""
+
+
+@dataclass
+class EvaluationResult:
+    """What `evaluate_model` returns.
+
+    Attributes:
+        samples: one dict per question, in dataset order (see `generate_answers`).
+        metrics: `mc_accuracy`, `da_accuracy` (None for unlabeled splits), `num_unparseable`, `num_samples`,
+            `num_da_samples`, `num_without_eos`, `mean_generated_tokens`, `samples_per_second`, `seconds`.
+    """
+
+    samples: list
+    metrics: dict
+
+
+def default_num_latents(config):
+    """Latents a checkpoint was trained with: `config.latent_stage × config.c_thought`."""
+    return int(config.latent_stage) * int(config.c_thought)
+
+
+def build_eval_dataset(records, processor, mode, config, max_tiles=None, skip_bad_samples=False):
+    """A `CurriculumDataset` whose `prompt_dataset` gives the prompts of evaluation `mode`.
+
+    Args:
+        records: canonical records (a list or a `datasets.Dataset`), e.g. from `data_aokvqa`.
+        processor: the checkpoint's `InternVLProcessor` (its tokenizer holds the latent tokens).
+        mode: one of `EVAL_MODES`.
+        config: the model's `MMCoconutConfig` (for `c_thought` and `latent_stage`).
+        max_tiles: cap on InternVL tiles per image; None keeps the processor's own.
+        skip_bad_samples: skip (count, log) records with unreadable images instead of raising.
+    """
+    if mode not in EVAL_MODES:
+        raise ValueError(f"mode must be one of {EVAL_MODES}, got {mode!r}")
+    return CurriculumDataset(
+        records,
+        processor,
+        mode=DATASET_MODES[mode],
+        c_thought=config.c_thought,
+        max_latent_stage=config.latent_stage,
+        max_tiles=max_tiles,
+        skip_bad_samples=skip_bad_samples,
+    )
+
+
+def _shard(num_samples, rank, world_size):
+    """Contiguous positions of `rank`, padded (by repeating a position) so every rank gets the same count.
+
+    Equal counts mean equal numbers of `generate` calls per rank, which sharded models need. Returns
+    (positions, number of real ones at the front)."""
+    per_rank = math.ceil(num_samples / world_size)
+    start, stop = min(rank * per_rank, num_samples), min((rank + 1) * per_rank, num_samples)
+    real = list(range(start, stop))
+    filler = real[-1] if real else num_samples - 1
+    return real + [filler] * (per_rank - len(real)), len(real)
+
+
+def _eos_ids(model):
+    eos = model.generation_config.eos_token_id
+    if eos is None:
+        raise ValueError("the model's generation_config has no eos_token_id; generation could not stop")
+    return {eos} if isinstance(eos, int) else set(eos)
+
+
+def _until_eos(new_ids, eos_ids):
+    """(tokens before the first EOS, generated-token count including that EOS, whether an EOS was generated).
+
+    Finished rows of a batched generate are padded after their EOS; those columns are not counted."""
+    for i, token in enumerate(new_ids):
+        if token in eos_ids:
+            return new_ids[:i], i + 1, True
+    return new_ids, len(new_ids), False
+
+
+def _prompt_text(tokenizer, ids, image_token_id, image_token):
+    """The prompt as text, each run of image-context tokens written once as `<IMG_CONTEXT>×N`."""
+    runs, compact = [], []
+    for token in ids:
+        if token == image_token_id and compact and compact[-1] == image_token_id:
+            runs[-1] += 1
+            continue
+        if token == image_token_id:
+            runs.append(1)
+        compact.append(token)
+    text = tokenizer.decode(compact, skip_special_tokens=False)
+    counts = iter(runs)
+    return re.sub(re.escape(image_token), lambda _: f"{image_token}×{next(counts)}", text)
+
+
+def _sample_record(dataset, position, prompt_ids, new_ids, eos_ids, latent_token_id):
+    """One question's result dict (see `generate_answers`)."""
+    reference = dataset.reference(position)
+    if not reference.get("choices"):
+        raise ValueError(
+            f"record {reference['id']!r} has no 'choices'; A-OKVQA evaluation needs multiple-choice records"
+        )
+    tokenizer = dataset.tokenizer
+    answer_ids, num_generated, stopped = _until_eos(new_ids, eos_ids)
+    generated_text = tokenizer.decode(answer_ids, skip_special_tokens=False)
+    parsed = parse_answer(generated_text, reference["choices"])
+    correct_idx = reference.get("correct_choice_idx")
+    return {
+        "question_id": reference["id"],
+        "prompt": _prompt_text(tokenizer, prompt_ids, dataset.image_token_id, dataset.processor.image_token),
+        "generated_text": generated_text,
+        "parsed_letter": parsed.letter,
+        "parse_error": parsed.reason,
+        "prediction": {"multiple_choice": parsed.choice_text, "direct_answer": direct_answer_from(parsed)},
+        # None on unlabeled splits (A-OKVQA test); an unparseable answer is False.
+        "correct": None if correct_idx is None else parsed.index == correct_idx,
+        "num_generated_tokens": num_generated,
+        "stopped_at_eos": stopped,
+        "num_latents": prompt_ids.count(latent_token_id),
+    }
+
+
+def generate_answers(
+    model,
+    dataset,
+    *,
+    num_latents=None,
+    batch_size=8,
+    max_new_tokens=256,
+    do_sample=False,
+    temperature=1.0,
+    top_p=1.0,
+    accelerator=None,
+    num_workers=0,
+    show_progress=True,
+):
+    """Generate, decode and parse an answer for every question of `dataset`.
+
+    Args:
+        model: an (unwrapped) `MMCoconutForConditionalGeneration`, or anything with its `generate`, `config`
+            (`latent_token_id`) and `generation_config` (`eos_token_id`).
+        dataset: a `CurriculumDataset` (see `build_eval_dataset`); its processor's tokenizer decodes.
+        num_latents: latents in every prompt of a latent mode; None lays each sample out at the dataset's current
+            stage (as in training). Must be None or 0 for `cot` / `no_cot` datasets.
+        batch_size: prompts per `generate` call (per process).
+        max_new_tokens, do_sample, temperature, top_p: passed to `model.generate`.
+        accelerator: an `accelerate.Accelerator` to shard the questions across its processes; every rank gets the
+            same number of batches (short ranks repeat a question, dropped afterwards), and the results are
+            gathered on every rank. None runs everything in this process.
+        num_workers: DataLoader workers (images are tiled in them).
+        show_progress: a tqdm bar over batches (main process only).
+
+    Returns:
+        One dict per question, in dataset order, with `question_id`, `prompt` (image tokens collapsed to
+        `<IMG_CONTEXT>×N`), `generated_text` (up to, without, the first EOS), `parsed_letter` (None when
+        unparseable), `parse_error`, `prediction` (`multiple_choice` and `direct_answer`, None when unparseable),
+        `correct` (None when the record has no answer), `num_generated_tokens` (up to and including the first
+        EOS; padding after it is not counted), `stopped_at_eos` and `num_latents`.
+    """
+    if len(dataset) == 0:
+        raise ValueError("the evaluation dataset is empty; nothing to generate")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    latent_token_id = model.config.latent_token_id
+    if dataset.latent_token_id != latent_token_id:
+        raise ValueError(
+            f"the tokenizer's <|latent|> is id {dataset.latent_token_id} but the model's config says "
+            f"{latent_token_id}; load the processor saved with this checkpoint"
+        )
+    eos_ids = _eos_ids(model)
+    rank, world_size = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    positions, num_real = _shard(len(dataset), rank, world_size)
+
+    parameter = next(model.parameters())
+    device = accelerator.device if accelerator is not None else parameter.device
+    dtype = getattr(model, "dtype", parameter.dtype)
+    collator = MMCoconutCollator(
+        pad_token_id=dataset.tokenizer.pad_token_id, latent_token_id=latent_token_id, pad_to="end"
+    )
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(dataset.prompt_dataset(num_latents), positions),
+        batch_size=batch_size,
+        shuffle=False,
+        collate_fn=collator,
+        num_workers=num_workers,
+    )
+    is_main = accelerator is None or accelerator.is_main_process
+    was_training = model.training
+    model.eval()
+    local, seen = [], 0
+    try:
+        for batch in tqdm(loader, desc="A-OKVQA generate", unit="batch", disable=not (show_progress and is_main)):
+            batch.pop("ids")
+            batch.pop("position_ids")  # generate derives positions from the attention mask
+            input_ids = batch["input_ids"].to(device)
+            attention_mask = batch["attention_mask"].to(device)
+            pixel_values = batch.get("pixel_values")
+            if pixel_values is not None:
+                pixel_values = pixel_values.to(device=device, dtype=dtype)
+            output = model.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                pixel_values=pixel_values,
+                num_tiles=batch["num_tiles"].to(device),
+                max_new_tokens=max_new_tokens,
+                do_sample=do_sample,
+                temperature=temperature,
+                top_p=top_p,
+            )
+            new_tokens = output[:, input_ids.shape[1] :].tolist()
+            prompt_width = input_ids.shape[1]
+            for row in range(input_ids.shape[0]):
+                if seen < num_real:
+                    prompt_ids = input_ids[row, prompt_width - int(attention_mask[row].sum()) :].tolist()
+                    record = _sample_record(
+                        dataset, positions[seen], prompt_ids, new_tokens[row], eos_ids, latent_token_id
+                    )
+                    local.append((positions[seen], record))
+                seen += 1
+    finally:
+        model.train(was_training)
+
+    if world_size > 1:
+        from accelerate.utils import gather_object
+
+        local = gather_object(local)
+    return [record for _, record in sorted(local, key=lambda item: item[0])]
+
+
+@functools.lru_cache(maxsize=1)
+def _metric():
+    return evaluate.load(str(METRIC_PATH))
+
+
+def _metric_reference(reference):
+    if reference.get("correct_choice_idx") is None:
+        raise ValueError(f"record {reference['id']!r} has no correct_choice_idx; an unlabeled split cannot be scored")
+    difficult = bool(reference.get("difficult_direct_answer"))  # not marked difficult = scored for DA
+    if not difficult and not reference.get("direct_answers"):
+        raise ValueError(
+            f"record {reference['id']!r} has no direct_answers; DA accuracy needs them "
+            "(or mark the record difficult_direct_answer)"
+        )
+    return {
+        "choices": list(reference["choices"]),
+        "correct_choice_idx": int(reference["correct_choice_idx"]),
+        "direct_answers": list(reference.get("direct_answers") or []),
+        "difficult_direct_answer": difficult,
+    }
+
+
+def score(samples, references):
+    """A-OKVQA MC and DA accuracy of `generate_answers` output with the repo's `evaluate` metric.
+
+    Args:
+        samples: dicts from `generate_answers` (their `prediction` is read; None = unparseable).
+        references: `CurriculumDataset.reference(i)` dicts in the same order.
+
+    Returns:
+        The metric's dict: `mc_accuracy`, `da_accuracy` (None instead of NaN when every question is marked
+        difficult), `num_unparseable`, `num_samples`, `num_da_samples`.
+    """
+    if len(samples) != len(references):
+        raise ValueError(f"{len(samples)} samples but {len(references)} references")
+    for sample, reference in zip(samples, references):
+        if sample["question_id"] != reference["id"]:
+            raise ValueError(f"sample {sample['question_id']!r} is paired with reference {reference['id']!r}")
+    metrics = _metric().compute(
+        predictions=[sample["prediction"] for sample in samples],
+        references=[_metric_reference(reference) for reference in references],
+    )
+    if math.isnan(metrics["da_accuracy"]):
+        metrics["da_accuracy"] = None  # JSON has no NaN; the metric has logged why
+    return metrics
+
+
+def evaluate_model(model, dataset, **generation_kwargs):
+    """Generate on every question of `dataset` and score it: the entry point for validation during training.
+
+    `generation_kwargs` are those of `generate_answers` (`num_latents`, `batch_size`, `max_new_tokens`,
+    `accelerator`, ...). A split without answers (A-OKVQA test) is generated and parsed but not scored: its
+    accuracies are None. Returns an `EvaluationResult`; every rank gets the same one.
+    """
+    start = time.perf_counter()
+    samples = generate_answers(model, dataset, **generation_kwargs)
+    seconds = time.perf_counter() - start
+    references = [dataset.reference(i) for i in range(len(dataset))]
+    labeled = [reference.get("correct_choice_idx") is not None for reference in references]
+    if all(labeled):
+        metrics = score(samples, references)
+    elif not any(labeled):
+        logger.warning("no record has an answer (e.g. the A-OKVQA test split): predictions only, no accuracy")
+        metrics = {
+            "mc_accuracy": None,
+            "da_accuracy": None,
+            "num_unparseable": sum(sample["parsed_letter"] is None for sample in samples),
+            "num_samples": len(samples),
+            "num_da_samples": 0,
+        }
+    else:
+        unlabeled = [reference["id"] for reference, has in zip(references, labeled) if not has]
+        raise ValueError(
+            f"{len(unlabeled)} of {len(references)} records have no correct_choice_idx (first: {unlabeled[:3]}); "
+            "score a split that is fully labeled or fully unlabeled"
+        )
+    metrics.update(
+        num_without_eos=sum(not sample["stopped_at_eos"] for sample in samples),
+        mean_generated_tokens=sum(sample["num_generated_tokens"] for sample in samples) / len(samples),
+        samples_per_second=len(samples) / seconds,
+        seconds=seconds,
+    )
+    return EvaluationResult(samples=samples, metrics=metrics)
+
+
+def official_predictions(samples):
+    """`{question_id: {"multiple_choice": str, "direct_answer": str}}`, the official A-OKVQA format;
+    unparseable answers are written as `UNPARSEABLE_PREDICTION` (see the module docstring)."""
+    predictions = {}
+    for sample in samples:
+        if sample["question_id"] in predictions:
+            raise ValueError(f"question id {sample['question_id']!r} occurs twice")
+        predictions[sample["question_id"]] = {
+            field: UNPARSEABLE_PREDICTION if value is None else value for field, value in sample["prediction"].items()
+        }
+    return predictions
+
+
+def write_outputs(output_dir, split, samples, metrics):
+    """Write `predictions_{split}.json`, `samples_{split}.jsonl` and `metrics.json` under `output_dir`.
+
+    Returns the three paths as a dict with keys `predictions`, `samples`, `metrics`.
+    """
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "predictions": output_dir / f"predictions_{split}.json",
+        "samples": output_dir / f"samples_{split}.jsonl",
+        "metrics": output_dir / "metrics.json",
+    }
+    with open(paths["predictions"], "w", encoding="utf-8") as f:
+        json.dump(official_predictions(samples), f, indent=1, ensure_ascii=False)
+    with open(paths["samples"], "w", encoding="utf-8") as f:
+        for sample in samples:
+            f.write(json.dumps(sample, ensure_ascii=False) + "\n")
+    with open(paths["metrics"], "w", encoding="utf-8") as f:
+        json.dump(metrics, f, indent=1, allow_nan=False)
+    for kind, path in paths.items():
+        logger.info("wrote %s: %s", kind, path)
+    return paths
+
+
+def _format_value(value):
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
+
+
+def format_summary(metrics, title="A-OKVQA evaluation"):
+    """A two-column text table of the main numbers (accuracies in percent)."""
+    rows = [
+        ("MC accuracy (%)", None if metrics.get("mc_accuracy") is None else f"{100 * metrics['mc_accuracy']:.2f}"),
+        ("DA accuracy (%)", None if metrics.get("da_accuracy") is None else f"{100 * metrics['da_accuracy']:.2f}"),
+        ("questions", metrics.get("num_samples")),
+        ("questions scored for DA", metrics.get("num_da_samples")),
+        ("unparseable answers", metrics.get("num_unparseable")),
+        ("answers without EOS", metrics.get("num_without_eos")),
+        ("mean generated tokens", metrics.get("mean_generated_tokens")),
+        ("samples / s", metrics.get("samples_per_second")),
+    ]
+    for key in ("split", "mode", "num_latents", "model"):
+        if key in metrics:
+            rows.insert(0, (key, metrics[key]))
+    cells = [(name, _format_value(value)) for name, value in rows]
+    left = max(len(name) for name, _ in cells)
+    right = max(len(value) for _, value in cells)
+    rule = f"+{'-' * (left + 2)}+{'-' * (right + 2)}+"
+    lines = [title, rule] + [f"| {name:<{left}} | {value:>{right}} |" for name, value in cells] + [rule]
+    return "\n".join(lines)
+
+
+__all__ = [
+    "EVAL_MODES",
+    "DATASET_MODES",
+    "DEFAULT_MAX_NEW_TOKENS",
+    "METRIC_PATH",
+    "UNPARSEABLE_PREDICTION",
+    "EvaluationResult",
+    "default_num_latents",
+    "build_eval_dataset",
+    "generate_answers",
+    "score",
+    "evaluate_model",
+    "official_predictions",
+    "write_outputs",
+    "format_summary",
+]

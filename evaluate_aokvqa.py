@@ -1,0 +1,170 @@
+"""Evaluate an MMCoconut checkpoint on A-OKVQA multiple choice (and direct answer).
+
+    python evaluate_aokvqa.py --model runs/coconut/checkpoint-best --split val --mode coconut \\
+        --hf-dataset HuggingFaceM4/A-OKVQA --output-dir runs/eval
+    accelerate launch evaluate_aokvqa.py ...     # the questions are split across processes
+
+Writes `predictions_{split}.json` (official format), `samples_{split}.jsonl` and `metrics.json` to `--output-dir`
+and prints a summary table. See `aokvqa_evaluation` for the modes and how unparseable answers are handled.
+"""
+
+import argparse
+import logging
+import sys
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+from aokvqa_evaluation import (
+    DEFAULT_MAX_NEW_TOKENS,
+    EVAL_MODES,
+    build_eval_dataset,
+    default_num_latents,
+    evaluate_model,
+    format_summary,
+    write_outputs,
+)
+from data_aokvqa import HF_AOKVQA_ID, load_canonical, load_hf_aokvqa, load_official_aokvqa
+from modeling_mmcoconut import MMCoconutForConditionalGeneration
+from processing_mmcoconut import DEFAULT_MAX_TILES, load_internvl_processor
+
+logger = logging.getLogger("evaluate_aokvqa")
+
+DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def build_parser():
+    """The CLI's argument parser."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="checkpoint directory or Hub id (model + processor)")
+    parser.add_argument("--split", default="val", help="train, val or test (a label only with --data-file)")
+    source = parser.add_argument_group("data (exactly one source)")
+    source.add_argument("--hf-dataset", help=f"Hub dataset id (e.g. {HF_AOKVQA_ID}) or a save_to_disk directory")
+    source.add_argument(
+        "--aokvqa-dir", help="official A-OKVQA annotations (aokvqa_v1p0_{split}.json); needs --coco-dir"
+    )
+    source.add_argument("--coco-dir", help="COCO 2017 images ({split}2017/*.jpg)")
+    source.add_argument("--data-file", help="canonical records, JSON or JSONL")
+    parser.add_argument("--mode", choices=EVAL_MODES, default="coconut")
+    parser.add_argument(
+        "--num-latents", type=int, default=None,
+        help="latents in coconut prompts (default: the checkpoint's latent_stage × c_thought)",
+    )
+    parser.add_argument("--batch-size", type=int, default=8, help="prompts per generate call, per process")
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=None,
+        help=f"generation budget (default per mode: {DEFAULT_MAX_NEW_TOKENS})",
+    )
+    parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (offset per process)")
+    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N questions")
+    parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--max-tiles", type=int, default=DEFAULT_MAX_TILES, help="InternVL tiles per image, at most")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="auto")
+    parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (image tiling)")
+    parser.add_argument(
+        "--skip-bad-samples", action="store_true",
+        help="skip (and count) questions whose image cannot be read instead of stopping",
+    )
+    return parser
+
+
+def _check_args(parser, args):
+    official = args.aokvqa_dir is not None or args.coco_dir is not None
+    if official and (args.aokvqa_dir is None or args.coco_dir is None):
+        parser.error("--aokvqa-dir and --coco-dir go together")
+    if sum([args.hf_dataset is not None, official, args.data_file is not None]) != 1:
+        parser.error("give exactly one data source: --hf-dataset, --aokvqa-dir + --coco-dir, or --data-file")
+    if args.num_latents is not None and args.mode != "coconut":
+        parser.error(f"--num-latents applies to --mode coconut only, not {args.mode}")
+    for name in ("num_latents", "limit"):
+        if getattr(args, name) is not None and getattr(args, name) < 0:
+            parser.error(f"--{name.replace('_', '-')} must be >= 0")
+    for name in ("batch_size", "max_tiles"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        parser.error("--max-new-tokens must be >= 1")
+
+
+def load_records(args):
+    """Canonical records of the chosen source and split, cut to `--limit`. Evaluation keeps records without
+    rationales (they are only needed to train)."""
+    if args.hf_dataset is not None:
+        records = load_hf_aokvqa(args.split, dataset_id=args.hf_dataset, require_rationales=False)
+    elif args.data_file is not None:
+        records = load_canonical(args.data_file)
+    else:
+        records = load_official_aokvqa(args.aokvqa_dir, args.coco_dir, args.split, require_rationales=False)
+    if args.limit is not None and args.limit < len(records):
+        records = records.select(range(args.limit)) if hasattr(records, "select") else records[: args.limit]
+    return records
+
+
+def main(argv=None):
+    """Run the CLI; returns the metrics dict (on every process)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_args(parser, args)
+    accelerator = Accelerator()
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        level=logging.INFO if accelerator.is_main_process else logging.WARNING,
+    )
+    if args.do_sample:
+        set_seed(args.seed, device_specific=True)
+
+    model = MMCoconutForConditionalGeneration.from_pretrained(args.model, dtype=DTYPES[args.dtype])
+    model.to(accelerator.device).eval()
+    processor = load_internvl_processor(args.model, max_tiles=args.max_tiles)
+    num_latents = None
+    if args.mode == "coconut":
+        num_latents = args.num_latents if args.num_latents is not None else default_num_latents(model.config)
+        logger.info(
+            "coconut: %d latents per question (checkpoint latent_stage=%d, c_thought=%d)",
+            num_latents, model.config.latent_stage, model.config.c_thought,
+        )
+    max_new_tokens = args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS[args.mode]
+
+    records = load_records(args)
+    dataset = build_eval_dataset(
+        records, processor, args.mode, model.config, max_tiles=args.max_tiles, skip_bad_samples=args.skip_bad_samples
+    )
+    logger.info("%d questions (%s split), %d process(es)", len(dataset), args.split, accelerator.num_processes)
+    result = evaluate_model(
+        model,
+        dataset,
+        num_latents=num_latents,
+        batch_size=args.batch_size,
+        max_new_tokens=max_new_tokens,
+        do_sample=args.do_sample,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        accelerator=accelerator,
+        num_workers=args.num_workers,
+    )
+    metrics = {
+        "model": args.model,
+        "split": args.split,
+        "mode": args.mode,
+        "num_latents": num_latents,
+        "max_new_tokens": max_new_tokens,
+        "do_sample": args.do_sample,
+        "temperature": args.temperature if args.do_sample else None,
+        "top_p": args.top_p if args.do_sample else None,
+        "num_skipped": sum(dataset.skipped.values()),
+        "num_processes": accelerator.num_processes,
+        **result.metrics,
+    }
+    if accelerator.is_main_process:
+        write_outputs(args.output_dir, args.split, result.samples, metrics)
+        print(format_summary(metrics))
+    accelerator.wait_for_everyone()
+    return metrics
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

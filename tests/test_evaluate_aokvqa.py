@@ -1,0 +1,235 @@
+"""A-OKVQA evaluation: the CLI end to end on a tiny checkpoint in every mode, batch invariance of greedy answers,
+and exact correct / wrong / unparseable accounting with a stub model."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import AutoTokenizer, InternVLForConditionalGeneration
+
+import evaluate_aokvqa
+from aokvqa_evaluation import (
+    UNPARSEABLE_PREDICTION,
+    _shard,
+    build_eval_dataset,
+    evaluate_model,
+    generate_answers,
+    official_predictions,
+)
+from data_aokvqa import load_canonical
+from modeling_mmcoconut import MMCoconutForConditionalGeneration
+from processing_mmcoconut import build_internvl_processor, load_internvl_processor, tiny_internvl_config
+
+C_THOUGHT, LATENT_STAGE = 2, 1
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(base_tokenizer_dir, tmp_path_factory):
+    """A random tiny InternVL3 with the real vocabulary, wrapped and saved with its processor (as training does)."""
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(base_tokenizer_dir)
+    internvl = InternVLForConditionalGeneration(tiny_internvl_config())
+    model = MMCoconutForConditionalGeneration.from_internvl(internvl, tokenizer, c_thought=C_THOUGHT)
+    model.config.latent_stage = LATENT_STAGE
+    path = tmp_path_factory.mktemp("tiny_checkpoint")
+    model.save_pretrained(path)
+    build_internvl_processor(tiny_internvl_config(), tokenizer, max_tiles=4).save_pretrained(path)
+    return path
+
+
+def _read_outputs(out, split):
+    predictions = json.loads((out / f"predictions_{split}.json").read_text())
+    samples = [json.loads(line) for line in (out / f"samples_{split}.jsonl").read_text().splitlines()]
+    metrics = json.loads((out / "metrics.json").read_text())
+    return predictions, samples, metrics
+
+
+@pytest.mark.parametrize(
+    "mode, source",
+    [("vanilla", "hf"), ("cot", "official"), ("coconut", "canonical")],
+)
+def test_cli_end_to_end(tiny_checkpoint, synthetic_aokvqa, tmp_path, mode, source):
+    data = {
+        "hf": ["--hf-dataset", str(synthetic_aokvqa["hf_dir"])],
+        "official": [
+            "--aokvqa-dir", str(synthetic_aokvqa["aokvqa_dir"]), "--coco-dir", str(synthetic_aokvqa["coco_dir"])
+        ],
+        "canonical": ["--data-file", str(synthetic_aokvqa["canonical_dir"] / "val.jsonl")],
+    }[source]
+    out = tmp_path / "eval"
+    args = ["--model", str(tiny_checkpoint), "--split", "val", "--mode", mode, "--batch-size", "2",
+            "--max-new-tokens", "5", "--max-tiles", "4", "--output-dir", str(out), *data]
+    returned = evaluate_aokvqa.main(args)
+
+    predictions, samples, metrics = _read_outputs(out, "val")
+    val_ids = [record["id"] for record in load_canonical(synthetic_aokvqa["canonical_dir"] / "val.jsonl")]
+    assert [s["question_id"] for s in samples] == val_ids  # dataset order, each question once
+    assert list(predictions) == val_ids
+    assert metrics == json.loads(json.dumps(returned))
+    assert metrics["mode"] == mode and metrics["num_samples"] == len(samples) == 3
+    assert metrics["num_da_samples"] == 3  # no synthetic question is marked difficult
+    assert metrics["num_unparseable"] == sum(s["parsed_letter"] is None for s in samples)
+    assert metrics["mc_accuracy"] == pytest.approx(sum(s["correct"] for s in samples) / len(samples))
+    assert metrics["mean_generated_tokens"] == pytest.approx(sum(s["num_generated_tokens"] for s in samples) / 3)
+    assert metrics["num_without_eos"] == sum(not s["stopped_at_eos"] for s in samples)
+    assert metrics["samples_per_second"] > 0
+    for sample in samples:
+        assert 1 <= sample["num_generated_tokens"] <= 5
+        expected = {k: UNPARSEABLE_PREDICTION if v is None else v for k, v in sample["prediction"].items()}
+        assert predictions[sample["question_id"]] == expected
+        if sample["parsed_letter"] is None:
+            assert sample["correct"] is False and sample["parse_error"]
+        assert "<IMG_CONTEXT>×" in sample["prompt"] and sample["prompt"].endswith(
+            "<|end-latent|>" if mode == "coconut" else "<|im_start|>assistant\n"
+        )
+    # coconut defaults to the checkpoint's latent_stage × c_thought latents; the other modes have none.
+    assert {s["num_latents"] for s in samples} == {LATENT_STAGE * C_THOUGHT if mode == "coconut" else 0}
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_checkpoint):
+    model = MMCoconutForConditionalGeneration.from_pretrained(tiny_checkpoint).eval()
+    return model, load_internvl_processor(tiny_checkpoint, max_tiles=4)
+
+
+def test_batch_size_does_not_change_greedy_answers(loaded, synthetic_aokvqa):
+    model, processor = loaded
+    records = load_canonical(synthetic_aokvqa["canonical_dir"] / "train.jsonl")[:4]
+    dataset = build_eval_dataset(records, processor, "coconut", model.config, max_tiles=4)
+    runs = [
+        generate_answers(model, dataset, num_latents=3, batch_size=size, max_new_tokens=5, show_progress=False)
+        for size in (1, 4)
+    ]
+    assert len(runs[0]) == len(records) == 4
+    for one, batched in zip(*runs):
+        assert one["question_id"] == batched["question_id"]
+        assert one["generated_text"] == batched["generated_text"]
+        assert one["num_generated_tokens"] == batched["num_generated_tokens"]
+        assert one["num_latents"] == batched["num_latents"] == 3
+
+
+class StubModel(torch.nn.Module):
+    """`generate` answers each prompt with fixed token ids, padding finished rows with `pad_token_id`."""
+
+    def __init__(self, replies, latent_token_id, eos_token_id, pad_token_id):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+        self.replies = replies  # prompt ids (tuple) → reply ids
+        self.config = SimpleNamespace(latent_token_id=latent_token_id)
+        self.generation_config = SimpleNamespace(eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+
+    def generate(self, input_ids, attention_mask, max_new_tokens, **kwargs):
+        rows = [
+            self.replies[tuple(ids[mask.bool()].tolist())][:max_new_tokens]
+            for ids, mask in zip(input_ids, attention_mask)
+        ]
+        width = max(len(row) for row in rows)
+        new = torch.tensor([row + [self.generation_config.pad_token_id] * (width - len(row)) for row in rows])
+        return torch.cat([input_ids, new], dim=1)
+
+
+def _stub(dataset, texts):
+    tokenizer = dataset.tokenizer
+    replies = {
+        tuple(dataset.prompt_features(i)["input_ids"].tolist()): tokenizer(text, add_special_tokens=False)["input_ids"]
+        for i, text in enumerate(texts)
+    }
+    return StubModel(replies, dataset.latent_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
+
+
+def test_scoring_counts_correct_wrong_and_unparseable(loaded, synthetic_aokvqa):
+    _, processor = loaded
+    records = load_canonical(synthetic_aokvqa["canonical_dir"] / "val.jsonl")
+    config = SimpleNamespace(c_thought=1, latent_stage=0)
+    dataset = build_eval_dataset(records, processor, "cot", config, max_tiles=4)
+    right, wrong = records[0], records[1]
+    wrong_idx = (wrong["correct_choice_idx"] + 1) % 4
+    texts = [
+        f"Some step.\nAnswer: {'ABCD'[right['correct_choice_idx']]}. "
+        f"{right['choices'][right['correct_choice_idx']]}<|im_end|>",
+        f"Answer: {'ABCD'[wrong_idx]}<|im_end|>",
+        # No `Answer:` and no EOS (the longest row, as in a real batch): unparseable, never a default choice.
+        "I cannot tell from the picture, it is far too dark to see any of it",
+    ]
+    result = evaluate_model(_stub(dataset, texts), dataset, batch_size=3, max_new_tokens=64, show_progress=False)
+    samples, metrics = result.samples, result.metrics
+
+    assert [s["correct"] for s in samples] == [True, False, False]
+    assert [s["parsed_letter"] for s in samples] == ["ABCD"[right["correct_choice_idx"]], "ABCD"[wrong_idx], None]
+    assert metrics["mc_accuracy"] == pytest.approx(1 / 3)
+    assert metrics["da_accuracy"] == pytest.approx(1 / 3)  # synthetic direct answers are the correct choice ×10
+    assert metrics["num_unparseable"] == 1 and metrics["num_without_eos"] == 1
+    tokenizer = dataset.tokenizer
+    lengths = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+    # EOS counts as generated; the pad columns of a batch after it do not.
+    assert [s["num_generated_tokens"] for s in samples] == lengths
+    assert metrics["mean_generated_tokens"] == pytest.approx(sum(lengths) / 3)
+    assert samples[0]["generated_text"] == texts[0].removesuffix("<|im_end|>")
+
+    predictions = official_predictions(samples)
+    assert predictions[wrong["id"]] == {"multiple_choice": wrong["choices"][wrong_idx],
+                                        "direct_answer": wrong["choices"][wrong_idx]}
+    assert predictions[records[2]["id"]] == {"multiple_choice": "", "direct_answer": ""}
+
+
+def test_unlabeled_split_is_predicted_not_scored(loaded, synthetic_aokvqa):
+    _, processor = loaded
+    records = load_canonical(synthetic_aokvqa["canonical_dir"] / "val.jsonl")
+    for record in records:
+        record.update(answer=None, correct_choice_idx=None, direct_answers=None)
+    config = SimpleNamespace(c_thought=1, latent_stage=0)
+    dataset = build_eval_dataset(records, processor, "vanilla", config, max_tiles=4)
+    texts = [f"Answer: {record['choices'][0]}<|im_end|>" for record in records]
+    result = evaluate_model(_stub(dataset, texts), dataset, batch_size=2, show_progress=False)
+    assert result.metrics["mc_accuracy"] is None and result.metrics["da_accuracy"] is None
+    assert result.metrics["num_unparseable"] == 0
+    assert [s["correct"] for s in result.samples] == [None] * 3
+    assert [s["prediction"]["multiple_choice"] for s in result.samples] == [r["choices"][0] for r in records]
+
+
+@pytest.mark.parametrize("num_samples, world_size", [(3, 2), (7, 3), (1, 3), (4, 4)])
+def test_shards_are_equal_length_and_cover_every_sample_once(num_samples, world_size):
+    shards = [_shard(num_samples, rank, world_size) for rank in range(world_size)]
+    assert len({len(positions) for positions, _ in shards}) == 1  # same number of generate calls per rank
+    real = [p for positions, num_real in shards for p in positions[:num_real]]
+    assert real == list(range(num_samples))
+    assert math.ceil(num_samples / world_size) == len(shards[0][0])
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--mode", "cot", "--num-latents", "2", "--data-file", "x.jsonl"], "coconut only"),
+        (["--data-file", "x.jsonl", "--hf-dataset", "y"], "exactly one data source"),
+        (["--aokvqa-dir", "a"], "go together"),
+    ],
+)
+def test_cli_rejects_conflicting_options(extra, message, capsys):
+    with pytest.raises(SystemExit):
+        evaluate_aokvqa.main(["--model", "m", "--output-dir", "o", *extra])
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_accelerate_launch_two_processes_matches_one(tiny_checkpoint, synthetic_aokvqa, tmp_path):
+    """5 questions over 2 CPU processes (3 + 2, the short rank repeats one): gathered in order, same answers."""
+    repo = Path(__file__).resolve().parents[1]
+    common = ["--model", str(tiny_checkpoint), "--data-file", str(synthetic_aokvqa["canonical_dir"] / "train.jsonl"),
+              "--split", "train", "--mode", "coconut", "--batch-size", "2", "--limit", "5", "--max-new-tokens", "5",
+              "--max-tiles", "4"]
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "PYTHONPATH": str(repo)}
+    subprocess.run([*launcher, str(repo / "evaluate_aokvqa.py"), *common, "--output-dir", str(tmp_path / "two")],
+                   check=True, env=env, cwd=repo, timeout=300)
+    evaluate_aokvqa.main([*common, "--output-dir", str(tmp_path / "one")])
+    two, one = _read_outputs(tmp_path / "two", "train"), _read_outputs(tmp_path / "one", "train")
+    assert two[0] == one[0]  # predictions file
+    assert [s["generated_text"] for s in two[1]] == [s["generated_text"] for s in one[1]]
+    assert two[2]["num_processes"] == 2 and two[2]["num_samples"] == 5
