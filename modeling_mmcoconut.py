@@ -10,6 +10,7 @@ This file and `configuration_mmcoconut.py` are saved beside the weights as remot
 import nothing else of this project.
 """
 
+import copy
 import logging
 from dataclasses import dataclass
 
@@ -427,17 +428,17 @@ class MMCoconutForConditionalGeneration(MMCoconutPreTrainedModel, GenerationMixi
         )
         synced = torch.distributed.is_available() and torch.distributed.is_initialized()
         synced = synced and torch.distributed.get_world_size() > 1
+        generation_config = copy.deepcopy(self.generation_config)
+        model_kwargs = generation_config.update(
+            max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p, **kwargs
+        )
         return self.internvl.generate(
             input_ids=input_ids,
             attention_mask=attention_mask,
             past_key_values=prefill.past_key_values,
-            generation_config=self.generation_config,
-            max_new_tokens=max_new_tokens,
-            do_sample=do_sample,
-            temperature=temperature,
-            top_p=top_p,
+            generation_config=generation_config,
             synced_gpus=synced,
-            **kwargs,
+            **model_kwargs,
         )
 
 

@@ -1,7 +1,7 @@
 """Train MMCoconut: `accelerate launch train.py recipes/coconut.yaml` (or `python train.py recipes/demo.yaml`).
 
-A recipe is YAML over four dataclasses — `ModelArguments`, `DataArguments`, `CurriculumArguments` and
-transformers' `TrainingArguments` — parsed by `HfArgumentParser`. A recipe may name a `base` recipe
+A recipe is YAML over `ModelArguments`, `DataArguments`, `CurriculumArguments`,
+`GenerationEvalArguments` and transformers' `TrainingArguments`, parsed by `HfArgumentParser`. A recipe may name a `base` recipe
 (a path relative to itself) whose keys it overrides. Command-line flags override the recipe:
 `python train.py recipes/cot.yaml --learning_rate 1e-5 --output_dir outputs/try`.
 """
@@ -118,6 +118,16 @@ class CurriculumArguments:
     reset_optimizer: bool = field(default=True, metadata={"help": "Clear optimizer state at each new stage."})
 
 
+@dataclass
+class GenerationEvalArguments:
+    eval_accuracy: bool = field(
+        default=False,
+        metadata={"help": "At each evaluation also generate answers and report eval_mc_accuracy, eval_da_accuracy, "
+                          "eval_num_unparseable and eval_mean_generated_tokens (use with metric_for_best_model)."},
+    )
+    eval_max_new_tokens: int = field(default=256, metadata={"help": "Generation budget per answer in evaluation."})
+
+
 def read_recipe(path):
     """The recipe at `path` merged over its `base` chain (later keys win)."""
     path = Path(path)
@@ -132,7 +142,9 @@ def read_recipe(path):
 
 
 def parse_args(argv):
-    parser = HfArgumentParser((ModelArguments, DataArguments, CurriculumArguments, TrainingArguments))
+    parser = HfArgumentParser(
+        (ModelArguments, DataArguments, CurriculumArguments, GenerationEvalArguments, TrainingArguments)
+    )
     if not argv or not argv[0].endswith((".yaml", ".yml")):
         raise SystemExit("usage: train.py RECIPE.yaml [--flag value ...]")
     recipe = read_recipe(argv[0])
@@ -268,7 +280,9 @@ def load_base_internvl(name_or_path, dtype, attn_implementation, max_tiles):
 
 
 def main(argv=None):
-    model_args, data_args, curriculum_args, training_args = parse_args(sys.argv[1:] if argv is None else argv)
+    model_args, data_args, curriculum_args, eval_args, training_args = parse_args(
+        sys.argv[1:] if argv is None else argv
+    )
     logging.basicConfig(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         level=logging.INFO if training_args.process_index == 0 else logging.WARNING,
@@ -314,6 +328,7 @@ def main(argv=None):
         ),
         processing_class=processor,
         schedule=schedule,
+        generation_eval_kwargs={"max_new_tokens": eval_args.eval_max_new_tokens} if eval_args.eval_accuracy else None,
         model_card_info=dict(
             base_model=model_args.load_model_path or model_args.model_name_or_path,
             mode=curriculum_args.mode,

@@ -142,8 +142,16 @@ class CurriculumTrainer(Trainer):
     ```
     """
 
-    def __init__(self, *args, schedule: CurriculumSchedule, model_card_info: dict | None = None, **kwargs):
+    def __init__(
+        self,
+        *args,
+        schedule: CurriculumSchedule,
+        generation_eval_kwargs: dict | None = None,
+        model_card_info: dict | None = None,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
+        self.generation_eval_kwargs = generation_eval_kwargs
         self.model_card_info = model_card_info or {}
         if self.args.dataloader_persistent_workers and self.args.dataloader_num_workers > 0:
             raise ValueError(
@@ -218,6 +226,31 @@ class CurriculumTrainer(Trainer):
             self._log_tokens = self._log_latents = self._log_samples = 0
             self._log_start = time.perf_counter()
         super().log(logs, *args, **kwargs)
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval"):
+        """The Trainer's loss evaluation, plus answer accuracy from generation when `generation_eval_kwargs` is set.
+
+        The generated answers follow the validation data's current stage (its latents), so
+        `metric_for_best_model: eval_mc_accuracy` picks checkpoints by what evaluation will measure.
+        """
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        if self.generation_eval_kwargs is None or dataloader.dataset is not self.eval_dataset:
+            return output
+        from aokvqa_evaluation import evaluate_model
+
+        result = evaluate_model(
+            self.accelerator.unwrap_model(self.model),
+            self.eval_dataset,
+            batch_size=self.args.per_device_eval_batch_size,
+            accelerator=self.accelerator,
+            show_progress=False,
+            **self.generation_eval_kwargs,
+        )
+        for key, value in result.metrics.items():
+            if isinstance(value, (int, float)):
+                output.metrics[f"{metric_key_prefix}_{key}"] = value
+        return output
 
     def create_model_card(self, model_name=None, **kwargs):
         """Write `README.md` in the output directory: base model, curriculum, final stage, metrics, recipe."""

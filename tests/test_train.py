@@ -14,13 +14,15 @@ RECIPES = sorted(p.name for p in Path("recipes").glob("*.yaml"))
 
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_every_recipe_parses(recipe):
-    model_args, data_args, curriculum_args, training_args = train.parse_args([f"recipes/{recipe}", "--use_cpu", "true"])
+    model_args, data_args, curriculum_args, eval_args, training_args = train.parse_args(
+        [f"recipes/{recipe}", "--use_cpu", "true"]
+    )
     assert curriculum_args.mode in ("cot", "coconut", "no_cot", "no_thoughts", "pause")
     assert training_args.output_dir
 
 
 def test_recipe_base_chain_and_flag_overrides():
-    _, _, curriculum, training = train.parse_args(
+    _, _, curriculum, _, training = train.parse_args(
         ["recipes/pause.yaml", "--use_cpu", "true", "--learning_rate", "3e-6"]
     )
     assert curriculum.mode == "pause" and curriculum.first_stage == 1  # pause <- coconut <- base
@@ -50,5 +52,9 @@ def test_demo_recipe_trains_through_stages_and_saves_a_loadable_checkpoint(tmp_p
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
     card = (out / "README.md").read_text()
     assert "| final curriculum stage | 1 |" in card and "| c_thought | 1 |" in card and "eval_loss" in card
+    evals = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
+    assert len(evals) == 3  # each epoch + the final evaluation
+    assert all(0.0 <= entry["eval_mc_accuracy"] <= 1.0 and entry["eval_num_samples"] == 4 for entry in evals)
+    assert "eval_mc_accuracy" in card
     for name, param in model.named_parameters():
         torch.testing.assert_close(param, trainer.model.state_dict()[name], msg=name)
