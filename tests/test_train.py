@@ -42,6 +42,7 @@ def test_demo_recipe_trains_through_stages_and_saves_a_loadable_checkpoint(tmp_p
         "recipes/demo.yaml", "--output_dir", str(out), "--synthetic_dir", str(tmp_path / "data"),
         "--synthetic_train", "8", "--synthetic_val", "4", "--num_train_epochs", "2", "--epochs_per_stage", "1",
         "--per_device_train_batch_size", "4", "--logging_steps", "1",
+        "--report_to", "tensorboard",
     ])
     stages = [entry["stage"] for entry in trainer.state.log_history if "loss" in entry]
     assert stages == [0, 0, 1, 1]
@@ -56,5 +57,6 @@ def test_demo_recipe_trains_through_stages_and_saves_a_loadable_checkpoint(tmp_p
     assert len(evals) == 3  # each epoch + the final evaluation
     assert all(0.0 <= entry["eval_mc_accuracy"] <= 1.0 and entry["eval_num_samples"] == 4 for entry in evals)
     assert "eval_mc_accuracy" in card
+    assert list((out / "runs").rglob("events.out.tfevents.*")), "tensorboard logged nothing"
     for name, param in model.named_parameters():
         torch.testing.assert_close(param, trainer.model.state_dict()[name], msg=name)
