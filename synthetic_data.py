@@ -15,6 +15,17 @@ row 2, column 1.", "The shape to the right of it, in row 2, column 2, is a squar
 The rationales are three phrasings of that chain; the canonical steps are the first rationale's sentences, so the
 A-OKVQA loaders reproduce the canonical records with `steps_from="first_rationale_sentences"`.
 
+The multi-hop task, `colour_chain` (`--task colour_chain`), draws a 4×4 board of mostly empty cells; five
+cells are pointer tiles, each split in half: its left half's colour points to its right half's colour. The question
+and the four choices are the same for every image ("Start at red and follow the pointers 3 times. Which colour do
+you reach?", A. green B. blue C. yellow D. purple), so only the image decides the answer, and a model that does not
+see it cannot beat chance (25%). Each step starts from the colour the previous step reached: "red points to
+blue.", "blue points to yellow.", "yellow points to green." (short steps: at the real 151k vocabulary every label
+token costs a full LM-head row on CPU). Sizes match the tiny model of the
+experiment (`experiments/learning_curve.py`): a 56-px image of 14-px cells, i.e. one InternVL image token (2×2
+patches of 7 px after the pixel shuffle) per cell, the left patches holding the key colour and the right ones
+the value.
+
 A new task is a class with `name` and `sample(rng) -> SyntheticExample`, registered in `TASKS`.
 """
 
@@ -56,6 +67,8 @@ COLOURS = {
     "orange": (245, 130, 20),
 }
 SHAPES = ("circle", "square", "triangle", "diamond")
+# Colours of the colour_chain task: the start (red) and the four answers.
+CHAIN_COLOURS = ("red", "green", "blue", "yellow", "purple")
 # relation → (row offset, column offset) of the asked-about shape from the anchor, and its phrase
 RELATIONS = {
     "right": ((0, 1), "to the right of"),
@@ -145,7 +158,111 @@ class ShapeGridTask:
         )
 
 
-TASKS = {ShapeGridTask.name: ShapeGridTask}
+class ColourChainTask:
+    """Visual pointer chasing: follow `hops` colour pointers, drawn in the image, from red.
+
+    The board is `size × size` cells of `cell` px on white. `len(CHAIN_COLOURS)` cells (placed at random) are pointer
+    tiles: the left half is the key colour, the right half the value colour; every colour is a key exactly once.
+    The chain red → x1 → … → x_hops visits distinct non-red colours, drawn uniformly, so the answer x_hops is uniform
+    over the four fixed choices; the other pointers are random. The answer is a function of the pixels alone:
+    `read_pointers(image)` recovers the pointers and `follow` the chain (the tests check both).
+    """
+
+    name = "colour_chain"
+    start = "red"
+    choices = ("green", "blue", "yellow", "purple")  # the same four choices, in the same order, for every image
+
+    def __init__(self, hops=3, size=4, cell=14):
+        if not 1 <= hops <= len(self.choices):
+            raise ValueError(f"hops must be in 1..{len(self.choices)} (a chain visits distinct colours), got {hops}")
+        if size * size < len(CHAIN_COLOURS):
+            raise ValueError(f"a {size}×{size} board cannot hold {len(CHAIN_COLOURS)} pointer tiles")
+        if cell % 2:
+            raise ValueError(f"cell must be even (two halves of equal width), got {cell}")
+        self.hops, self.size, self.cell = hops, size, cell
+
+    @property
+    def question(self):
+        return (
+            f"Each tile's left colour points to its right colour. Start at {self.start} and follow the pointers "
+            f"{self.hops} times. Which colour do you reach?"
+        )
+
+    def render(self, placement, pointers):
+        """`placement`: {(row, col): key colour}; `pointers`: {key colour: value colour}."""
+        side = self.size * self.cell
+        image = Image.new("RGB", (side, side), (255, 255, 255))
+        draw = ImageDraw.Draw(image)
+        half = self.cell // 2
+        for (row, col), key in placement.items():
+            left, top = col * self.cell, row * self.cell
+            draw.rectangle((left, top, left + half - 1, top + self.cell - 1), fill=COLOURS[key])
+            draw.rectangle((left + half, top, left + self.cell - 1, top + self.cell - 1), fill=COLOURS[pointers[key]])
+        return image
+
+    def read_pointers(self, image):
+        """{key colour: value colour} read back from the pixels (nearest palette colour at each half's centre)."""
+        pixels = image.convert("RGB").load()
+        quarter = self.cell // 4
+        pointers = {}
+        for row in range(self.size):
+            for col in range(self.size):
+                top, left = row * self.cell, col * self.cell
+                y = top + self.cell // 2
+                key = _nearest_colour(pixels[left + quarter, y])
+                value = _nearest_colour(pixels[left + self.cell - 1 - quarter, y])
+                if key is None and value is None:
+                    continue
+                if key is None or value is None or key in pointers:
+                    raise ValueError(f"cell ({row}, {col}) is not a pointer tile of a valid board")
+                pointers[key] = value
+        return pointers
+
+    def follow(self, pointers):
+        """The colours reached after 1..hops steps from `start`."""
+        chain, colour = [], self.start
+        for _ in range(self.hops):
+            colour = pointers[colour]
+            chain.append(colour)
+        return chain
+
+    def sample(self, rng):
+        path = rng.sample(self.choices, self.hops)  # distinct, so the end is uniform over the choices
+        pointers = dict(zip([self.start, *path[:-1]], path))
+        for key in CHAIN_COLOURS:
+            if key not in pointers:
+                pointers[key] = rng.choice(CHAIN_COLOURS)
+        cells = rng.sample([(r, c) for r in range(self.size) for c in range(self.size)], len(CHAIN_COLOURS))
+        placement = dict(zip(cells, CHAIN_COLOURS))
+        answer = path[-1]
+
+        sources = [self.start, *path[:-1]]
+        steps = [f"{key} points to {value}." for key, value in zip(sources, path)]
+        rationales = [
+            " ".join(steps),
+            " ".join(f"From {key} the pointer leads to {value}." for key, value in zip(sources, path)),
+            f"Following the pointers from {self.start} visits {', '.join(path)}, so the answer is {answer}.",
+        ]
+        return SyntheticExample(
+            image=self.render(placement, pointers),
+            question=self.question,
+            choices=list(self.choices),
+            correct_choice_idx=self.choices.index(answer),
+            steps=steps,
+            rationales=rationales,
+            direct_answers=[answer] * 10,
+        )
+
+
+def _nearest_colour(rgb, max_distance=60):
+    """The palette colour of `CHAIN_COLOURS` nearest to `rgb`, or None for background (white)."""
+    best = min(CHAIN_COLOURS, key=lambda name: sum((a - b) ** 2 for a, b in zip(COLOURS[name], rgb)))
+    if sum((a - b) ** 2 for a, b in zip(COLOURS[best], rgb)) ** 0.5 > max_distance:
+        return None
+    return best
+
+
+TASKS = {ShapeGridTask.name: ShapeGridTask, ColourChainTask.name: ColourChainTask}
 
 
 def write_synthetic_aokvqa(out, n_train, n_val, seed=0, task="shape_grid", jpeg_quality=95):
@@ -249,7 +366,7 @@ def main(argv=None):
         official_to_hf(paths["aokvqa_dir"], paths["coco_dir"]).save_to_disk(Path(args.out) / "hf")
 
 
-__all__ = ["SyntheticExample", "ShapeGridTask", "TASKS", "STEPS_FROM", "write_synthetic_aokvqa", "official_to_hf", "main"]
+__all__ = ["SyntheticExample", "ShapeGridTask", "ColourChainTask", "CHAIN_COLOURS", "TASKS", "STEPS_FROM", "write_synthetic_aokvqa", "official_to_hf", "main"]
 
 if __name__ == "__main__":
     main()
