@@ -10,6 +10,7 @@ This file and `configuration_mmcoconut.py` are saved beside the weights as remot
 import nothing else of this project.
 """
 
+import contextlib
 import copy
 import logging
 from dataclasses import dataclass
@@ -135,7 +136,7 @@ class MMCoconutForConditionalGeneration(MMCoconutPreTrainedModel, GenerationMixi
             rows = [internvl.get_input_embeddings().weight]
             if not internvl.config.tie_word_embeddings:
                 rows.append(internvl.get_output_embeddings().weight)
-            with torch.no_grad():
+            with _gathered_for_zero3(rows), torch.no_grad():
                 for weight in rows:
                     for token, token_id in zip(LATENT_TOKENS, token_ids):
                         if token_id >= old_vocab:
@@ -275,7 +276,15 @@ class MMCoconutForConditionalGeneration(MMCoconutPreTrainedModel, GenerationMixi
                 raise ValueError(
                     f"input_ids hold {num_image_tokens} image tokens but no pixel_values were given"
                 )
+            if _agree_across_ranks(0, input_ids.device):
+                # Another rank runs the vision tower; sharded (FSDP, ZeRO-3) and DDP training need every
+                # rank to run it too. One blank tile, its features added with weight zero.
+                size = internvl.config.vision_config.image_size
+                blank = inputs_embeds.new_zeros(1, internvl.config.vision_config.num_channels, size[0], size[1])
+                features = internvl.model.get_image_features(pixel_values=blank).pooler_output
+                inputs_embeds = inputs_embeds + features.sum().to(inputs_embeds.dtype) * 0
             return inputs_embeds
+        _agree_across_ranks(1, input_ids.device)  # matches the collective of image-less ranks above
 
         per_tile = internvl.config.image_seq_length
         num_total_tiles = pixel_values.shape[0]
@@ -442,15 +451,28 @@ class MMCoconutForConditionalGeneration(MMCoconutPreTrainedModel, GenerationMixi
         )
 
 
-def _agree_across_ranks(num_passes, device):
-    """The maximum of `num_passes` over all ranks (itself outside distributed runs)."""
+def _gathered_for_zero3(params):
+    """Under DeepSpeed ZeRO-3 the parameters are partitioned: gather them to write into them."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if not is_deepspeed_zero3_enabled():
+        return contextlib.nullcontext()
+    try:  # in a `try` so that the remote-code import check does not require deepspeed
+        import deepspeed
+    except ImportError as error:
+        raise ImportError("DeepSpeed ZeRO-3 is enabled but deepspeed cannot be imported") from error
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+
+
+def _agree_across_ranks(value, device):
+    """The maximum of `value` over all ranks (itself outside distributed runs)."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return num_passes
+        return value
     if torch.distributed.get_world_size() == 1:
-        return num_passes
+        return value
     backend = torch.distributed.get_backend()
     tensor_device = device if backend != "gloo" else torch.device("cpu")
-    count = torch.tensor([num_passes], device=tensor_device)
+    count = torch.tensor([value], device=tensor_device)
     torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
     return int(count.item())
 

@@ -8,6 +8,7 @@ A recipe is YAML over `ModelArguments`, `DataArguments`, `CurriculumArguments`,
 
 import json
 import logging
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -160,6 +161,28 @@ def parse_args(argv):
     return parser.parse_args_into_dataclasses(args=argv[1:])
 
 
+def check_distributed_setup(trainer):
+    """Refuse the launches that accelerate/transformers would silently run as something else.
+
+    On a machine without GPUs, an FSDP or DeepSpeed accelerate config quietly becomes DDP or independent
+    single-process runs that overwrite each other's output.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1 and trainer.args.world_size == 1:
+        raise RuntimeError(
+            f"launched as {world_size} processes but the Trainer runs each alone (no distributed backend "
+            "for this device); on CPU use ds_configs/accelerate_ddp.yaml with use_cpu: true"
+        )
+    wants_fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    wants_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    if wants_fsdp and not trainer.is_fsdp_enabled:
+        raise RuntimeError("the accelerate config asks for FSDP but the Trainer would not use it (FSDP needs GPUs)")
+    if wants_deepspeed and not trainer.is_deepspeed_enabled:
+        raise RuntimeError(
+            "the accelerate config asks for DeepSpeed but the Trainer would not use it (DeepSpeed needs GPUs)"
+        )
+
+
 def load_records(data_args, split_name):
     """Canonical records of the training (`split_name="train"`) or validation split."""
     train = split_name == "train"
@@ -302,14 +325,12 @@ def main(argv=None):
         max_tiles=data_args.max_tiles,
         seed=training_args.seed,
     )
-    train_dataset = CurriculumDataset(
-        limit(load_records(data_args, "train"), data_args.max_train_samples),
-        uniform_prob=curriculum_args.uniform_prob,
-        **dataset_kwargs,
-    )
-    eval_dataset = None
-    if training_args.eval_strategy != "no" or training_args.do_eval:
-        eval_dataset = CurriculumDataset(limit(load_records(data_args, "eval"), data_args.max_eval_samples), **dataset_kwargs)
+    with training_args.main_process_first(desc="loading data"):  # rank 0 generates/caches, the others read
+        train_records = limit(load_records(data_args, "train"), data_args.max_train_samples)
+        evaluate = training_args.eval_strategy != "no" or training_args.do_eval
+        eval_records = limit(load_records(data_args, "eval"), data_args.max_eval_samples) if evaluate else None
+    train_dataset = CurriculumDataset(train_records, uniform_prob=curriculum_args.uniform_prob, **dataset_kwargs)
+    eval_dataset = CurriculumDataset(eval_records, **dataset_kwargs) if evaluate else None
 
     schedule = CurriculumSchedule(
         epochs_per_stage=curriculum_args.epochs_per_stage,
@@ -336,6 +357,7 @@ def main(argv=None):
             hub_model_id=training_args.hub_model_id,
         ),
     )
+    check_distributed_setup(trainer)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)  # with LoRA: the adapters
     if trainer.is_world_process_zero():

@@ -257,8 +257,6 @@ def test_fsdp2_full_shard_runs_uneven_latents_and_matches_single_process(tmp_pat
         assert torch.equal(two[rank]["sequences"], sequences)
 
 
-@pytest.mark.xfail(strict=True, reason="a rank whose batch has no image skips the vision tower (deadlock under "
-                   "FSDP/ZeRO-3, unused parameters under DDP); see the fix proposed in issue 4")
 def test_vision_tower_runs_on_every_rank_when_one_batch_is_text_only(tmp_path):
     rank0, rank1 = spawn_two_ranks(tmp_path, None, worker=_text_only_worker)
     assert rank0["language_model"] == rank1["language_model"]

@@ -60,3 +60,23 @@ def test_demo_recipe_trains_through_stages_and_saves_a_loadable_checkpoint(tmp_p
     assert list((out / "runs").rglob("events.out.tfevents.*")), "tensorboard logged nothing"
     for name, param in model.named_parameters():
         torch.testing.assert_close(param, trainer.model.state_dict()[name], msg=name)
+
+
+def test_launches_that_would_silently_run_something_else_are_refused(monkeypatch):
+    class FakeTrainer:
+        args = type("Args", (), {"world_size": 1})()
+        is_fsdp_enabled = False
+        is_deepspeed_enabled = False
+
+    train.check_distributed_setup(FakeTrainer())  # a plain single-process run is fine
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(RuntimeError, match="asks for FSDP"):
+        train.check_distributed_setup(FakeTrainer())
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(RuntimeError, match="asks for DeepSpeed"):
+        train.check_distributed_setup(FakeTrainer())
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RuntimeError, match="launched as 2 processes"):
+        train.check_distributed_setup(FakeTrainer())
