@@ -1,0 +1,274 @@
+"""Does the curriculum learn? no-CoT vs CoT vs Coconut vs no-image on a visual multi-hop task, same model and data.
+
+    python experiments/learning_curve.py --out outputs/experiment
+
+1. Generates the `colour_chain` set of `synthetic_data.py` (3-hop visual pointer chasing; the question and the
+   four choices are identical for every image) and a text-only copy of it (images removed).
+2. Trains, through `train.main` with `recipes/experiment_colour_chain.yaml` (a tiny random InternVL3-shaped model,
+   one 56-px tile = 16 image tokens, the real 151k vocabulary), from scratch:
+     no_cot         mode no_cot, `--epochs` epochs           (answer directly)
+     cot            mode cot, `--epochs` epochs              (Coconut stage 0)
+     coconut_k      from coconut_{k-1} (coconut_0 = cot), mode coconut, `first_stage k`, `--stage-epochs` epochs:
+                    the first k steps replaced by k·c_thought continuous thoughts, k = 1..hops
+     no_image_cot   as cot, on the text-only copy
+     no_image_no_cot as no_cot, on the text-only copy
+3. Evaluates each on the validation split with greedy generation (`aokvqa_evaluation.evaluate_model`: vanilla for
+   no_cot, cot for cot, coconut with the checkpoint's latent count) and writes `{out}/results.md` and
+   `{out}/results.json`: multiple-choice accuracy, mean generated tokens per answer (up to and including EOS),
+   training and evaluation seconds per method.
+
+Runs whose `{out}/runs/{name}/results.json` exists are not redone (`--force` redoes them), so an interrupted
+experiment resumes where it stopped. Extra `train.py` flags go after `--`, e.g. `-- --learning_rate 1e-3`.
+"""
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import InternVLForConditionalGeneration
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # the project's top-level modules, when run as `python experiments/...`
+
+import train  # noqa: E402
+from aokvqa_evaluation import build_eval_dataset, default_num_latents, evaluate_model  # noqa: E402
+from data_aokvqa import load_canonical  # noqa: E402
+from modeling_mmcoconut import MMCoconutForConditionalGeneration  # noqa: E402
+from processing_mmcoconut import (  # noqa: E402
+    build_internvl_processor,
+    build_internvl_tokenizer,
+    load_internvl_processor,
+    tiny_internvl_config,
+)
+from synthetic_data import TASKS, write_synthetic_aokvqa  # noqa: E402
+
+logger = logging.getLogger("learning_curve")
+
+DEFAULT_RECIPE = ROOT / "recipes" / "experiment_colour_chain.yaml"
+# Generation budget per evaluation mode: an answer line is 6 tokens, a CoT chain of 3 steps about 21.
+MAX_NEW_TOKENS = {"vanilla": 16, "cot": 48, "coconut": 16}
+
+
+def write_data(out, task, n_train, n_val, seed):
+    """`{out}/data` (with images) and `{out}/data_no_image` (the same records, `image` removed); returns
+    {"image": (train.jsonl, val.jsonl), "no_image": (...)}."""
+    data = Path(out) / "data"
+    manifest = {"task": task, "n_train": n_train, "n_val": n_val, "seed": seed}
+    manifest_path = data / "manifest.json"
+    if not (manifest_path.is_file() and json.loads(manifest_path.read_text()) == manifest):
+        if manifest_path.is_file():
+            raise ValueError(
+                f"{data} holds a set generated with {manifest_path.read_text().strip()}, not {manifest}; "
+                "choose another --out or delete it"
+            )
+        write_synthetic_aokvqa(data, n_train, n_val, seed=seed, task=task)
+        manifest_path.write_text(json.dumps(manifest))
+    no_image = Path(out) / "data_no_image"
+    no_image.mkdir(parents=True, exist_ok=True)
+    files = {"image": [], "no_image": []}
+    for split in ("train", "val"):
+        source = data / "canonical" / f"{split}.jsonl"
+        target = no_image / f"{split}.jsonl"
+        with open(source, encoding="utf-8") as f, open(target, "w", encoding="utf-8") as g:
+            for line in f:
+                record = json.loads(line)
+                record["image"] = None
+                g.write(json.dumps(record) + "\n")
+        files["image"].append(source)
+        files["no_image"].append(target)
+    return files
+
+
+def write_initial_model(out, recipe):
+    """Build the recipe's tiny random model once and save it to `{out}/init`: every from-scratch run starts from
+    these same weights (`--load_model_path`).
+
+    Loading a saved checkpoint also sets the attention implementation on every sub-config. A model built in memory
+    from `tiny_internvl` by `train.py` leaves the language model's `_attn_implementation` at None, whose attention
+    is not causal (it sees later tokens), so it cannot be trained directly.
+    """
+    init = Path(out) / "init"
+    if (init / "model.safetensors").is_file():
+        return init
+    if recipe.get("tiny_internvl") is None:
+        raise ValueError("the recipe must set tiny_internvl (the experiment trains a tiny model from scratch)")
+    torch.manual_seed(recipe.get("seed", 0))
+    overrides = recipe["tiny_internvl"]
+    overrides = json.loads(overrides) if isinstance(overrides, str) else dict(overrides)
+    config = tiny_internvl_config(**overrides)
+    processor = build_internvl_processor(config, build_internvl_tokenizer(), recipe.get("max_tiles", 1))
+    model = MMCoconutForConditionalGeneration.from_internvl(InternVLForConditionalGeneration(config), processor.tokenizer)
+    model.save_pretrained(init)
+    processor.save_pretrained(init)
+    logger.info("initial model written to %s", init)
+    return init
+
+
+def plan_runs(hops, epochs, stage_epochs, train_samples=None, stage_samples=None):
+    """(name, train mode, eval mode, data key, start from run, first_stage, epochs, training questions) in order."""
+    runs = [
+        ("no_cot", "no_cot", "vanilla", "image", None, 0, epochs, train_samples),
+        ("cot", "cot", "cot", "image", None, 0, epochs, train_samples),
+    ]
+    previous = "cot"
+    for stage in range(1, hops + 1):
+        runs.append((f"coconut_{stage}", "coconut", "coconut", "image", previous, stage, stage_epochs, stage_samples))
+        previous = f"coconut_{stage}"
+    runs += [
+        ("no_image_no_cot", "no_cot", "vanilla", "no_image", None, 0, epochs, train_samples),
+        ("no_image_cot", "cot", "cot", "no_image", None, 0, epochs, train_samples),
+    ]
+    return runs
+
+
+def train_run(recipe, run_dir, mode, files, start_from, first_stage, epochs, samples, hops, extra_flags):
+    argv = [
+        str(recipe),
+        "--data_source", "canonical",
+        "--train_file", str(files[0]),
+        "--eval_file", str(files[1]),
+        "--mode", mode,
+        "--output_dir", str(run_dir),
+        "--num_train_epochs", str(epochs),
+        "--first_stage", str(first_stage),
+        "--max_latent_stage", str(hops),
+        # one stage per run: the Coconut curriculum is the chain of runs coconut_1 .. coconut_hops
+        "--epochs_per_stage", str(max(epochs, 1)),
+        "--eval_strategy", "no",
+        "--save_strategy", "no",
+    ]
+    argv += ["--load_model_path", str(start_from)]
+    if samples is not None:
+        argv += ["--max_train_samples", str(samples)]
+    start = time.perf_counter()
+    train.main(argv + list(extra_flags))
+    return time.perf_counter() - start
+
+
+def evaluate_run(run_dir, eval_mode, val_file, max_tiles, batch_size):
+    model = MMCoconutForConditionalGeneration.from_pretrained(run_dir)
+    processor = load_internvl_processor(run_dir, max_tiles)
+    dataset = build_eval_dataset(load_canonical(val_file), processor, eval_mode, model.config, max_tiles=max_tiles)
+    # The checkpoint's own latent count (latent_stage × c_thought); the dataset alone would lay prompts out at stage 0.
+    num_latents = default_num_latents(model.config) if eval_mode == "coconut" else None
+    with torch.inference_mode():
+        result = evaluate_model(
+            model, dataset, num_latents=num_latents, batch_size=batch_size, max_new_tokens=MAX_NEW_TOKENS[eval_mode],
+            show_progress=False,
+        )
+    return result
+
+
+def format_table(rows):
+    header = "| method | trained as | image | epochs × questions | latents | MC accuracy | mean generated tokens | unparseable | train s | eval s |"
+    lines = [header, "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        lines.append(
+            f"| {row['name']} | {row['train_mode']}"
+            + (f" stage {row['stage']}" if row["train_mode"] == "coconut" else "")
+            + f" | {'yes' if row['image'] else 'no'} | {row['epochs']} × {row['train_questions']} "
+            f"| {row['num_latents']} | {100 * row['mc_accuracy']:.1f}% "
+            f"| {row['mean_generated_tokens']:.1f} | {row['num_unparseable']} | {row['train_seconds']:.0f} "
+            f"| {row['eval_seconds']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="outputs/experiment", help="output directory")
+    parser.add_argument("--recipe", default=str(DEFAULT_RECIPE), help="train.py recipe the runs share")
+    parser.add_argument("--task", default="colour_chain", choices=sorted(TASKS))
+    parser.add_argument("--n-train", type=int, default=1600)
+    parser.add_argument("--n-val", type=int, default=200)
+    parser.add_argument("--seed", type=int, default=0, help="data seed")
+    parser.add_argument("--epochs", type=int, default=1, help="epochs of the no-CoT, CoT and no-image runs")
+    parser.add_argument("--stage-epochs", type=int, default=1, help="epochs of each Coconut stage")
+    parser.add_argument("--train-samples", type=int, help="train no-CoT, CoT and no-image on the first N questions")
+    parser.add_argument("--stage-samples", type=int, default=500, help="train each Coconut stage on the first N questions")
+    parser.add_argument("--eval-batch-size", type=int, default=50)
+    parser.add_argument("--only", nargs="+", help="run only these methods (names as in the table)")
+    parser.add_argument("--force", action="store_true", help="redo runs that already have results")
+    args, extra_flags = parser.parse_known_args(argv)
+    if extra_flags and extra_flags[0] == "--":
+        extra_flags = extra_flags[1:]
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+
+    out = Path(args.out)
+    hops = TASKS[args.task]().hops if hasattr(TASKS[args.task](), "hops") else None
+    if hops is None:
+        raise ValueError(f"task {args.task!r} has no `hops`; the Coconut curriculum needs one stage per step")
+    files = write_data(out, args.task, args.n_train, args.n_val, args.seed)
+    recipe = train.read_recipe(args.recipe)
+    max_tiles = recipe.get("max_tiles", 1)
+
+    init = write_initial_model(out, recipe)
+    rows, started = [], time.perf_counter()
+    plan = plan_runs(hops, args.epochs, args.stage_epochs, args.train_samples, args.stage_samples)
+    for name, mode, eval_mode, data_key, start_from, first_stage, epochs, samples in plan:
+        run_dir = out / "runs" / name
+        result_path = run_dir / "results.json"
+        if args.only and name not in args.only:
+            continue
+        if result_path.is_file() and not args.force:
+            logger.info("%s: done before, reading %s", name, result_path)
+            rows.append(json.loads(result_path.read_text()))
+            continue
+        start_dir = init if start_from is None else out / "runs" / start_from
+        if start_from is not None and not (start_dir / "results.json").is_file():
+            raise FileNotFoundError(f"{name} continues from {start_dir}, which has not been trained; run it first")
+        logger.info("%s: training (%s, first_stage %d, %d epochs, %s)", name, mode, first_stage, epochs, data_key)
+        train_seconds = train_run(
+            args.recipe, run_dir, mode, files[data_key], start_dir, first_stage, epochs, samples, hops, extra_flags
+        )
+        result = evaluate_run(run_dir, eval_mode, files[data_key][1], max_tiles, args.eval_batch_size)
+        row = {
+            "name": name,
+            "train_mode": mode,
+            "eval_mode": eval_mode,
+            "stage": first_stage,
+            "image": data_key == "image",
+            "epochs": epochs,
+            "train_questions": samples if samples is not None else args.n_train,
+            "num_latents": result.samples[0]["num_latents"],
+            "mc_accuracy": result.metrics["mc_accuracy"],
+            "mean_generated_tokens": result.metrics["mean_generated_tokens"],
+            "num_unparseable": result.metrics["num_unparseable"],
+            "num_samples": result.metrics["num_samples"],
+            "train_seconds": train_seconds,
+            "eval_seconds": result.metrics["seconds"],
+            "example": {k: result.samples[0][k] for k in ("generated_text", "parsed_letter", "correct")},
+        }
+        result_path.write_text(json.dumps(row, indent=1))
+        logger.info("%s: MC accuracy %.3f, %.1f generated tokens", name, row["mc_accuracy"], row["mean_generated_tokens"])
+        rows.append(row)
+
+    table = format_table(rows)
+    wall = time.perf_counter() - started
+    summary = {
+        "command": "python experiments/learning_curve.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "task": args.task,
+        "n_train": args.n_train,
+        "n_val": args.n_val,
+        "recipe": recipe,
+        "extra_train_flags": extra_flags,
+        "wall_seconds_this_invocation": wall,
+        "torch_threads": torch.get_num_threads(),
+        "runs": rows,
+    }
+    (out / "results.json").write_text(json.dumps(summary, indent=1))
+    (out / "results.md").write_text(
+        f"`{summary['command']}` ({args.task}, {args.n_train} train / {args.n_val} val questions)\n\n{table}\n"
+    )
+    print(table)
+    return summary
+
+
+__all__ = ["write_data", "plan_runs", "train_run", "evaluate_run", "format_table", "main"]
+
+if __name__ == "__main__":
+    main()
