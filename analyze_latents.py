@@ -223,8 +223,8 @@ def special_token_ids(tokenizer, config):
 
 
 def default_num_latents(config):
-    """Latents the checkpoint was trained with (as evaluation uses): `latent_stage × c_thought`."""
-    return int(config.latent_stage) * int(config.c_thought)
+    """Latents the checkpoint is prompted with, as evaluation uses (`MMCoconutConfig.num_inference_latents`)."""
+    return config.num_inference_latents
 
 
 def analyze(model, processor, records, num_latents=None, top_k=5, batch_size=4, max_tiles=None):

@@ -69,8 +69,8 @@ class EvaluationResult:
 
 
 def default_num_latents(config):
-    """Latents a checkpoint was trained with: `config.latent_stage × config.c_thought`."""
-    return int(config.latent_stage) * int(config.c_thought)
+    """Latents a checkpoint is prompted with (`MMCoconutConfig.num_inference_latents`)."""
+    return config.num_inference_latents
 
 
 def build_eval_dataset(records, processor, mode, config, max_tiles=None, skip_bad_samples=False):

@@ -25,6 +25,9 @@ class MMCoconutConfig(PretrainedConfig):
         latent_stage (`int`, defaults to 0):
             Curriculum stage the weights were trained at; `latent_stage * c_thought` latents are the
             default at evaluation.
+        training_mode (`str`, defaults to `"coconut"`):
+            The curriculum mode the weights were trained in (`cot`, `coconut`, `no_cot`, `no_thoughts`,
+            `pause`); `no_thoughts` models are prompted with an empty latent span.
         pause_as_thought (`bool`, defaults to False):
             The "pause as thought" ablation: `<|latent|>` tokens keep their learned embedding (no
             continuous thought) and the sequence runs in one pass.
@@ -50,6 +53,7 @@ class MMCoconutConfig(PretrainedConfig):
         end_latent_id=None,
         c_thought=1,
         latent_stage=0,
+        training_mode="coconut",
         pause_as_thought=False,
         **kwargs,
     ):
@@ -63,9 +67,17 @@ class MMCoconutConfig(PretrainedConfig):
         self.end_latent_id = end_latent_id
         self.c_thought = c_thought
         self.latent_stage = latent_stage
+        self.training_mode = training_mode
         self.pause_as_thought = pause_as_thought
         kwargs.setdefault("tie_word_embeddings", internvl_config.tie_word_embeddings)
         super().__init__(**kwargs)
+
+    @property
+    def num_inference_latents(self):
+        """Latents to prompt with: `latent_stage * c_thought`, none for the `no_thoughts` ablation."""
+        if self.training_mode == "no_thoughts":
+            return 0
+        return int(self.latent_stage) * int(self.c_thought)
 
     @property
     def latent_ids(self):

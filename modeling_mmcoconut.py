@@ -95,6 +95,7 @@ class MMCoconutForConditionalGeneration(MMCoconutPreTrainedModel, GenerationMixi
 
     # The wrapped InternVL declares its own tie (lm_head ↔ embed_tokens); nothing to add at this level.
     _tied_weights_keys = None
+    accepts_loss_kwargs = True  # the Trainer passes num_items_in_batch; the loss is sum / that count
 
     def __init__(self, config: MMCoconutConfig, internvl: InternVLForConditionalGeneration | None = None):
         super().__init__(config)
@@ -213,6 +214,10 @@ class MMCoconutForConditionalGeneration(MMCoconutPreTrainedModel, GenerationMixi
             use_cache (`bool`): return the KV cache of the whole sequence.
             logits_to_keep (`int`, *optional*): without labels, only the last `logits_to_keep` positions.
         """
+        # `**kwargs` lets the Trainer pass `num_items_in_batch`; anything else would be silently ignored.
+        unexpected = sorted(set(kwargs) - {"return_dict"})
+        if unexpected:
+            raise TypeError(f"MMCoconutForConditionalGeneration.forward got unexpected arguments {unexpected}")
         self.config.validate_latent_ids()
         batch_size, seq_len = input_ids.shape
         if attention_mask is None:
@@ -382,8 +387,9 @@ class MMCoconutForConditionalGeneration(MMCoconutPreTrainedModel, GenerationMixi
             past_key_values=cache,
             use_cache=True,
         )
-        new_keys = [layer.keys[:, :, past_len:] for layer in cache.layers]
-        new_values = [layer.values[:, :, past_len:] for layer in cache.layers]
+        # Copies, not views: a view would keep the whole concatenated past alive for every pass.
+        new_keys = [layer.keys[:, :, past_len:].clone() for layer in cache.layers]
+        new_values = [layer.values[:, :, past_len:].clone() for layer in cache.layers]
         return (outputs.last_hidden_state, *new_keys, *new_values)
 
     def _assemble_cache(self, past):
@@ -403,6 +409,7 @@ class MMCoconutForConditionalGeneration(MMCoconutPreTrainedModel, GenerationMixi
         input_ids,
         attention_mask=None,
         pixel_values=None,
+        *,
         num_tiles=None,
         max_new_tokens=None,
         do_sample=False,
@@ -438,9 +445,10 @@ class MMCoconutForConditionalGeneration(MMCoconutPreTrainedModel, GenerationMixi
         synced = torch.distributed.is_available() and torch.distributed.is_initialized()
         synced = synced and torch.distributed.get_world_size() > 1
         generation_config = copy.deepcopy(self.generation_config)
-        model_kwargs = generation_config.update(
-            max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p, **kwargs
-        )
+        options = dict(do_sample=do_sample, temperature=temperature, top_p=top_p, **kwargs)
+        if max_new_tokens is not None:  # None keeps the generation config's own budget
+            options["max_new_tokens"] = max_new_tokens
+        model_kwargs = generation_config.update(**options)
         return self.internvl.generate(
             input_ids=input_ids,
             attention_mask=attention_mask,

@@ -251,6 +251,7 @@ def build_model_and_processor(model_args, data_args, curriculum_args):
         )
         model = MMCoconutForConditionalGeneration.from_internvl(internvl, processor.tokenizer)
     model.config.c_thought = curriculum_args.c_thought
+    model.config.training_mode = curriculum_args.mode
     model.config.pause_as_thought = curriculum_args.mode == "pause"
     if model_args.freeze_vision_tower:
         model.internvl.model.vision_tower.requires_grad_(False)

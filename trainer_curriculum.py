@@ -24,10 +24,15 @@ SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
 
 
 def stage_for_epoch(epoch, epochs_per_stage, max_latent_stage, first_stage=0):
-    """Curriculum stage of (0-based) `epoch`: `first_stage + epoch // epochs_per_stage`, capped at `max_latent_stage`."""
+    """Curriculum stage of (0-based) `epoch`: `first_stage + epoch // epochs_per_stage`.
+
+    As in Coconut, the stage after `max_latent_stage` is the final one: every remaining language step
+    is removed, with `max_latent_stage * c_thought` latents; later epochs stay there. Where no sample
+    has more than `max_latent_stage` steps it lays out the data as `max_latent_stage` does.
+    """
     if epochs_per_stage < 1:
         raise ValueError(f"epochs_per_stage must be >= 1, got {epochs_per_stage}")
-    return min(first_stage + int(epoch) // epochs_per_stage, max_latent_stage)
+    return min(first_stage + int(epoch) // epochs_per_stage, max_latent_stage + 1)
 
 
 @dataclass(frozen=True)
@@ -181,7 +186,7 @@ class CurriculumTrainer(Trainer):
     def set_initial_training_values(self, args, dataloader):
         values = super().set_initial_training_values(args, dataloader)
         # Stage boundaries in optimizer steps need the epoch length the Trainer itself uses.
-        self.curriculum_num_epochs, self.curriculum_steps_per_epoch = values[0], values[1]
+        self.curriculum_steps_per_epoch = values[1]
         return values
 
     @property
@@ -196,7 +201,8 @@ class CurriculumTrainer(Trainer):
         self.train_dataset.set_stage(stage, epoch=epoch)
         if hasattr(self.eval_dataset, "set_stage"):
             self.eval_dataset.set_stage(stage, epoch=epoch)
-        self.model.config.latent_stage = stage
+        # Evaluation prompts get latent_stage * c_thought latents, which stop growing after max_latent_stage.
+        self.model.config.latent_stage = min(stage, self.schedule.max_latent_stage)
 
     def create_scheduler(self, num_training_steps, optimizer=None):
         if self.lr_scheduler is None:
@@ -210,6 +216,8 @@ class CurriculumTrainer(Trainer):
         return self.lr_scheduler
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not model.training:  # evaluation batches go through here too; they are not training throughput
+            return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
         attention_mask = inputs.get("attention_mask")
         self._log_tokens += int(attention_mask.sum()) if attention_mask is not None else inputs["input_ids"].numel()
         if self._latent_token_id is not None:
@@ -235,7 +243,12 @@ class CurriculumTrainer(Trainer):
         `metric_for_best_model: eval_mc_accuracy` picks checkpoints by what evaluation will measure.
         """
         output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
-        if self.generation_eval_kwargs is None or dataloader.dataset is not self.eval_dataset:
+        if dataloader.dataset is not self.eval_dataset:
+            return output
+        skipped = getattr(self.eval_dataset, "skipped", None)
+        if skipped is not None:  # records the validation set dropped (too long, bad image): not in these numbers
+            output.metrics[f"{metric_key_prefix}_num_skipped"] = sum(skipped.values())
+        if self.generation_eval_kwargs is None:
             return output
         from aokvqa_evaluation import evaluate_model
 
@@ -244,6 +257,7 @@ class CurriculumTrainer(Trainer):
             self.eval_dataset,
             batch_size=self.args.per_device_eval_batch_size,
             accelerator=self.accelerator,
+            num_workers=self.args.dataloader_num_workers,
             show_progress=False,
             **self.generation_eval_kwargs,
         )
@@ -267,8 +281,9 @@ def render_model_card(trainer, model_name):
     base_model = info.get("base_model", "unknown")
     evals = [entry for entry in trainer.state.log_history if any(k.startswith("eval_") for k in entry)]
     metrics = {k: v for k, v in (evals[-1] if evals else {}).items() if k.startswith("eval_")}
-    stage = getattr(config, "latent_stage", 0)
-    c_thought = getattr(config, "c_thought", 1)
+    stage = config.latent_stage
+    c_thought = config.c_thought
+    num_latents = config.num_inference_latents
     recipe = info.get("recipe", "")
     metric_lines = "\n".join(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items())
     return f"""---
@@ -289,7 +304,7 @@ continuous latent space (Coconut, "Chain of Continuous Thought").
 | mode | `{info.get("mode", "coconut")}` |
 | final curriculum stage | {stage} |
 | c_thought | {c_thought} |
-| continuous thoughts at inference | {stage * c_thought} |
+| continuous thoughts at inference | {num_latents} |
 | epochs | {trainer.state.epoch} |
 
 ## Metrics
@@ -305,7 +320,7 @@ from transformers import AutoModel, AutoProcessor
 model = AutoModel.from_pretrained("{info.get("hub_model_id") or model_name}", trust_remote_code=True)
 processor = AutoProcessor.from_pretrained("{info.get("hub_model_id") or model_name}")
 ```
-Prompts end with `<|start-latent|>` + {stage * c_thought} x `<|latent|>` + `<|end-latent|>`; `model.generate`
+Prompts end with `<|start-latent|>` + {num_latents} x `<|latent|>` + `<|end-latent|>`; `model.generate`
 fills the thoughts and decodes the remaining steps and the `Answer:` line.
 
 ## Training recipe

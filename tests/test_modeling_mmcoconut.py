@@ -306,3 +306,16 @@ def test_returned_cache_is_a_transformers_cache_object():
         out = model(**{**batch, "labels": None}, use_cache=True)
     assert isinstance(out.past_key_values, Cache)
     assert out.past_key_values.get_seq_length() == batch["input_ids"].shape[1]
+
+
+def test_unknown_forward_arguments_are_an_error():
+    model = make_model()
+    with pytest.raises(TypeError, match=r"unexpected arguments \['output_hidden_states'\]"):
+        model(input_ids=torch.tensor([[4, 5, 6]]), output_hidden_states=True)
+
+
+def test_inference_latents_follow_the_training_mode():
+    model = make_model(c_thought=2, latent_stage=3)
+    assert model.config.num_inference_latents == 6
+    model.config.training_mode = "no_thoughts"  # trained with an empty latent span
+    assert model.config.num_inference_latents == 0

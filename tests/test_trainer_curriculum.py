@@ -76,8 +76,9 @@ def make_trainer(tmp_path, schedule, epochs, data=None, **args):
 
 
 def test_stage_for_epoch_is_epoch_over_epochs_per_stage_capped():
-    assert [stage_for_epoch(e, 2, 3) for e in range(10)] == [0, 0, 1, 1, 2, 2, 3, 3, 3, 3]
-    assert [stage_for_epoch(e, 1, 2, first_stage=1) for e in range(4)] == [1, 2, 2, 2]
+    # After max_latent_stage comes Coconut's final stage (all steps removed), then it stays there.
+    assert [stage_for_epoch(e, 2, 3) for e in range(10)] == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+    assert [stage_for_epoch(e, 1, 2, first_stage=1) for e in range(4)] == [1, 2, 3, 3]
     assert CurriculumSchedule(epochs_per_stage=1, max_latent_stage=3, mode="cot").stage(5) == 0
     with pytest.raises(ValueError, match="epochs_per_stage"):
         stage_for_epoch(0, 0, 3)
