@@ -93,8 +93,9 @@ class MMCoconutForConditionalGeneration(MMCoconutPreTrainedModel, GenerationMixi
     ```
     """
 
-    # The wrapped InternVL declares its own tie (lm_head ↔ embed_tokens); nothing to add at this level.
-    _tied_weights_keys = None
+    # InternVL's own tie, seen from this level (applied only when `tie_word_embeddings` is set), so that
+    # tools that look for ties on the top model (PEFT's trainable tokens, sharding) find it.
+    _tied_weights_keys = {"internvl.lm_head.weight": "internvl.model.language_model.embed_tokens.weight"}
     accepts_loss_kwargs = True  # the Trainer passes num_items_in_batch; the loss is sum / that count
 
     def __init__(self, config: MMCoconutConfig, internvl: InternVLForConditionalGeneration | None = None):

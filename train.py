@@ -6,6 +6,7 @@ A recipe is YAML over `ModelArguments`, `DataArguments`, `CurriculumArguments`,
 `python train.py recipes/cot.yaml --learning_rate 1e-5 --output_dir outputs/try`.
 """
 
+import copy
 import json
 import logging
 import os
@@ -272,8 +273,10 @@ def apply_lora(model, model_args):
         lora_alpha=model_args.lora_alpha,
         lora_dropout=model_args.lora_dropout,
         target_modules=rf".*\.({towers})\..*\.({names}{vision_names})$",
-        # The latent markers are new tokens: their embeddings must learn even though the rest is frozen.
+        # The latent markers are new tokens: their embeddings must learn even though the rest is frozen;
+        # with tied embeddings the lm_head rows must follow them.
         trainable_token_indices={"embed_tokens": list(model.config.latent_ids)},
+        ensure_weight_tying=bool(model.config.internvl_config.tie_word_embeddings),
     )
     peft_model = get_peft_model(model, config)
     peft_model.print_trainable_parameters()
@@ -281,8 +284,12 @@ def apply_lora(model, model_args):
 
 
 def export_merged(peft_model, processor, directory):
-    """A standalone checkpoint with the LoRA adapters merged into the weights (loads without peft)."""
-    merged = peft_model.merge_and_unload()
+    """A standalone checkpoint with the LoRA adapters merged into the weights (loads without peft).
+
+    Merges a copy: `merge_and_unload` rewrites the model it is given, which would leave the trainer
+    with no adapters to save or push.
+    """
+    merged = copy.deepcopy(peft_model).merge_and_unload()
     merged.save_pretrained(directory)
     processor.save_pretrained(directory)
     logger.info("Merged LoRA model written to %s", directory)
@@ -363,8 +370,6 @@ def main(argv=None):
     trainer.save_model(training_args.output_dir)  # with LoRA: the adapters
     if trainer.is_world_process_zero():
         processor.save_pretrained(training_args.output_dir)
-        if model_args.use_lora:
-            export_merged(trainer.model, processor, Path(training_args.output_dir) / "merged")
     if eval_dataset is not None:
         metrics = trainer.evaluate()
         trainer.log_metrics("eval", metrics)
@@ -372,6 +377,11 @@ def main(argv=None):
     trainer.create_model_card()
     if training_args.push_to_hub:
         trainer.push_to_hub(commit_message=f"mmcoconut {curriculum_args.mode}, stage {model.config.latent_stage}")
+    if model_args.use_lora and trainer.is_world_process_zero():
+        if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
+            logger.warning("LoRA merge skipped: the weights are sharded; the adapters are in %s", training_args.output_dir)
+        else:
+            export_merged(trainer.model, processor, Path(training_args.output_dir) / "merged")
     return trainer
 
 

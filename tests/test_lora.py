@@ -1,5 +1,6 @@
 """PEFT LoRA: the latent forward stays exact, only adapters train, adapters save and merge for export."""
 
+import pytest
 import torch
 
 from modeling_mmcoconut import MMCoconutForConditionalGeneration
@@ -8,13 +9,13 @@ from tests.tiny_models import collate, make_model, make_sample
 from train import ModelArguments, apply_lora, export_merged
 
 
-def lora_model(vision=False):
-    model = apply_lora(make_model(), ModelArguments(use_lora=True, lora_vision=vision))
+def lora_model(vision=False, tie=False):
+    model = apply_lora(make_model(tie=tie), ModelArguments(use_lora=True, lora_vision=vision))
     # LoRA's B starts at zero (a no-op); give it weight so the adapters change the function.
     torch.manual_seed(1)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if "lora_B" in name:
+            if "lora_B" in name or "trainable_tokens_delta" in name:  # as if trained
                 param.normal_(0, 0.2)
     return model
 
@@ -43,8 +44,9 @@ def test_lora_training_step_changes_only_adapters_and_latent_rows():
     assert any("trainable_tokens" in n for n in changed)  # the latent markers' embeddings learn
 
 
-def test_lora_generate_save_and_merge(tmp_path):
-    model = lora_model().eval()
+@pytest.mark.parametrize("tie", [False, True])
+def test_lora_generate_save_and_merge(tmp_path, tie):
+    model = lora_model(tie=tie).eval()
     batch = collate([make_sample(1, 2, steps_len=0), make_sample(0, 1, steps_len=0, seed=1)])
     with torch.no_grad():
         generated = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -58,6 +60,7 @@ def test_lora_generate_save_and_merge(tmp_path):
             (directory / "processor.marker").write_text("")
 
     export_merged(model, NoProcessor(), tmp_path / "merged")
+    assert any("lora_" in n for n, _ in model.named_parameters()), "the merge must not strip the trained model"
     merged = MMCoconutForConditionalGeneration.from_pretrained(tmp_path / "merged").eval()
     assert not any("lora" in n for n, _ in merged.named_parameters())
     with torch.no_grad():
