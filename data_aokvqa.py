@@ -264,7 +264,38 @@ def _validate_canonical(item, position, path):
     return record
 
 
+SOURCES = ("aokvqa_hf", "aokvqa_official", "canonical")
+
+
+def load_records(source, split, *, dataset_id=HF_AOKVQA_ID, aokvqa_dir=None, coco_dir=None, path=None,
+                 steps_from="rationales", require_rationales=None, limit=None):
+    """Canonical records from one of `SOURCES`, cut to the first `limit` — the one dispatcher that
+    training and evaluation share.
+
+    `aokvqa_hf` reads `dataset_id` (Hub id or `save_to_disk` folder); `aokvqa_official` needs `aokvqa_dir`
+    and `coco_dir`; `canonical` reads the JSON/JSONL file `path` (`split` is then unused).
+    """
+    if source == "aokvqa_hf":
+        records = load_hf_aokvqa(split, dataset_id, steps_from=steps_from, require_rationales=require_rationales)
+    elif source == "aokvqa_official":
+        if not (aokvqa_dir and coco_dir):
+            raise ValueError("the aokvqa_official source needs both aokvqa_dir and coco_dir")
+        records = load_official_aokvqa(aokvqa_dir, coco_dir, split, steps_from=steps_from,
+                                       require_rationales=require_rationales)
+    elif source == "canonical":
+        if path is None:
+            raise ValueError("the canonical source needs a JSON/JSONL file path")
+        records = load_canonical(path)
+    else:
+        raise ValueError(f"unknown data source {source!r}; expected one of {SOURCES}")
+    if limit is not None and limit < len(records):
+        records = records.select(range(limit)) if hasattr(records, "select") else records[:limit]
+    return records
+
+
 __all__ = [
+    "SOURCES",
+    "load_records",
     "CHOICE_LETTERS",
     "STEPS_FROM",
     "CANONICAL_FIELDS",

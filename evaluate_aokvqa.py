@@ -25,7 +25,8 @@ from aokvqa_evaluation import (
     format_summary,
     write_outputs,
 )
-from data_aokvqa import HF_AOKVQA_ID, load_canonical, load_hf_aokvqa, load_official_aokvqa
+import data_aokvqa
+from data_aokvqa import HF_AOKVQA_ID
 from modeling_mmcoconut import MMCoconutForConditionalGeneration
 from processing_mmcoconut import DEFAULT_MAX_TILES, load_internvl_processor
 
@@ -94,14 +95,15 @@ def load_records(args):
     """Canonical records of the chosen source and split, cut to `--limit`. Evaluation keeps records without
     rationales (they are only needed to train)."""
     if args.hf_dataset is not None:
-        records = load_hf_aokvqa(args.split, dataset_id=args.hf_dataset, require_rationales=False)
+        source, path = "aokvqa_hf", None
     elif args.data_file is not None:
-        records = load_canonical(args.data_file)
+        source, path = "canonical", args.data_file
     else:
-        records = load_official_aokvqa(args.aokvqa_dir, args.coco_dir, args.split, require_rationales=False)
-    if args.limit is not None and args.limit < len(records):
-        records = records.select(range(args.limit)) if hasattr(records, "select") else records[: args.limit]
-    return records
+        source, path = "aokvqa_official", None
+    return data_aokvqa.load_records(
+        source, args.split, dataset_id=args.hf_dataset, aokvqa_dir=args.aokvqa_dir, coco_dir=args.coco_dir,
+        path=path, require_rationales=False, limit=args.limit,
+    )
 
 
 def main(argv=None):

@@ -19,7 +19,7 @@ import transformers
 import yaml
 from transformers import HfArgumentParser, InternVLForConditionalGeneration, TrainingArguments, set_seed
 
-from data_aokvqa import load_canonical, load_hf_aokvqa, load_official_aokvqa
+import data_aokvqa
 from data_collator import MMCoconutCollator
 from data_curriculum import MODES, CurriculumDataset
 from modeling_mmcoconut import MMCoconutForConditionalGeneration
@@ -33,7 +33,7 @@ from trainer_curriculum import CurriculumSchedule, CurriculumTrainer
 
 logger = logging.getLogger("train")
 
-DATA_SOURCES = ("aokvqa_hf", "aokvqa_official", "canonical", "synthetic")
+DATA_SOURCES = (*data_aokvqa.SOURCES, "synthetic")
 
 
 @dataclass
@@ -187,23 +187,24 @@ def check_distributed_setup(trainer):
 def load_records(data_args, split_name):
     """Canonical records of the training (`split_name="train"`) or validation split."""
     train = split_name == "train"
-    source = data_args.data_source
-    split = data_args.train_split if train else data_args.eval_split
-    if source == "aokvqa_hf":
-        return load_hf_aokvqa(split, data_args.hf_dataset_id, steps_from=data_args.steps_from)
-    if source == "aokvqa_official":
-        if not (data_args.aokvqa_dir and data_args.coco_dir):
-            raise ValueError("data_source=aokvqa_official needs aokvqa_dir and coco_dir")
-        return load_official_aokvqa(data_args.aokvqa_dir, data_args.coco_dir, split, steps_from=data_args.steps_from)
-    if source == "canonical":
-        path = data_args.train_file if train else data_args.eval_file
-        if path is None:
-            raise ValueError(f"data_source=canonical needs {'train_file' if train else 'eval_file'}")
-        return load_canonical(path)
-    if source == "synthetic":
+    limit = data_args.max_train_samples if train else data_args.max_eval_samples
+    if data_args.data_source == "synthetic":
         canonical_dir = ensure_synthetic_data(data_args)
-        return load_canonical(canonical_dir / ("train.jsonl" if train else "val.jsonl"))
-    raise ValueError(f"data_source must be one of {DATA_SOURCES}, got {source!r}")
+        return data_aokvqa.load_records(
+            "canonical", split_name, path=canonical_dir / ("train.jsonl" if train else "val.jsonl"), limit=limit
+        )
+    if data_args.data_source not in DATA_SOURCES:
+        raise ValueError(f"data_source must be one of {DATA_SOURCES}, got {data_args.data_source!r}")
+    return data_aokvqa.load_records(
+        data_args.data_source,
+        data_args.train_split if train else data_args.eval_split,
+        dataset_id=data_args.hf_dataset_id,
+        aokvqa_dir=data_args.aokvqa_dir,
+        coco_dir=data_args.coco_dir,
+        path=data_args.train_file if train else data_args.eval_file,
+        steps_from=data_args.steps_from,
+        limit=limit,
+    )
 
 
 def ensure_synthetic_data(data_args):
@@ -223,12 +224,6 @@ def ensure_synthetic_data(data_args):
     write_synthetic_aokvqa(out, data_args.synthetic_train, data_args.synthetic_val, seed=0, task=data_args.synthetic_task)
     manifest_path.write_text(json.dumps(manifest))
     return out / "canonical"
-
-
-def limit(records, n):
-    if n is None:
-        return records
-    return records.select(range(min(n, len(records)))) if hasattr(records, "select") else records[:n]
 
 
 def build_model_and_processor(model_args, data_args, curriculum_args):
@@ -334,9 +329,9 @@ def main(argv=None):
         seed=training_args.seed,
     )
     with training_args.main_process_first(desc="loading data"):  # rank 0 generates/caches, the others read
-        train_records = limit(load_records(data_args, "train"), data_args.max_train_samples)
+        train_records = load_records(data_args, "train")
         evaluate = training_args.eval_strategy != "no" or training_args.do_eval
-        eval_records = limit(load_records(data_args, "eval"), data_args.max_eval_samples) if evaluate else None
+        eval_records = load_records(data_args, "eval") if evaluate else None
     train_dataset = CurriculumDataset(train_records, uniform_prob=curriculum_args.uniform_prob, **dataset_kwargs)
     eval_dataset = CurriculumDataset(eval_records, **dataset_kwargs) if evaluate else None
 
