@@ -75,8 +75,9 @@ def original_generate_all(setup, samples, new_tokens):
 
 
 def run(args) -> dict:
-    if not 1 <= args.baseline_new_tokens <= args.new_tokens:
-        raise ValueError(f"--baseline-new-tokens must be in [1, --new-tokens={args.new_tokens}], "
+    lowest = 1 if args.new_tokens == 1 else 2  # extrapolating needs at least one later token
+    if not lowest <= args.baseline_new_tokens <= args.new_tokens:
+        raise ValueError(f"--baseline-new-tokens must be in [{lowest}, --new-tokens={args.new_tokens}], "
                          f"got {args.baseline_new_tokens}")
     setup = build_setup(args)
     setup.model.eval()
@@ -102,7 +103,7 @@ def run(args) -> dict:
     for tokens, prefill, later, later_count in runs:
         if any(len(t) != k for t in tokens):
             raise RuntimeError(f"the original decoding stopped early: {[len(t) for t in tokens]} tokens, expected {k}")
-        per_token = later / later_count if later_count else 0.0
+        per_token = later / later_count if later_count else 0.0  # no later tokens only when n == k == 1
         extrapolated.append(prefill + batch * (n - 1) * per_token)
     t = median(extrapolated)
     original_tokens = runs[-1][0]
@@ -127,8 +128,8 @@ def run(args) -> dict:
         prompts_where_ours_equals_original=agree,
         tokens=dict(ours=generated["ours"], original=original_tokens, floor=generated["floor"]),
         ratios=ratios,
-        targets={k: dict(op=op, value=v, met=v <= ratios[k] if op == ">=" else ratios[k] <= v)
-                 for k, (op, v) in TARGETS.items()},
+        targets={key: dict(op=op, value=v, met=v <= ratios[key] if op == ">=" else ratios[key] <= v)
+                 for key, (op, v) in TARGETS.items()},
     )
 
 

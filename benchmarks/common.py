@@ -7,7 +7,9 @@ the LM head and the image prefix are where the cost of a Coconut step is.
 
 import argparse
 import ctypes
+import hashlib
 import json
+import os
 import platform
 import statistics
 import time
@@ -17,6 +19,7 @@ from pathlib import Path
 import torch
 from transformers import InternVLForConditionalGeneration
 
+import modeling_mmcoconut
 from configuration_mmcoconut import MMCoconutConfig
 from modeling_mmcoconut import MMCoconutForConditionalGeneration
 from processing_mmcoconut import INTERNVL3_VOCAB_SIZE, tiny_internvl_config, tokens_per_tile
@@ -55,6 +58,8 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                      help="timed runs of the original algorithm (slow; no warm-up: the other sides warmed its kernels)")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--device", default="auto", help="auto (cuda when present), cuda or cpu")
+    run.add_argument("--threads", type=int, default=None,
+                     help="CPU threads for torch (default: torch's; 1 is steadier on a machine shared with other jobs)")
     run.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     return parser
 
@@ -83,6 +88,8 @@ def resolve_device(name: str) -> tuple[torch.device, torch.dtype]:
 def build_setup(args) -> Setup:
     """A randomly initialised MMCoconut model of the requested shape, SDPA attention, on the device."""
     device, dtype = resolve_device(args.device)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     config = tiny_internvl_config(
         vocab_size=VOCAB_SIZE,
         hidden_size=args.hidden_size,
@@ -271,6 +278,8 @@ def shape_summary(args, setup: Setup) -> dict:
         device_name=torch.cuda.get_device_name(setup.device) if setup.device.type == "cuda" else platform.processor()
         or platform.machine(),
         threads=torch.get_num_threads(),
+        cpu_count=os.cpu_count(),
+        load_average_1min=os.getloadavg()[0],
         dtype=str(setup.dtype).removeprefix("torch."),
         attn_implementation=text._attn_implementation,
         vocab_size=text.vocab_size,
@@ -293,10 +302,13 @@ def shape_summary(args, setup: Setup) -> dict:
         warmup=args.warmup,
         baseline_repeats=args.baseline_repeats,
         torch=torch.__version__,
+        # The model file is edited as the project goes on: say which version was measured.
+        modeling_sha1=hashlib.sha1(Path(modeling_mmcoconut.__file__).read_bytes()).hexdigest()[:12],
     )
 
 
 def describe(shape: dict) -> str:
+    """One line for the table's header: device, model shape, batch shape, repeats."""
     return (
         f"{shape['device']} ({shape['device_name']}, {shape['threads']} threads), {shape['dtype']}, "
         f"{shape['attn_implementation']}; LM {shape['lm_layers']} layers × {shape['hidden_size']} "
@@ -305,7 +317,9 @@ def describe(shape: dict) -> str:
         f"({shape['tokens_per_tile']} tokens/tile); {shape['parameters'] / 1e6:.0f}M params. Batch "
         f"{shape['batch_size']} × ({shape['tiles']} tile, ~{shape['question_tokens']} question tokens, "
         f"{shape['latents']} latents, ~{shape['answer_tokens']} answer tokens); median of "
-        f"{shape['repeats']} after {shape['warmup']} warm-up (original: {shape['baseline_repeats']} run)"
+        f"{shape['repeats']} after {shape['warmup']} warm-up (original: {shape['baseline_repeats']} run). "
+        f"Load average at start {shape['load_average_1min']:.1f} on {shape['cpu_count']} CPUs (other work on the "
+        "machine slows small ops most)"
     )
 
 

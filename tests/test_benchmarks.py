@@ -25,8 +25,8 @@ from benchmarks.original_coconut import original_coconut_generate
 TINY = [
     "--layers", "1", "--hidden-size", "32", "--heads", "2", "--kv-heads", "1", "--intermediate-size", "64",
     "--vision-hidden-size", "32", "--vision-layers", "1", "--image-size", "56", "--tiles", "1",
-    "--question-tokens", "6", "--answer-tokens", "5", "--latents", "2", "--batch-size", "2", "--repeats", "1", "--warmup", "0",
-    "--device", "cpu",
+    "--question-tokens", "6", "--answer-tokens", "5", "--latents", "2", "--batch-size", "2",
+    "--repeats", "1", "--warmup", "0", "--device", "cpu",
 ]
 
 
