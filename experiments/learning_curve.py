@@ -4,21 +4,24 @@
 
 1. Generates the `colour_chain` set of `synthetic_data.py` (3-hop visual pointer chasing; the question and the
    four choices are identical for every image) and a text-only copy of it (images removed).
-2. Trains, through `train.main` with `recipes/experiment_colour_chain.yaml` (a tiny random InternVL3-shaped model,
-   one 56-px tile = 16 image tokens, the real 151k vocabulary), from scratch:
-     no_cot         mode no_cot, `--epochs` epochs           (answer directly)
-     cot            mode cot, `--epochs` epochs              (Coconut stage 0)
-     coconut_k      from coconut_{k-1} (coconut_0 = cot), mode coconut, `first_stage k`, `--stage-epochs` epochs:
-                    the first k steps replaced by k·c_thought continuous thoughts, k = 1..hops
-     no_image_cot   as cot, on the text-only copy
-     no_image_no_cot as no_cot, on the text-only copy
+2. Builds the recipe's tiny random InternVL3-shaped model once (`{out}/init`; one 56-px tile = 16 image tokens,
+   the real 151k vocabulary) and trains, through `train.main` with `recipes/experiment_colour_chain.yaml`, every
+   from-scratch run from those same weights:
+     no_cot          mode no_cot, `--epochs` epochs over `--n-train` questions     (answer directly)
+     cot             mode cot, the same budget                                     (Coconut stage 0)
+     coconut_k       from coconut_{k-1} (coconut_0 = cot), mode coconut, `first_stage k`, `--stage-epochs` epochs
+                     over the first `--stage-samples` questions: the first k steps replaced by k·c_thought
+                     continuous thoughts, k = 1..hops
+     no_image_no_cot as no_cot on the text-only copy (`--no-image-epochs`, default `--epochs`)
+     no_image_cot    as cot on the text-only copy
 3. Evaluates each on the validation split with greedy generation (`aokvqa_evaluation.evaluate_model`: vanilla for
    no_cot, cot for cot, coconut with the checkpoint's latent count) and writes `{out}/results.md` and
    `{out}/results.json`: multiple-choice accuracy, mean generated tokens per answer (up to and including EOS),
    training and evaluation seconds per method.
 
 Runs whose `{out}/runs/{name}/results.json` exists are not redone (`--force` redoes them), so an interrupted
-experiment resumes where it stopped. Extra `train.py` flags go after `--`, e.g. `-- --learning_rate 1e-3`.
+experiment resumes where it stopped, and two invocations with disjoint `--only` lists can share the machine (start
+the second once `{out}/init` exists). Extra `train.py` flags go after `--`, e.g. `-- --learning_rate 1e-3`.
 """
 
 import argparse
@@ -49,8 +52,9 @@ from synthetic_data import TASKS, write_synthetic_aokvqa  # noqa: E402
 logger = logging.getLogger("learning_curve")
 
 DEFAULT_RECIPE = ROOT / "recipes" / "experiment_colour_chain.yaml"
-# Generation budget per evaluation mode: an answer line is 6 tokens, a CoT chain of 3 steps about 21.
-MAX_NEW_TOKENS = {"vanilla": 16, "cot": 48, "coconut": 16}
+# Generation budget per evaluation mode: an answer line is 6 tokens, a CoT chain of 3 steps 21; Coconut stages
+# below the last still write their remaining steps. Counting stops at EOS, so the budget only caps runaways.
+MAX_NEW_TOKENS = {"vanilla": 16, "cot": 48, "coconut": 48}
 
 
 def write_data(out, task, n_train, n_val, seed):
@@ -108,7 +112,7 @@ def write_initial_model(out, recipe):
     return init
 
 
-def plan_runs(hops, epochs, stage_epochs, train_samples=None, stage_samples=None):
+def plan_runs(hops, epochs, stage_epochs, train_samples=None, stage_samples=None, no_image_epochs=None):
     """(name, train mode, eval mode, data key, start from run, first_stage, epochs, training questions) in order."""
     runs = [
         ("no_cot", "no_cot", "vanilla", "image", None, 0, epochs, train_samples),
@@ -119,8 +123,8 @@ def plan_runs(hops, epochs, stage_epochs, train_samples=None, stage_samples=None
         runs.append((f"coconut_{stage}", "coconut", "coconut", "image", previous, stage, stage_epochs, stage_samples))
         previous = f"coconut_{stage}"
     runs += [
-        ("no_image_no_cot", "no_cot", "vanilla", "no_image", None, 0, epochs, train_samples),
-        ("no_image_cot", "cot", "cot", "no_image", None, 0, epochs, train_samples),
+        ("no_image_no_cot", "no_cot", "vanilla", "no_image", None, 0, no_image_epochs or epochs, train_samples),
+        ("no_image_cot", "cot", "cot", "no_image", None, 0, no_image_epochs or epochs, train_samples),
     ]
     return runs
 
@@ -186,7 +190,8 @@ def main(argv=None):
     parser.add_argument("--n-train", type=int, default=1600)
     parser.add_argument("--n-val", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0, help="data seed")
-    parser.add_argument("--epochs", type=int, default=1, help="epochs of the no-CoT, CoT and no-image runs")
+    parser.add_argument("--epochs", type=int, default=3, help="epochs of the no-CoT, CoT and no-image runs")
+    parser.add_argument("--no-image-epochs", type=int, help="epochs of the no-image runs (default: --epochs)")
     parser.add_argument("--stage-epochs", type=int, default=1, help="epochs of each Coconut stage")
     parser.add_argument("--train-samples", type=int, help="train no-CoT, CoT and no-image on the first N questions")
     parser.add_argument("--stage-samples", type=int, default=500, help="train each Coconut stage on the first N questions")
@@ -199,7 +204,7 @@ def main(argv=None):
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
 
     out = Path(args.out)
-    hops = TASKS[args.task]().hops if hasattr(TASKS[args.task](), "hops") else None
+    hops = getattr(TASKS[args.task](), "hops", None)
     if hops is None:
         raise ValueError(f"task {args.task!r} has no `hops`; the Coconut curriculum needs one stage per step")
     files = write_data(out, args.task, args.n_train, args.n_val, args.seed)
@@ -208,7 +213,7 @@ def main(argv=None):
 
     init = write_initial_model(out, recipe)
     rows, started = [], time.perf_counter()
-    plan = plan_runs(hops, args.epochs, args.stage_epochs, args.train_samples, args.stage_samples)
+    plan = plan_runs(hops, args.epochs, args.stage_epochs, args.train_samples, args.stage_samples, args.no_image_epochs)
     for name, mode, eval_mode, data_key, start_from, first_stage, epochs, samples in plan:
         run_dir = out / "runs" / name
         result_path = run_dir / "results.json"
