@@ -194,7 +194,7 @@ def main(argv=None):
     parser.add_argument("--no-image-epochs", type=int, help="epochs of the no-image runs (default: --epochs)")
     parser.add_argument("--stage-epochs", type=int, default=1, help="epochs of each Coconut stage")
     parser.add_argument("--train-samples", type=int, help="train no-CoT, CoT and no-image on the first N questions")
-    parser.add_argument("--stage-samples", type=int, default=500, help="train each Coconut stage on the first N questions")
+    parser.add_argument("--stage-samples", type=int, default=240, help="train each Coconut stage on the first N questions")
     parser.add_argument("--eval-batch-size", type=int, default=50)
     parser.add_argument("--only", nargs="+", help="run only these methods (names as in the table)")
     parser.add_argument("--force", action="store_true", help="redo runs that already have results")
