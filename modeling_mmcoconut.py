@@ -102,6 +102,12 @@ class MMCoconutForConditionalGeneration(MMCoconutPreTrainedModel, GenerationMixi
         super().__init__(config)
         self.internvl = internvl if internvl is not None else InternVLForConditionalGeneration(config.internvl_config)
         self.config.internvl_config = self.internvl.config
+        for sub_config in (self.internvl.config.text_config, self.internvl.config.vision_config):
+            if sub_config._attn_implementation is None:
+                raise ValueError(
+                    f"InternVL's {type(sub_config).__name__} has no attention implementation; build the "
+                    "InternVL with from_pretrained/_from_config or through MMCoconutForConditionalGeneration"
+                )
         # The Trainer then counts `num_items_in_batch` over shifted labels, as the loss uses them.
         self.loss_type = "ForCausalLM"
         # Per-pass activation checkpointing (see `_set_gradient_checkpointing`).
@@ -145,7 +151,9 @@ class MMCoconutForConditionalGeneration(MMCoconutPreTrainedModel, GenerationMixi
                             weight[token_id] = weight[pieces[token]].mean(0)
         start_id, end_id, latent_id = token_ids
         config = MMCoconutConfig(
-            internvl_config=internvl.config,
+            # A copy: `PreTrainedModel.__init__` resets the attention implementation of the sub-configs it
+            # is given, which on the live config would leave InternVL's attention without its causal mask.
+            internvl_config=copy.deepcopy(internvl.config),
             latent_token_id=latent_id,
             start_latent_id=start_id,
             end_latent_id=end_id,

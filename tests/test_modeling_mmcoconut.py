@@ -319,3 +319,26 @@ def test_inference_latents_follow_the_training_mode():
     assert model.config.num_inference_latents == 6
     model.config.training_mode = "no_thoughts"  # trained with an empty latent span
     assert model.config.num_inference_latents == 0
+
+
+def assert_causal(model):
+    """Changing later tokens must not change earlier positions' outputs (the causal mask is in place)."""
+    model.eval()
+    ids = torch.randint(5, 250, (1, 16), generator=torch.Generator().manual_seed(0))
+    changed = ids.clone()
+    changed[0, 8:] = 7
+    with torch.no_grad():
+        a = model(input_ids=ids).logits[0, :8]
+        b = model(input_ids=changed).logits[0, :8]
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_attention_is_causal_on_every_construction_path(tmp_path, internvl_tokenizer):
+    assert_causal(make_model())
+    internvl = InternVLForConditionalGeneration(tiny_internvl_config(vocab_size=151674))
+    wrapped = MMCoconutForConditionalGeneration.from_internvl(internvl, internvl_tokenizer)
+    for sub_config in (wrapped.internvl.config.text_config, wrapped.internvl.config.vision_config):
+        assert sub_config._attn_implementation == "sdpa"
+    assert_causal(wrapped)
+    wrapped.save_pretrained(tmp_path)
+    assert_causal(MMCoconutForConditionalGeneration.from_pretrained(tmp_path))
