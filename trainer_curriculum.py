@@ -7,7 +7,6 @@ scheduler's multiplier is a function of the global step's position inside its st
 rebuilding and resumes from a checkpoint like any other scheduler.
 """
 
-import json
 import logging
 import math
 import time

@@ -49,3 +49,24 @@ def synthetic_aokvqa(tmp_path_factory):
     paths["hf_dir"] = out / "hf"
     official_to_hf(paths["aokvqa_dir"], paths["coco_dir"]).save_to_disk(paths["hf_dir"])
     return paths
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(base_tokenizer_dir, tmp_path_factory):
+    """A random tiny InternVL3 with the real vocabulary, wrapped (c_thought 2, trained-at stage 1) and
+    saved with its processor, as training does. Read-only."""
+    import torch
+    from transformers import AutoTokenizer, InternVLForConditionalGeneration
+
+    from modeling_mmcoconut import MMCoconutForConditionalGeneration
+    from processing_mmcoconut import build_internvl_processor, tiny_internvl_config
+
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(base_tokenizer_dir)
+    internvl = InternVLForConditionalGeneration(tiny_internvl_config())
+    model = MMCoconutForConditionalGeneration.from_internvl(internvl, tokenizer, c_thought=2)
+    model.config.latent_stage = 1
+    path = tmp_path_factory.mktemp("tiny_checkpoint")
+    model.save_pretrained(path)
+    build_internvl_processor(tiny_internvl_config(), tokenizer, max_tiles=4).save_pretrained(path)
+    return path

@@ -6,7 +6,6 @@ import json
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoTokenizer, InternVLForConditionalGeneration
 
 import analyze_latents
 from analyze_latents import ATTENTION_CATEGORIES, analyze_batch, load_model, special_token_ids
@@ -14,23 +13,9 @@ from data_aokvqa import load_canonical
 from data_collator import MMCoconutCollator
 from data_curriculum import CurriculumDataset
 from modeling_mmcoconut import MMCoconutForConditionalGeneration
-from processing_mmcoconut import build_internvl_processor, tiny_internvl_config
+from processing_mmcoconut import tiny_internvl_config
 
 C_THOUGHT, LATENT_STAGE, NUM_LATENTS, TOP_K = 2, 1, 3, 5
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(base_tokenizer_dir, tmp_path_factory):
-    """A random tiny InternVL3 with the real vocabulary, wrapped and saved with its processor."""
-    torch.manual_seed(0)
-    tokenizer = AutoTokenizer.from_pretrained(base_tokenizer_dir)
-    internvl = InternVLForConditionalGeneration(tiny_internvl_config())
-    model = MMCoconutForConditionalGeneration.from_internvl(internvl, tokenizer, c_thought=C_THOUGHT)
-    model.config.latent_stage = LATENT_STAGE
-    path = tmp_path_factory.mktemp("tiny_checkpoint")
-    model.save_pretrained(path)
-    build_internvl_processor(tiny_internvl_config(), tokenizer, max_tiles=4).save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")

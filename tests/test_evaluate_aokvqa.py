@@ -11,7 +11,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import AutoTokenizer, InternVLForConditionalGeneration
 
 import evaluate_aokvqa
 from aokvqa_evaluation import (
@@ -24,23 +23,9 @@ from aokvqa_evaluation import (
 )
 from data_aokvqa import load_canonical
 from modeling_mmcoconut import MMCoconutForConditionalGeneration
-from processing_mmcoconut import build_internvl_processor, load_internvl_processor, tiny_internvl_config
+from processing_mmcoconut import load_internvl_processor
 
 C_THOUGHT, LATENT_STAGE = 2, 1
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(base_tokenizer_dir, tmp_path_factory):
-    """A random tiny InternVL3 with the real vocabulary, wrapped and saved with its processor (as training does)."""
-    torch.manual_seed(0)
-    tokenizer = AutoTokenizer.from_pretrained(base_tokenizer_dir)
-    internvl = InternVLForConditionalGeneration(tiny_internvl_config())
-    model = MMCoconutForConditionalGeneration.from_internvl(internvl, tokenizer, c_thought=C_THOUGHT)
-    model.config.latent_stage = LATENT_STAGE
-    path = tmp_path_factory.mktemp("tiny_checkpoint")
-    model.save_pretrained(path)
-    build_internvl_processor(tiny_internvl_config(), tokenizer, max_tiles=4).save_pretrained(path)
-    return path
 
 
 def _read_outputs(out, split):
