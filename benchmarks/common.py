@@ -102,13 +102,11 @@ def build_setup(args) -> Setup:
         image_size=args.image_size,
         patch_size=14,
     )
-    torch.manual_seed(args.seed)
-    internvl = InternVLForConditionalGeneration(config)
     mm_config = MMCoconutConfig(
-        internvl.config, latent_token_id=LATENT_ID, start_latent_id=START_LATENT_ID, end_latent_id=END_LATENT_ID
+        config, latent_token_id=LATENT_ID, start_latent_id=START_LATENT_ID, end_latent_id=END_LATENT_ID
     )
-    model = MMCoconutForConditionalGeneration(mm_config, internvl=internvl).to(device=device, dtype=dtype)
-    # Wrapping a built InternVL resets its sub-configs' attention implementation to None (= eager).
+    torch.manual_seed(args.seed)
+    model = MMCoconutForConditionalGeneration(mm_config).to(device=device, dtype=dtype)
     model.set_attn_implementation("sdpa")
     # Every side must generate exactly the requested number of tokens: no EOS.
     for generation_config in (model.generation_config, model.internvl.generation_config):

@@ -46,6 +46,7 @@ def test_train_step_benchmark_writes_its_json(tmp_path):
     assert set(saved["ratios"]) >= {"time_ours_over_floor", "time_original_over_ours", "memory_ours_over_floor"}
     assert set(saved["targets"]) == set(bench_train_step.TARGETS)
     assert saved["shape"]["vocab_size"] == 151677 and saved["shape"]["tokens_per_tile"] == 4
+    assert saved["shape"]["attn_implementation"] == "sdpa"
     assert saved["loss_abs_diff_ours_original"] < 1e-4
     assert "ours" in bench_train_step.report(payload)
 
