@@ -380,15 +380,9 @@ class MMCoconutForConditionalGeneration(MMCoconutPreTrainedModel, GenerationMixi
 
     def _pure_pass(self, chunk, attention_mask, position_ids, num_past, *flat_past):
         num_layers = self.internvl.config.text_config.num_hidden_layers
-        cache = DynamicCache(config=self.internvl.config.text_config)
-        past_len = 0
-        if num_past:
-            per_pass = [flat_past[i * 2 * num_layers : (i + 1) * 2 * num_layers] for i in range(num_past)]
-            for layer in range(num_layers):
-                keys = torch.cat([kv[layer] for kv in per_pass], dim=-2)
-                values = torch.cat([kv[num_layers + layer] for kv in per_pass], dim=-2)
-                cache.update(keys, values, layer)
-            past_len = keys.shape[-2]
+        per_pass = [flat_past[i * 2 * num_layers : (i + 1) * 2 * num_layers] for i in range(num_past)]
+        cache = self._assemble_cache(per_pass)
+        past_len = cache.get_seq_length()
         outputs = self.internvl.model.language_model(
             inputs_embeds=chunk,
             attention_mask=attention_mask,
@@ -402,8 +396,11 @@ class MMCoconutForConditionalGeneration(MMCoconutPreTrainedModel, GenerationMixi
         return (outputs.last_hidden_state, *new_keys, *new_values)
 
     def _assemble_cache(self, past):
+        """A `DynamicCache` holding the per-layer keys and values of the passes in `past`, in order."""
         num_layers = self.internvl.config.text_config.num_hidden_layers
         cache = DynamicCache(config=self.internvl.config.text_config)
+        if not past:
+            return cache
         for layer in range(num_layers):
             keys = torch.cat([kv[layer] for kv in past], dim=-2)
             values = torch.cat([kv[num_layers + layer] for kv in past], dim=-2)

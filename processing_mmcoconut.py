@@ -148,13 +148,14 @@ def tiny_internvl_config(
         image_size=image_size,
         patch_size=patch_size,
     )
-    return InternVLConfig(
+    config = InternVLConfig(
         text_config=text_config,
         vision_config=vision_config,
         image_token_id=151667,
-        image_seq_length=(image_size // patch_size) ** 2 // 4,
         tie_word_embeddings=False,
     )
+    config.image_seq_length = tokens_per_tile(config)
+    return config
 
 
 __all__ = [
