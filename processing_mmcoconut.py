@@ -8,6 +8,7 @@ With Hub access, `load_internvl_processor(model_id)` loads the published files i
 
 from pathlib import Path
 
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoProcessor,
     GotOcr2ImageProcessor,
@@ -50,7 +51,44 @@ def build_internvl_tokenizer() -> PreTrainedTokenizerFast:
         pattern=QWEN2_SPLIT_PATTERN,
         extra_special_tokens=list(QWEN2_5_SPECIAL_TOKENS + INTERNVL_SPECIAL_TOKENS),
     ).converted()
-    tokenizer = PreTrainedTokenizerFast(
+    tokenizer = _internvl_tokenizer(backend)
+    # transformers' InternVL conversion adds `<video>` after the model's vocabulary (id 151674), as here.
+    if len(tokenizer) != INTERNVL3_VOCAB_SIZE + 1 or tokenizer.context_image_token_id != 151667:
+        raise RuntimeError(
+            f"offline InternVL3 tokenizer has {len(tokenizer)} ids and <IMG_CONTEXT>="
+            f"{tokenizer.context_image_token_id}; expected {INTERNVL3_VOCAB_SIZE + 1} and 151667"
+        )
+    return tokenizer
+
+
+def build_task_tokenizer(texts, vocab_size=512) -> PreTrainedTokenizerFast:
+    """A small byte-level BPE trained on `texts`, with InternVL3's special tokens, for from-scratch experiments.
+
+    Same pre-tokenizer as Qwen2.5 and the same special tokens (so prompts, EOS, padding and the image tokens work
+    unchanged), but a vocabulary of `vocab_size` ids instead of 151,674: a tiny model trained from scratch on CPU
+    then spends its time in the transformer, not in the LM head. Any text still encodes (256 byte tokens) and
+    decodes back exactly; the merges are learnt from `texts`, deterministically.
+    """
+    specials = list(QWEN2_5_SPECIAL_TOKENS + INTERNVL_SPECIAL_TOKENS)
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    if vocab_size < len(specials) + len(alphabet):
+        raise ValueError(f"vocab_size {vocab_size} cannot hold {len(specials)} special tokens and 256 bytes")
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_SPLIT_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=alphabet, show_progress=False
+    )
+    backend.train_from_iterator(texts, trainer)
+    return _internvl_tokenizer(backend)
+
+
+def _internvl_tokenizer(backend) -> PreTrainedTokenizerFast:
+    """Wrap a `tokenizers` backend holding InternVL's special tokens as InternVL's tokenizer class does."""
+    return PreTrainedTokenizerFast(
         tokenizer_object=backend,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
@@ -62,13 +100,6 @@ def build_internvl_tokenizer() -> PreTrainedTokenizerFast:
             "video_token": "<video>",
         },
     )
-    # transformers' InternVL conversion adds `<video>` after the model's vocabulary (id 151674), as here.
-    if len(tokenizer) != INTERNVL3_VOCAB_SIZE + 1 or tokenizer.context_image_token_id != 151667:
-        raise RuntimeError(
-            f"offline InternVL3 tokenizer has {len(tokenizer)} ids and <IMG_CONTEXT>="
-            f"{tokenizer.context_image_token_id}; expected {INTERNVL3_VOCAB_SIZE + 1} and 151667"
-        )
-    return tokenizer
 
 
 def build_internvl_image_processor(image_size=448, max_tiles=DEFAULT_MAX_TILES) -> GotOcr2ImageProcessor:
@@ -152,7 +183,7 @@ def tiny_internvl_config(
         text_config=text_config,
         vision_config=vision_config,
         image_token_id=151667,
-        tie_word_embeddings=False,
+        tie_word_embeddings=text_config["tie_word_embeddings"],
     )
     config.image_seq_length = tokens_per_tile(config)
     return config
@@ -160,6 +191,7 @@ def tiny_internvl_config(
 
 __all__ = [
     "build_internvl_tokenizer",
+    "build_task_tokenizer",
     "build_internvl_image_processor",
     "build_internvl_processor",
     "load_internvl_processor",

@@ -5,8 +5,8 @@
 1. Generates the `colour_chain` set of `synthetic_data.py` (3-hop visual pointer chasing; the question and the
    four choices are identical for every image) and a text-only copy of it (images removed).
 2. Builds the recipe's tiny random InternVL3-shaped model once (`{out}/init`; one 56-px tile = 16 image tokens,
-   the real 151k vocabulary) and trains, through `train.main` with `recipes/experiment_colour_chain.yaml`, every
-   from-scratch run from those same weights:
+   tied embeddings over a task tokenizer, `--tokenizer`) and trains, through `train.main` with
+   `recipes/experiment_colour_chain.yaml`, every from-scratch run from those same weights:
      no_cot          mode no_cot, `--epochs` epochs over `--n-train` questions     (answer directly)
      cot             mode cot, the same budget                                     (Coconut stage 0)
      coconut_k       from coconut_{k-1} (coconut_0 = cot), mode coconut, `first_stage k`, `--stage-epochs` epochs
@@ -44,6 +44,7 @@ from modeling_mmcoconut import MMCoconutForConditionalGeneration  # noqa: E402
 from processing_mmcoconut import (  # noqa: E402
     build_internvl_processor,
     build_internvl_tokenizer,
+    build_task_tokenizer,
     load_internvl_processor,
     tiny_internvl_config,
 )
@@ -87,28 +88,55 @@ def write_data(out, task, n_train, n_val, seed):
     return files
 
 
-def write_initial_model(out, recipe):
-    """Build the recipe's tiny random model once and save it to `{out}/init`: every from-scratch run starts from
-    these same weights (`--load_model_path`).
+def task_texts(train_file):
+    """The texts a task tokenizer is trained on: the chat roles, questions, steps and answer lines of `train_file`."""
+    records = load_canonical(train_file)
+    return ["user\n", "assistant\n"] + [
+        text
+        for record in records
+        for text in (record["question"], *(f"{step}\n" for step in record["steps"]), f"Answer: {record['answer']}")
+    ]
 
-    Loading a saved checkpoint also sets the attention implementation on every sub-config. A model built in memory
-    from `tiny_internvl` by `train.py` leaves the language model's `_attn_implementation` at None, whose attention
-    is not causal (it sees later tokens), so it cannot be trained directly.
+
+def write_initial_model(out, recipe, train_file, tokenizer="task", task_vocab_size=512):
+    """Build the recipe's tiny random model once and save it, with its processor, to `{out}/init`: every
+    from-scratch run starts from these same weights (`--load_model_path`).
+
+    `tokenizer="task"` gives the model a `task_vocab_size`-id byte-level BPE trained on the training split
+    (`build_task_tokenizer`): at InternVL3's 151,674 ids the LM head, its softmax and its optimizer state are ~90%
+    of a CPU training step of this tiny model. `tokenizer="internvl"` keeps the real vocabulary.
+
+    Loading a saved checkpoint also sets the attention implementation on every sub-config, as every run does.
     """
     init = Path(out) / "init"
+    manifest = {"recipe_tiny_internvl": recipe.get("tiny_internvl"), "tokenizer": tokenizer}
+    if tokenizer == "task":
+        manifest["task_vocab_size"] = task_vocab_size
+    manifest_path = init / "init_manifest.json"
     if (init / "model.safetensors").is_file():
-        return init
+        if manifest_path.is_file() and json.loads(manifest_path.read_text()) == manifest:
+            return init
+        raise ValueError(f"{init} holds a model built differently from {manifest}; choose another --out or delete it")
     if recipe.get("tiny_internvl") is None:
         raise ValueError("the recipe must set tiny_internvl (the experiment trains a tiny model from scratch)")
     torch.manual_seed(recipe.get("seed", 0))
     overrides = recipe["tiny_internvl"]
     overrides = json.loads(overrides) if isinstance(overrides, str) else dict(overrides)
-    config = tiny_internvl_config(**overrides)
-    processor = build_internvl_processor(config, build_internvl_tokenizer(), recipe.get("max_tiles", 1))
+    if tokenizer == "task":
+        text_tokenizer = build_task_tokenizer(task_texts(train_file), task_vocab_size)
+        config = tiny_internvl_config(vocab_size=len(text_tokenizer), **overrides)
+        config.image_token_id = text_tokenizer.context_image_token_id
+    elif tokenizer == "internvl":
+        text_tokenizer = build_internvl_tokenizer()
+        config = tiny_internvl_config(**overrides)
+    else:
+        raise ValueError(f"tokenizer must be 'task' or 'internvl', got {tokenizer!r}")
+    processor = build_internvl_processor(config, text_tokenizer, recipe.get("max_tiles", 1))
     model = MMCoconutForConditionalGeneration.from_internvl(InternVLForConditionalGeneration(config), processor.tokenizer)
     model.save_pretrained(init)
     processor.save_pretrained(init)
-    logger.info("initial model written to %s", init)
+    manifest_path.write_text(json.dumps(manifest))
+    logger.info("initial model (%d parameters, vocabulary %d) written to %s", model.num_parameters(), len(processor.tokenizer), init)
     return init
 
 
@@ -187,14 +215,19 @@ def main(argv=None):
     parser.add_argument("--out", default="outputs/experiment", help="output directory")
     parser.add_argument("--recipe", default=str(DEFAULT_RECIPE), help="train.py recipe the runs share")
     parser.add_argument("--task", default="colour_chain", choices=sorted(TASKS))
-    parser.add_argument("--n-train", type=int, default=1600)
+    parser.add_argument("--n-train", type=int, default=4000)
     parser.add_argument("--n-val", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0, help="data seed")
-    parser.add_argument("--epochs", type=int, default=3, help="epochs of the no-CoT, CoT and no-image runs")
+    parser.add_argument("--epochs", type=int, default=8, help="epochs of the no-CoT, CoT and no-image runs")
     parser.add_argument("--no-image-epochs", type=int, help="epochs of the no-image runs (default: --epochs)")
-    parser.add_argument("--stage-epochs", type=int, default=1, help="epochs of each Coconut stage")
+    parser.add_argument("--stage-epochs", type=int, default=2, help="epochs of each Coconut stage")
     parser.add_argument("--train-samples", type=int, help="train no-CoT, CoT and no-image on the first N questions")
-    parser.add_argument("--stage-samples", type=int, default=240, help="train each Coconut stage on the first N questions")
+    parser.add_argument("--stage-samples", type=int, help="train each Coconut stage on the first N questions (default: all)")
+    parser.add_argument(
+        "--tokenizer", default="task", choices=("task", "internvl"),
+        help="task: a small BPE trained on the training split (default); internvl: the real 151,674-id vocabulary",
+    )
+    parser.add_argument("--task-vocab-size", type=int, default=512, help="vocabulary of the task tokenizer")
     parser.add_argument("--eval-batch-size", type=int, default=50)
     parser.add_argument("--only", nargs="+", help="run only these methods (names as in the table)")
     parser.add_argument("--force", action="store_true", help="redo runs that already have results")
@@ -211,7 +244,7 @@ def main(argv=None):
     recipe = train.read_recipe(args.recipe)
     max_tiles = recipe.get("max_tiles", 1)
 
-    init = write_initial_model(out, recipe)
+    init = write_initial_model(out, recipe, files["image"][0], args.tokenizer, args.task_vocab_size)
     rows, started = [], time.perf_counter()
     plan = plan_runs(hops, args.epochs, args.stage_epochs, args.train_samples, args.stage_samples, args.no_image_epochs)
     for name, mode, eval_mode, data_key, start_from, first_stage, epochs, samples in plan:

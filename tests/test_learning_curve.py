@@ -1,0 +1,96 @@
+"""The learning-curve experiment's tokenizer and an end-to-end run of `experiments/learning_curve.py` at toy size."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer
+
+from configuration_mmcoconut import MMCoconutConfig
+from processing_mmcoconut import INTERNVL_SPECIAL_TOKENS, QWEN2_5_SPECIAL_TOKENS, build_task_tokenizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "experiments"))
+import learning_curve  # noqa: E402
+
+TEXTS = ["user\n", "assistant\n"] + [
+    f"{a} points to {b}.\n" for a in ("red", "green", "blue") for b in ("yellow", "purple", "green")
+] * 5 + ["Answer: D. purple", "Answer: A. green"] * 5
+
+
+@pytest.fixture(scope="module")
+def task_tokenizer():
+    return build_task_tokenizer(TEXTS, vocab_size=400)
+
+
+def test_task_tokenizer_keeps_internvl_special_tokens(task_tokenizer):
+    tok = task_tokenizer
+    for token in QWEN2_5_SPECIAL_TOKENS + INTERNVL_SPECIAL_TOKENS:
+        assert len(tok.encode(token, add_special_tokens=False)) == 1, token
+    assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>"
+    assert tok.convert_ids_to_tokens(tok.context_image_token_id) == "<IMG_CONTEXT>"
+    assert tok.start_image_token == "<img>" and tok.end_image_token == "</img>"
+    assert len(tok) <= 400 + 1  # + <video>, added after the trained vocabulary as in InternVL's tokenizer
+
+
+def test_task_tokenizer_round_trips_any_text_and_merges_task_words(task_tokenizer):
+    tok = task_tokenizer
+    for text in ("red points to yellow.\nAnswer: D. purple", "héllo wörld 123 ✓\t", "<|im_start|>user\n<img>"):
+        assert tok.decode(tok.encode(text, add_special_tokens=False)) == text
+    for word in ("red", " yellow", " points", "Answer"):
+        assert len(tok.encode(word, add_special_tokens=False)) == 1, word
+
+
+def test_task_tokenizer_is_deterministic_and_saves(task_tokenizer, tmp_path):
+    assert build_task_tokenizer(TEXTS, vocab_size=400).get_vocab() == task_tokenizer.get_vocab()
+    task_tokenizer.save_pretrained(tmp_path)
+    reloaded = AutoTokenizer.from_pretrained(tmp_path)
+    assert reloaded.get_vocab() == task_tokenizer.get_vocab()
+    assert reloaded.context_image_token_id == task_tokenizer.context_image_token_id
+
+
+def test_task_tokenizer_rejects_a_vocabulary_too_small_for_bytes_and_specials():
+    with pytest.raises(ValueError, match="256 bytes"):
+        build_task_tokenizer(TEXTS, vocab_size=100)
+
+
+def test_plan_chains_the_coconut_stages_from_cot():
+    plan = learning_curve.plan_runs(hops=3, epochs=4, stage_epochs=2)
+    names = [run[0] for run in plan]
+    assert names == ["no_cot", "cot", "coconut_1", "coconut_2", "coconut_3", "no_image_no_cot", "no_image_cot"]
+    starts = {run[0]: (run[4], run[5]) for run in plan}
+    assert starts["coconut_1"] == ("cot", 1) and starts["coconut_3"] == ("coconut_2", 3)
+    assert starts["no_cot"] == (None, 0) and starts["no_image_cot"] == (None, 0)
+
+
+def test_experiment_runs_end_to_end_at_toy_size(tmp_path):
+    out = tmp_path / "experiment"
+    argv = [
+        "--out", str(out), "--n-train", "8", "--n-val", "4", "--epochs", "1", "--stage-samples", "4",
+        "--task-vocab-size", "320", "--only", "cot", "coconut_1", "no_image_cot",
+        "--", "--per_device_train_batch_size", "4", "--logging_steps", "1",
+    ]
+    summary = learning_curve.main(argv)
+
+    rows = {row["name"]: row for row in summary["runs"]}
+    assert set(rows) == {"cot", "coconut_1", "no_image_cot"}
+    assert rows["coconut_1"]["num_latents"] == 1 and rows["cot"]["num_latents"] == 0
+    assert not rows["no_image_cot"]["image"]
+    for row in rows.values():
+        assert row["num_samples"] == 4 and 0.0 <= row["mc_accuracy"] <= 1.0
+        assert row["mean_generated_tokens"] > 0
+    # The initial model carries the task tokenizer; every run starts from it and saves it.
+    init_config = MMCoconutConfig.from_pretrained(out / "init")
+    assert init_config.internvl_config.tie_word_embeddings  # the recipe's tie reaches the top-level config
+    init_tokenizer = AutoTokenizer.from_pretrained(out / "init")
+    assert init_config.internvl_config.image_token_id == init_tokenizer.context_image_token_id
+    assert len(init_tokenizer) < 400
+    assert AutoTokenizer.from_pretrained(out / "runs" / "coconut_1").get_vocab() == init_tokenizer.get_vocab()
+    assert json.loads((out / "results.json").read_text())["runs"] == summary["runs"]
+    assert "| coconut_1 | coconut stage 1 |" in (out / "results.md").read_text()
+
+    # Finished runs are read back, not redone; a different initial model under the same --out is refused.
+    again = learning_curve.main(argv)
+    assert again["runs"] == summary["runs"]
+    with pytest.raises(ValueError, match="built differently"):
+        learning_curve.main([*argv[:10], "--task-vocab-size", "330", *argv[12:]])
