@@ -232,7 +232,8 @@ def analyze(model, processor, records, num_latents=None, top_k=5, batch_size=4, 
 
     Keys: `num_latents`, `top_k`, `c_thought`, `latent_stage`, `num_layers`, `categories`,
     `max_recompute_rel_diff`, `samples` (per sample: `id`, `question`, `answer`, `thoughts`, each with `index`,
-    `position`, the `step` it replaces (or None), `top_k` decodings `[{token, token_id, prob}]`, `attention`
+    `position`, the `step` it replaces (or None), `top1_in_step` (whether the top-1 token is one of that step's
+    tokens; None without a step), `top_k` decodings `[{token, token_id, prob}]`, `attention`
     `{per_layer: [{category: share}], mean: {category: share}}` and `key_counts` `{category: keys it can attend
     to}`), and `mean_attention` (the same two attention views averaged over samples, one entry per thought).
     """
@@ -295,10 +296,14 @@ def analyze(model, processor, records, num_latents=None, top_k=5, batch_size=4, 
 def _thought_entry(k, result, b, steps, c_thought, tokenizer):
     step_index = k // c_thought
     ids = result["top_ids"][b, k].tolist()
+    step = steps[step_index] if step_index < len(steps) else None
+    # Does the thought decode to a token of the step it replaces (tokenized as training lays it out)?
+    step_ids = None if step is None else tokenizer(f"{step}\n", add_special_tokens=False)["input_ids"]
     return {
         "index": k,
         "position": int(result["positions"][b, k]),
-        "step": steps[step_index] if step_index < len(steps) else None,
+        "step": step,
+        "top1_in_step": None if step is None else ids[0] in step_ids,
         "top_k": [
             {"token": tokenizer.decode([token_id]), "token_id": token_id, "prob": float(prob)}
             for token_id, prob in zip(ids, result["top_probs"][b, k].tolist())
@@ -399,8 +404,11 @@ def load_model(path, dtype=torch.float32, device="cpu"):
 
 def format_summary(results):
     """A plain-text table: per thought, the mean attention shares, the shares a uniform attention over the same
-    keys would give (in parentheses), and the most frequent top-1 token."""
-    lines = ["thought  " + "  ".join(f"{c:>14}" for c in ATTENTION_CATEGORIES) + "  most frequent top-1"]
+    keys would give (in parentheses), how often the top-1 token is a token of the replaced step, and the most
+    frequent top-1 token."""
+    lines = [
+        "thought  " + "  ".join(f"{c:>14}" for c in ATTENTION_CATEGORIES) + "  top-1 in step  most frequent top-1"
+    ]
     for k, mean in enumerate(results["mean_attention"]):
         thoughts = [sample["thoughts"][k] for sample in results["samples"]]
         uniform = {
@@ -410,7 +418,9 @@ def format_summary(results):
         tops = [t["top_k"][0]["token"] for t in thoughts]
         common = max(set(tops), key=tops.count)
         shares = "  ".join(f"{mean['mean'][c]:6.3f} ({uniform[c]:.3f})" for c in ATTENTION_CATEGORIES)
-        lines.append(f"{k + 1:>7}  {shares}  {_display(common)} ({tops.count(common)}/{len(tops)})")
+        in_step = [t["top1_in_step"] for t in thoughts if t["top1_in_step"] is not None]
+        in_step = f"{sum(in_step)}/{len(in_step)}" if in_step else "-"
+        lines.append(f"{k + 1:>7}  {shares}  {in_step:>13}  {_display(common)} ({tops.count(common)}/{len(tops)})")
     return "\n".join(lines)
 
 

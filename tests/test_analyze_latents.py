@@ -8,12 +8,12 @@ import torch
 from PIL import Image
 
 import analyze_latents
-from analyze_latents import ATTENTION_CATEGORIES, analyze_batch, load_model, special_token_ids
+from analyze_latents import ATTENTION_CATEGORIES, analyze, analyze_batch, load_model, special_token_ids
 from data_aokvqa import load_canonical
 from data_collator import MMCoconutCollator
 from data_curriculum import CurriculumDataset
 from modeling_mmcoconut import MMCoconutForConditionalGeneration
-from processing_mmcoconut import tiny_internvl_config
+from processing_mmcoconut import load_internvl_processor, tiny_internvl_config
 
 C_THOUGHT, LATENT_STAGE, NUM_LATENTS, TOP_K = 2, 1, 3, 5
 
@@ -49,6 +49,7 @@ def test_cli_writes_json_sorted_decodings_normalised_shares_and_valid_pngs(tiny_
         str(NUM_LATENTS), "--top-k", str(TOP_K), "--batch-size", "2", "--max-tiles", "4", "--output-dir", str(tmp_path),
     ])
     results = json.loads((tmp_path / "latents.json").read_text())
+    tokenizer = load_internvl_processor(tiny_checkpoint).tokenizer
     steps = load_canonical(data_file)[0]["steps"]  # the text-only record copies the first one
     assert results["num_latents"] == NUM_LATENTS and results["categories"] == list(ATTENTION_CATEGORIES)
     assert [s["id"] for s in results["samples"]][2] == "text_only"
@@ -68,6 +69,8 @@ def test_cli_writes_json_sorted_decodings_normalised_shares_and_valid_pngs(tiny_
                 assert sum(shares.values()) == pytest.approx(1, abs=1e-5)
             if thought["index"] == 0:  # nothing before the first thought is a thought
                 assert thought["attention"]["mean"]["thoughts"] == pytest.approx(0, abs=1e-7)
+            step_ids = tokenizer(f"{thought['step']}\n", add_special_tokens=False)["input_ids"]
+            assert thought["top1_in_step"] == (thought["top_k"][0]["token_id"] in step_ids)
             if sample["id"] == "text_only":
                 assert thought["attention"]["mean"]["image"] == 0 and thought["key_counts"]["image"] == 0
                 assert thought["step"] == steps[thought["index"] // C_THOUGHT]
@@ -136,3 +139,18 @@ def test_attention_needs_eager_and_the_batch_needs_latents(loaded_batch, tiny_ch
         batch["input_ids"] == model.config.latent_token_id, processor.tokenizer.pad_token_id)}
     with pytest.raises(ValueError, match="no <\\|latent\\|> tokens"):
         analyze_batch(model, no_latents, special)
+
+
+def test_top1_in_step_marks_a_thought_that_decodes_to_a_token_of_its_step(tiny_checkpoint, data_file, latent_processor):
+    # Thoughts depend on the prompt only, so rewriting the steps keeps every decoding: write the first thought's
+    # top-1 token into step 1 and leave it out of step 2.
+    model = load_model(tiny_checkpoint)
+    record = load_canonical(data_file)[2]  # text-only: the session processor's tiling need not match the checkpoint
+    first = analyze(model, latent_processor, [record], num_latents=2, top_k=1)["samples"][0]["thoughts"]
+    token = first[0]["top_k"][0]["token"]
+    assert first[0]["top1_in_step"] is not None
+    rewritten = {**record, "steps": [f"{token} here", "nothing"]}
+    thoughts = analyze(model, latent_processor, [rewritten], num_latents=2, top_k=1)["samples"][0]["thoughts"]
+    assert [t["top_k"] for t in thoughts] == [t["top_k"] for t in first]
+    assert thoughts[0]["top1_in_step"] is True
+    assert thoughts[1]["step"] == rewritten["steps"][0]  # c_thought 2: both thoughts replace step 1
