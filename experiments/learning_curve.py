@@ -10,8 +10,8 @@
      no_cot          mode no_cot, `--epochs` epochs over `--n-train` questions     (answer directly)
      cot             mode cot, the same budget                                     (Coconut stage 0)
      coconut_k       from coconut_{k-1} (coconut_0 = cot), mode coconut, `first_stage k`, `--stage-epochs` epochs
-                     over the first `--stage-samples` questions: the first k steps replaced by k·c_thought
-                     continuous thoughts, k = 1..hops
+                     (`--final-stage-epochs` for k = hops) over the first `--stage-samples` questions: the first
+                     k steps replaced by k·c_thought continuous thoughts, k = 1..hops
      no_image_no_cot as no_cot on the text-only copy (`--no-image-epochs`, default `--epochs`)
      no_image_cot    as cot on the text-only copy
 3. Evaluates each on the validation split with greedy generation (`aokvqa_evaluation.evaluate_model`: vanilla for
@@ -140,15 +140,22 @@ def write_initial_model(out, recipe, train_file, tokenizer="task", task_vocab_si
     return init
 
 
-def plan_runs(hops, epochs, stage_epochs, train_samples=None, stage_samples=None, no_image_epochs=None):
-    """(name, train mode, eval mode, data key, start from run, first_stage, epochs, training questions) in order."""
+def plan_runs(
+    hops, epochs, stage_epochs, train_samples=None, stage_samples=None, no_image_epochs=None, final_stage_epochs=None
+):
+    """(name, train mode, eval mode, data key, start from run, first_stage, epochs, training questions) in order.
+
+    The last Coconut stage trains `final_stage_epochs` (default `stage_epochs`): as in the original Coconut, whose
+    training stays at the final stage for the epochs left after the curriculum.
+    """
     runs = [
         ("no_cot", "no_cot", "vanilla", "image", None, 0, epochs, train_samples),
         ("cot", "cot", "cot", "image", None, 0, epochs, train_samples),
     ]
     previous = "cot"
     for stage in range(1, hops + 1):
-        runs.append((f"coconut_{stage}", "coconut", "coconut", "image", previous, stage, stage_epochs, stage_samples))
+        stage_budget = final_stage_epochs if stage == hops and final_stage_epochs else stage_epochs
+        runs.append((f"coconut_{stage}", "coconut", "coconut", "image", previous, stage, stage_budget, stage_samples))
         previous = f"coconut_{stage}"
     runs += [
         ("no_image_no_cot", "no_cot", "vanilla", "no_image", None, 0, no_image_epochs or epochs, train_samples),
@@ -221,6 +228,9 @@ def main(argv=None):
     parser.add_argument("--epochs", type=int, default=8, help="epochs of the no-CoT, CoT and no-image runs")
     parser.add_argument("--no-image-epochs", type=int, help="epochs of the no-image runs (default: --epochs)")
     parser.add_argument("--stage-epochs", type=int, default=2, help="epochs of each Coconut stage")
+    parser.add_argument(
+        "--final-stage-epochs", type=int, default=6, help="epochs of the last Coconut stage (all steps latent)"
+    )
     parser.add_argument("--train-samples", type=int, help="train no-CoT, CoT and no-image on the first N questions")
     parser.add_argument("--stage-samples", type=int, help="train each Coconut stage on the first N questions (default: all)")
     parser.add_argument(
@@ -246,7 +256,10 @@ def main(argv=None):
 
     init = write_initial_model(out, recipe, files["image"][0], args.tokenizer, args.task_vocab_size)
     rows, started = [], time.perf_counter()
-    plan = plan_runs(hops, args.epochs, args.stage_epochs, args.train_samples, args.stage_samples, args.no_image_epochs)
+    plan = plan_runs(
+        hops, args.epochs, args.stage_epochs, args.train_samples, args.stage_samples, args.no_image_epochs,
+        args.final_stage_epochs,
+    )
     for name, mode, eval_mode, data_key, start_from, first_stage, epochs, samples in plan:
         run_dir = out / "runs" / name
         result_path = run_dir / "results.json"

@@ -61,6 +61,8 @@ def test_plan_chains_the_coconut_stages_from_cot():
     starts = {run[0]: (run[4], run[5]) for run in plan}
     assert starts["coconut_1"] == ("cot", 1) and starts["coconut_3"] == ("coconut_2", 3)
     assert starts["no_cot"] == (None, 0) and starts["no_image_cot"] == (None, 0)
+    epochs = {run[0]: run[6] for run in learning_curve.plan_runs(hops=3, epochs=4, stage_epochs=2, final_stage_epochs=5)}
+    assert [epochs[f"coconut_{k}"] for k in (1, 2, 3)] == [2, 2, 5] and epochs["cot"] == 4
 
 
 def test_experiment_runs_end_to_end_at_toy_size(tmp_path):
