@@ -301,7 +301,7 @@ def main(argv=None):
     table = format_table(rows)
     wall = time.perf_counter() - started
     summary = {
-        "command": "python experiments/learning_curve.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": " ".join(["python experiments/learning_curve.py", *(sys.argv[1:] if argv is None else argv)]),
         "task": args.task,
         "n_train": args.n_train,
         "n_val": args.n_val,
