@@ -151,12 +151,16 @@ def tiny_internvl_config(
     vision_layers=1,
     image_size=28,
     patch_size=7,
+    image_token_id=151667,
     **text_overrides,
 ) -> InternVLConfig:
     """A randomly initialisable InternVL3-shaped config (Qwen2 LM, InternViT tower), small enough for CPU tests.
 
-    The defaults give 4 image tokens per 28-px tile; the real model has 256 per 448-px tile.
+    The defaults give 4 image tokens per 28-px tile; the real model has 256 per 448-px tile. `image_token_id` is
+    `<IMG_CONTEXT>`'s id in the tokenizer the model is used with (InternVL3's by default).
     """
+    if not 0 <= image_token_id < vocab_size:
+        raise ValueError(f"image_token_id {image_token_id} is outside the vocabulary (vocab_size {vocab_size})")
     text_config = dict(
         model_type="qwen2",
         vocab_size=vocab_size,
@@ -182,7 +186,7 @@ def tiny_internvl_config(
     config = InternVLConfig(
         text_config=text_config,
         vision_config=vision_config,
-        image_token_id=151667,
+        image_token_id=image_token_id,
         tie_word_embeddings=text_config["tie_word_embeddings"],
     )
     config.image_seq_length = tokens_per_tile(config)

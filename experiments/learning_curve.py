@@ -27,8 +27,11 @@ the second once `{out}/init` exists). Extra `train.py` flags go after `--`, e.g.
 import argparse
 import json
 import logging
+import os
+import shutil
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -56,6 +59,7 @@ DEFAULT_RECIPE = ROOT / "recipes" / "experiment_colour_chain.yaml"
 # Generation budget per evaluation mode: an answer line is 6 tokens, a CoT chain of 3 steps 21; Coconut stages
 # below the last still write their remaining steps. Counting stops at EOS, so the budget only caps runaways.
 MAX_NEW_TOKENS = {"vanilla": 16, "cot": 48, "coconut": 48}
+INIT_MANIFEST = "init_manifest.json"
 
 
 def write_data(out, task, n_train, n_val, seed):
@@ -78,11 +82,13 @@ def write_data(out, task, n_train, n_val, seed):
     for split in ("train", "val"):
         source = data / "canonical" / f"{split}.jsonl"
         target = no_image / f"{split}.jsonl"
-        with open(source, encoding="utf-8") as f, open(target, "w", encoding="utf-8") as g:
-            for line in f:
-                record = json.loads(line)
-                record["image"] = None
-                g.write(json.dumps(record) + "\n")
+        with open(source, encoding="utf-8") as f:
+            text = "".join(json.dumps({**json.loads(line), "image": None}) + "\n" for line in f)
+        if not (target.is_file() and target.read_text(encoding="utf-8") == text):
+            # through a temporary file, so a run reading the copy in another process never sees it half written
+            temporary = target.with_suffix(f".tmp{os.getpid()}")
+            temporary.write_text(text, encoding="utf-8")
+            os.replace(temporary, target)
         files["image"].append(source)
         files["no_image"].append(target)
     return files
@@ -109,14 +115,16 @@ def write_initial_model(out, recipe, train_file, tokenizer="task", task_vocab_si
     Loading a saved checkpoint also sets the attention implementation on every sub-config, as every run does.
     """
     init = Path(out) / "init"
-    manifest = {"recipe_tiny_internvl": recipe.get("tiny_internvl"), "tokenizer": tokenizer}
+    manifest = {
+        "recipe_tiny_internvl": recipe.get("tiny_internvl"),
+        "seed": recipe.get("seed", 0),
+        "max_tiles": recipe.get("max_tiles", 1),
+        "tokenizer": tokenizer,
+    }
     if tokenizer == "task":
         manifest["task_vocab_size"] = task_vocab_size
-    manifest_path = init / "init_manifest.json"
-    if (init / "model.safetensors").is_file():
-        if manifest_path.is_file() and json.loads(manifest_path.read_text()) == manifest:
-            return init
-        raise ValueError(f"{init} holds a model built differently from {manifest}; choose another --out or delete it")
+    if init.exists():
+        return _check_initial_model(init, manifest)
     if recipe.get("tiny_internvl") is None:
         raise ValueError("the recipe must set tiny_internvl (the experiment trains a tiny model from scratch)")
     torch.manual_seed(recipe.get("seed", 0))
@@ -124,19 +132,41 @@ def write_initial_model(out, recipe, train_file, tokenizer="task", task_vocab_si
     overrides = json.loads(overrides) if isinstance(overrides, str) else dict(overrides)
     if tokenizer == "task":
         text_tokenizer = build_task_tokenizer(task_texts(train_file), task_vocab_size)
-        config = tiny_internvl_config(vocab_size=len(text_tokenizer), **overrides)
-        config.image_token_id = text_tokenizer.context_image_token_id
+        config = tiny_internvl_config(
+            vocab_size=len(text_tokenizer), image_token_id=text_tokenizer.context_image_token_id, **overrides
+        )
     elif tokenizer == "internvl":
         text_tokenizer = build_internvl_tokenizer()
         config = tiny_internvl_config(**overrides)
     else:
         raise ValueError(f"tokenizer must be 'task' or 'internvl', got {tokenizer!r}")
     processor = build_internvl_processor(config, text_tokenizer, recipe.get("max_tiles", 1))
-    model = MMCoconutForConditionalGeneration.from_internvl(InternVLForConditionalGeneration(config), processor.tokenizer)
-    model.save_pretrained(init)
-    processor.save_pretrained(init)
-    manifest_path.write_text(json.dumps(manifest))
-    logger.info("initial model (%d parameters, vocabulary %d) written to %s", model.num_parameters(), len(processor.tokenizer), init)
+    internvl = InternVLForConditionalGeneration(config)
+    model = MMCoconutForConditionalGeneration.from_internvl(internvl, processor.tokenizer)
+    # Written under a temporary name and renamed, so `{out}/init` is either complete or absent.
+    temporary = init.with_name(f"init.tmp{os.getpid()}")
+    model.save_pretrained(temporary)
+    processor.save_pretrained(temporary)
+    (temporary / INIT_MANIFEST).write_text(json.dumps(manifest))
+    try:
+        temporary.rename(init)
+    except OSError:  # another invocation finished first: use its model if it was built the same way
+        shutil.rmtree(temporary)
+        return _check_initial_model(init, manifest)
+    logger.info(
+        "initial model (%d parameters, vocabulary %d) written to %s",
+        model.num_parameters(), len(processor.tokenizer), init,
+    )
+    return init
+
+
+def _check_initial_model(init, manifest):
+    manifest_path = init / INIT_MANIFEST
+    if not manifest_path.is_file():
+        raise ValueError(f"{init} has no {INIT_MANIFEST}, so it was not written by this script; delete it")
+    found = json.loads(manifest_path.read_text())
+    if found != manifest:
+        raise ValueError(f"{init} holds a model built as {found}, not {manifest}; choose another --out or delete it")
     return init
 
 
@@ -154,12 +184,13 @@ def plan_runs(
     ]
     previous = "cot"
     for stage in range(1, hops + 1):
-        stage_budget = final_stage_epochs if stage == hops and final_stage_epochs else stage_epochs
+        stage_budget = final_stage_epochs if stage == hops and final_stage_epochs is not None else stage_epochs
         runs.append((f"coconut_{stage}", "coconut", "coconut", "image", previous, stage, stage_budget, stage_samples))
         previous = f"coconut_{stage}"
+    no_image_epochs = epochs if no_image_epochs is None else no_image_epochs
     runs += [
-        ("no_image_no_cot", "no_cot", "vanilla", "no_image", None, 0, no_image_epochs or epochs, train_samples),
-        ("no_image_cot", "cot", "cot", "no_image", None, 0, no_image_epochs or epochs, train_samples),
+        ("no_image_no_cot", "no_cot", "vanilla", "no_image", None, 0, no_image_epochs, train_samples),
+        ("no_image_cot", "cot", "cot", "no_image", None, 0, no_image_epochs, train_samples),
     ]
     return runs
 
@@ -202,8 +233,26 @@ def evaluate_run(run_dir, eval_mode, val_file, max_tiles, batch_size):
     return result
 
 
+def check_reused_run(row, settings, start_row, path):
+    """Refuse a finished run whose settings differ from this invocation's, or whose start run was redone since."""
+    if "settings" not in row:
+        logger.warning("%s: written before runs recorded their settings; reused without checking them", path)
+        return
+    if row["settings"] != settings:
+        changed = {k: (row["settings"].get(k), v) for k, v in settings.items() if row["settings"].get(k) != v}
+        raise ValueError(f"{path} was trained with other settings (recorded, now): {changed}; redo it with --force")
+    if start_row is not None and row.get("start_run_id") != start_row.get("run_id"):
+        raise ValueError(
+            f"{path} was trained from an earlier {settings['start_from']} run, which has been redone since; "
+            "redo it with --force"
+        )
+
+
 def format_table(rows):
-    header = "| method | trained as | image | epochs × questions | latents | MC accuracy | mean generated tokens | unparseable | train s | eval s |"
+    header = (
+        "| method | trained as | image | epochs × questions | latents | MC accuracy | mean generated tokens "
+        "| unparseable | train s | eval s |"
+    )
     lines = [header, "|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         lines.append(
@@ -227,12 +276,16 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="data seed")
     parser.add_argument("--epochs", type=int, default=8, help="epochs of the no-CoT, CoT and no-image runs")
     parser.add_argument("--no-image-epochs", type=int, help="epochs of the no-image runs (default: --epochs)")
-    parser.add_argument("--stage-epochs", type=int, default=2, help="epochs of each Coconut stage")
+    parser.add_argument(
+        "--stage-epochs", type=int, default=2, help="epochs of each Coconut stage but the last (--final-stage-epochs)"
+    )
     parser.add_argument(
         "--final-stage-epochs", type=int, default=6, help="epochs of the last Coconut stage (all steps latent)"
     )
     parser.add_argument("--train-samples", type=int, help="train no-CoT, CoT and no-image on the first N questions")
-    parser.add_argument("--stage-samples", type=int, help="train each Coconut stage on the first N questions (default: all)")
+    parser.add_argument(
+        "--stage-samples", type=int, help="train each Coconut stage on the first N questions (default: all)"
+    )
     parser.add_argument(
         "--tokenizer", default="task", choices=("task", "internvl"),
         help="task: a small BPE trained on the training split (default); internvl: the real 151,674-id vocabulary",
@@ -241,6 +294,10 @@ def main(argv=None):
     parser.add_argument("--eval-batch-size", type=int, default=50)
     parser.add_argument("--only", nargs="+", help="run only these methods (names as in the table)")
     parser.add_argument("--force", action="store_true", help="redo runs that already have results")
+    parser.add_argument(
+        "--prepare", action="store_true",
+        help="only write the data and the initial model (then `--only` halves can run in parallel)",
+    )
     args, extra_flags = parser.parse_known_args(argv)
     if extra_flags and extra_flags[0] == "--":
         extra_flags = extra_flags[1:]
@@ -254,24 +311,42 @@ def main(argv=None):
     recipe = train.read_recipe(args.recipe)
     max_tiles = recipe.get("max_tiles", 1)
 
-    init = write_initial_model(out, recipe, files["image"][0], args.tokenizer, args.task_vocab_size)
-    rows, started = [], time.perf_counter()
     plan = plan_runs(
         hops, args.epochs, args.stage_epochs, args.train_samples, args.stage_samples, args.no_image_epochs,
         args.final_stage_epochs,
     )
+    unknown = sorted(set(args.only or ()) - {run[0] for run in plan})
+    if unknown:
+        parser.error(f"--only: unknown runs {unknown}; the runs are {[run[0] for run in plan]}")
+    init = write_initial_model(out, recipe, files["image"][0], args.tokenizer, args.task_vocab_size)
+    if args.prepare:
+        logger.info("data and initial model ready under %s", out)
+        return None
+    rows, started = [], time.perf_counter()
     for name, mode, eval_mode, data_key, start_from, first_stage, epochs, samples in plan:
         run_dir = out / "runs" / name
         result_path = run_dir / "results.json"
         if args.only and name not in args.only:
             continue
+        settings = {
+            "recipe": str(args.recipe), "train_mode": mode, "data": data_key, "start_from": start_from,
+            "first_stage": first_stage, "epochs": epochs, "train_questions": samples, "extra_train_flags": extra_flags,
+        }
+        start_row = None
+        if start_from is not None:
+            start_path = out / "runs" / start_from / "results.json"
+            if not start_path.is_file():
+                raise FileNotFoundError(
+                    f"{name} continues from {start_path.parent}, which has not been trained; run it first"
+                )
+            start_row = json.loads(start_path.read_text())
         if result_path.is_file() and not args.force:
             logger.info("%s: done before, reading %s", name, result_path)
-            rows.append(json.loads(result_path.read_text()))
+            row = json.loads(result_path.read_text())
+            check_reused_run(row, settings, start_row, result_path)
+            rows.append(row)
             continue
         start_dir = init if start_from is None else out / "runs" / start_from
-        if start_from is not None and not (start_dir / "results.json").is_file():
-            raise FileNotFoundError(f"{name} continues from {start_dir}, which has not been trained; run it first")
         logger.info("%s: training (%s, first_stage %d, %d epochs, %s)", name, mode, first_stage, epochs, data_key)
         train_seconds = train_run(
             args.recipe, run_dir, mode, files[data_key], start_dir, first_stage, epochs, samples, hops, extra_flags
@@ -279,6 +354,9 @@ def main(argv=None):
         result = evaluate_run(run_dir, eval_mode, files[data_key][1], max_tiles, args.eval_batch_size)
         row = {
             "name": name,
+            "run_id": uuid.uuid4().hex,
+            "start_run_id": None if start_row is None else start_row.get("run_id"),
+            "settings": settings,
             "train_mode": mode,
             "eval_mode": eval_mode,
             "stage": first_stage,
@@ -295,7 +373,9 @@ def main(argv=None):
             "example": {k: result.samples[0][k] for k in ("generated_text", "parsed_letter", "correct")},
         }
         result_path.write_text(json.dumps(row, indent=1))
-        logger.info("%s: MC accuracy %.3f, %.1f generated tokens", name, row["mc_accuracy"], row["mean_generated_tokens"])
+        logger.info(
+            "%s: MC accuracy %.3f, %.1f generated tokens", name, row["mc_accuracy"], row["mean_generated_tokens"]
+        )
         rows.append(row)
 
     table = format_table(rows)
@@ -319,7 +399,10 @@ def main(argv=None):
     return summary
 
 
-__all__ = ["write_data", "plan_runs", "train_run", "evaluate_run", "format_table", "main"]
+__all__ = [
+    "write_data", "write_initial_model", "plan_runs", "train_run", "evaluate_run", "check_reused_run",
+    "format_table", "main",
+]
 
 if __name__ == "__main__":
     main()

@@ -142,15 +142,21 @@ def test_attention_needs_eager_and_the_batch_needs_latents(loaded_batch, tiny_ch
 
 
 def test_top1_in_step_marks_a_thought_that_decodes_to_a_token_of_its_step(tiny_checkpoint, data_file, latent_processor):
-    # Thoughts depend on the prompt only, so rewriting the steps keeps every decoding: write the first thought's
-    # top-1 token into step 1 and leave it out of step 2.
+    # Thoughts depend on the prompt only, so rewriting the steps keeps every decoding. c_thought is 2: thoughts 1-2
+    # replace step 1, thoughts 3-4 step 2, and thoughts 5-6 have no step (the record has two).
     model = load_model(tiny_checkpoint)
     record = load_canonical(data_file)[2]  # text-only: the session processor's tiling need not match the checkpoint
-    first = analyze(model, latent_processor, [record], num_latents=2, top_k=1)["samples"][0]["thoughts"]
+    first = analyze(model, latent_processor, [record], num_latents=6, top_k=1)["samples"][0]["thoughts"]
     token = first[0]["top_k"][0]["token"]
-    assert first[0]["top1_in_step"] is not None
     rewritten = {**record, "steps": [f"{token} here", "nothing"]}
-    thoughts = analyze(model, latent_processor, [rewritten], num_latents=2, top_k=1)["samples"][0]["thoughts"]
-    assert [t["top_k"] for t in thoughts] == [t["top_k"] for t in first]
+    encode = lambda text: latent_processor.tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    assert first[2]["top_k"][0]["token_id"] not in encode("nothing\n")  # so thought 3 is outside its step
+
+    thoughts = analyze(model, latent_processor, [rewritten], num_latents=6, top_k=1)["samples"][0]["thoughts"]
+    for new, old in zip(thoughts, first):
+        assert new["top_k"][0]["token_id"] == old["top_k"][0]["token_id"]
+        assert new["top_k"][0]["prob"] == pytest.approx(old["top_k"][0]["prob"], rel=1e-4)
+    assert [t["step"] for t in thoughts] == [f"{token} here"] * 2 + ["nothing"] * 2 + [None] * 2
     assert thoughts[0]["top1_in_step"] is True
-    assert thoughts[1]["step"] == rewritten["steps"][0]  # c_thought 2: both thoughts replace step 1
+    assert thoughts[2]["top1_in_step"] is False
+    assert thoughts[4]["top1_in_step"] is None and thoughts[5]["top1_in_step"] is None

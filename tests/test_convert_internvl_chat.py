@@ -32,9 +32,9 @@ TOKENS_PER_TILE = 4  # tiny_internvl_config: 28-px tiles, 7-px patches, pixel sh
 def tiny_native_model(tie=False, vit_6b=False, select_layer=-1, seed=0):
     """A random native InternVL; `vit_6b` gives InternViT-6B's block (RMSNorm, qk-norm, no qkv bias)."""
     torch.manual_seed(seed)
-    config = tiny_internvl_config(vocab_size=VOCAB, vision_layers=2, tie_word_embeddings=tie)
-    config.tie_word_embeddings = tie
-    config.image_token_id = IMAGE_TOKEN_ID
+    config = tiny_internvl_config(
+        vocab_size=VOCAB, vision_layers=2, image_token_id=IMAGE_TOKEN_ID, tie_word_embeddings=tie
+    )
     config.vision_feature_layer = select_layer
     config.vision_config.attention_bias = not vit_6b
     config.vision_config.use_qk_norm = vit_6b

@@ -8,7 +8,12 @@ import pytest
 from transformers import AutoTokenizer
 
 from configuration_mmcoconut import MMCoconutConfig
-from processing_mmcoconut import INTERNVL_SPECIAL_TOKENS, QWEN2_5_SPECIAL_TOKENS, build_task_tokenizer
+from processing_mmcoconut import (
+    INTERNVL_SPECIAL_TOKENS,
+    QWEN2_5_SPECIAL_TOKENS,
+    build_task_tokenizer,
+    tiny_internvl_config,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "experiments"))
 import learning_curve  # noqa: E402
@@ -54,6 +59,14 @@ def test_task_tokenizer_rejects_a_vocabulary_too_small_for_bytes_and_specials():
         build_task_tokenizer(TEXTS, vocab_size=100)
 
 
+def test_tiny_config_for_a_task_vocabulary():
+    config = tiny_internvl_config(vocab_size=400, image_token_id=24, tie_word_embeddings=True)
+    assert config.image_token_id == 24 and config.text_config.vocab_size == 400
+    assert config.tie_word_embeddings and config.text_config.tie_word_embeddings
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        tiny_internvl_config(vocab_size=400)  # InternVL3's <IMG_CONTEXT> id, 151667, does not fit
+
+
 def test_plan_chains_the_coconut_stages_from_cot():
     plan = learning_curve.plan_runs(hops=3, epochs=4, stage_epochs=2)
     names = [run[0] for run in plan]
@@ -61,8 +74,10 @@ def test_plan_chains_the_coconut_stages_from_cot():
     starts = {run[0]: (run[4], run[5]) for run in plan}
     assert starts["coconut_1"] == ("cot", 1) and starts["coconut_3"] == ("coconut_2", 3)
     assert starts["no_cot"] == (None, 0) and starts["no_image_cot"] == (None, 0)
-    epochs = {run[0]: run[6] for run in learning_curve.plan_runs(hops=3, epochs=4, stage_epochs=2, final_stage_epochs=5)}
+    plan = learning_curve.plan_runs(hops=3, epochs=4, stage_epochs=2, final_stage_epochs=5, no_image_epochs=0)
+    epochs = {run[0]: run[6] for run in plan}
     assert [epochs[f"coconut_{k}"] for k in (1, 2, 3)] == [2, 2, 5] and epochs["cot"] == 4
+    assert epochs["no_image_cot"] == 0  # an explicit 0 is kept, not replaced by the default
 
 
 def test_experiment_runs_end_to_end_at_toy_size(tmp_path):
@@ -94,5 +109,21 @@ def test_experiment_runs_end_to_end_at_toy_size(tmp_path):
     # Finished runs are read back, not redone; a different initial model under the same --out is refused.
     again = learning_curve.main(argv)
     assert again["runs"] == summary["runs"]
-    with pytest.raises(ValueError, match="built differently"):
+    with pytest.raises(ValueError, match="holds a model built as"):
         learning_curve.main([*argv[:10], "--task-vocab-size", "330", *argv[12:]])
+    # A finished run is not reused under other settings, nor after the run it continued from was redone.
+    with pytest.raises(ValueError, match="other settings"):
+        learning_curve.main([*argv, "--learning_rate", "1e-4"])
+    with pytest.raises(SystemExit):
+        learning_curve.main([*argv[:12], "--only", "coconut1"])
+    learning_curve.main([*argv[:12], "--only", "cot", "--force", *argv[argv.index("--"):]])
+    with pytest.raises(ValueError, match="has been redone since"):
+        learning_curve.main(argv)
+
+
+def test_prepare_writes_data_and_initial_model_only(tmp_path):
+    out = tmp_path / "experiment"
+    argv = ["--out", str(out), "--n-train", "4", "--n-val", "2", "--task-vocab-size", "320", "--prepare"]
+    assert learning_curve.main(argv) is None
+    assert (out / "init" / "init_manifest.json").is_file() and (out / "data_no_image" / "val.jsonl").is_file()
+    assert not (out / "runs").exists() and not list(out.glob("init.tmp*"))

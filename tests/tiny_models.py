@@ -13,9 +13,7 @@ PER_TILE = 4  # 28-px tiles, 7-px patches, pixel shuffle 0.5
 
 def make_model(seed=0, tie=False, **config_kwargs):
     torch.manual_seed(seed)
-    internvl_config = tiny_internvl_config(vocab_size=VOCAB, tie_word_embeddings=tie)
-    internvl_config.image_token_id = IMAGE
-    internvl_config.tie_word_embeddings = tie
+    internvl_config = tiny_internvl_config(vocab_size=VOCAB, image_token_id=IMAGE, tie_word_embeddings=tie)
     config = MMCoconutConfig(
         internvl_config, latent_token_id=LATENT, start_latent_id=START, end_latent_id=END, **config_kwargs
     )
