@@ -19,9 +19,10 @@
    `{out}/results.json`: multiple-choice accuracy, mean generated tokens per answer (up to and including EOS),
    training and evaluation seconds per method.
 
-Runs whose `{out}/runs/{name}/results.json` exists are not redone (`--force` redoes them), so an interrupted
-experiment resumes where it stopped, and two invocations with disjoint `--only` lists can share the machine (start
-the second once `{out}/init` exists). Extra `train.py` flags go after `--`, e.g. `-- --learning_rate 1e-3`.
+Runs whose `{out}/runs/{name}/results.json` exists are not redone (`--force` redoes them) as long as their recorded
+settings match and the run they continued from was not redone since, so an interrupted experiment resumes where it
+stopped, and after `--prepare` (data and initial model) two invocations with disjoint `--only` lists can share the
+machine. Extra `train.py` flags go after `--`, e.g. `-- --learning_rate 1e-3`.
 """
 
 import argparse
