@@ -98,62 +98,48 @@ def run_all(rank, eos_token_ids, gradient_checkpointing=False):
     return results
 
 
-def _worker(rank, port, out_dir, eos_token_ids, gradient_checkpointing):
+def _run_rank(rank, port, out_dir, work, *args):
+    """One rank of the gloo group: `work(rank, *args)`, its result pickled to `{out_dir}/rank{rank}.pkl`."""
     torch.set_num_threads(1)
     # A rank that skips a collective makes the other's time out (and the test fail) instead of hanging.
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE,
                             timeout=timedelta(seconds=60))
     try:
-        results = run_all(rank, eos_token_ids, gradient_checkpointing)
+        results = work(rank, *args)
     finally:
         dist.destroy_process_group()
     with open(Path(out_dir) / f"rank{rank}.pkl", "wb") as f:
         pickle.dump(results, f)
 
 
-def _fsdp2_worker(rank, port, out_dir):
+def _fsdp2_work(rank):
     """The model under torch's FSDP2 (`fully_shard` per decoder/vision layer, as ds_configs/accelerate_fsdp.yaml)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE,
-                            timeout=timedelta(seconds=60))
-    try:
-        model = make_model()
-        mesh = init_device_mesh("cpu", (WORLD_SIZE,))
-        for module in model.modules():
-            if type(module).__name__ in model._no_split_modules:
-                fully_shard(module, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-        out = model(**forward_batch("rank1_no_latents", rank))
-        out.loss.backward()
-        # Sharded gradients, gathered: collectives every rank joins in the same order.
-        grads = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.grad is not None}
-        results = {"loss": out.loss.detach(), "logits": out.logits.detach(), "num_passes": out.num_passes,
-                   "grads": grads}
-        model.eval()
-        results["sequences"] = model.generate(**generate_batch(rank), max_new_tokens=MAX_NEW_TOKENS)
-    finally:
-        dist.destroy_process_group()
-    with open(Path(out_dir) / f"rank{rank}.pkl", "wb") as f:
-        pickle.dump(results, f)
+    model = make_model()
+    mesh = init_device_mesh("cpu", (WORLD_SIZE,))
+    for module in model.modules():
+        if type(module).__name__ in model._no_split_modules:
+            fully_shard(module, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    out = model(**forward_batch("rank1_no_latents", rank))
+    out.loss.backward()
+    # Sharded gradients, gathered: collectives every rank joins in the same order.
+    grads = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.grad is not None}
+    results = {"loss": out.loss.detach(), "logits": out.logits.detach(), "num_passes": out.num_passes,
+               "grads": grads}
+    model.eval()
+    results["sequences"] = model.generate(**generate_batch(rank), max_new_tokens=MAX_NEW_TOKENS)
+    return results
 
 
-def _text_only_worker(rank, port, out_dir):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE,
-                            timeout=timedelta(seconds=60))
-    try:
-        model = make_model()
-        counter = CallCounter(model)
-        # Rank 0's batch has an image, rank 1's is text only (allowed by DESIGN §5).
-        model(**collate([make_sample(1 - rank, 2, seed=rank)]))
-        counts = counter.take()
-    finally:
-        dist.destroy_process_group()
-    with open(Path(out_dir) / f"rank{rank}.pkl", "wb") as f:
-        pickle.dump(counts, f)
+def _text_only_work(rank):
+    model = make_model()
+    counter = CallCounter(model)
+    # Rank 0's batch has an image, rank 1's is text only (allowed by DESIGN §5).
+    model(**collate([make_sample(1 - rank, 2, seed=rank)]))
+    return counter.take()
 
 
 def free_port():
@@ -162,9 +148,9 @@ def free_port():
         return s.getsockname()[1]
 
 
-def spawn_two_ranks(tmp_path, eos_token_ids, gradient_checkpointing=False, worker=_worker):
-    args = (eos_token_ids, gradient_checkpointing) if worker is _worker else ()
-    mp.spawn(worker, args=(free_port(), str(tmp_path), *args), nprocs=WORLD_SIZE, join=True)
+def spawn_two_ranks(tmp_path, work, *args):
+    """Run `work(rank, *args)` on two gloo ranks; returns their results in rank order."""
+    mp.spawn(_run_rank, args=(free_port(), str(tmp_path), work, *args), nprocs=WORLD_SIZE, join=True)
     return [pickle.loads((tmp_path / f"rank{rank}.pkl").read_bytes()) for rank in range(WORLD_SIZE)]
 
 
@@ -189,7 +175,7 @@ def single_process(eos_token_ids):
 
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory, eos_token_ids):
-    return spawn_two_ranks(tmp_path_factory.mktemp("two_ranks"), eos_token_ids)
+    return spawn_two_ranks(tmp_path_factory.mktemp("two_ranks"), run_all, eos_token_ids)
 
 
 def assert_same_result(ours, ref):
@@ -235,7 +221,7 @@ def test_generate_gives_each_rank_its_single_process_tokens(rank, two_processes,
 
 
 def test_gradient_checkpointing_keeps_pass_agreement_and_results(tmp_path, eos_token_ids, single_process):
-    two = spawn_two_ranks(tmp_path, eos_token_ids, gradient_checkpointing=True)
+    two = spawn_two_ranks(tmp_path, run_all, eos_token_ids, True)
     for case in FORWARD_CASES:
         assert two[0][case]["calls"] == two[1][case]["calls"]
         for rank in range(WORLD_SIZE):
@@ -245,7 +231,7 @@ def test_gradient_checkpointing_keeps_pass_agreement_and_results(tmp_path, eos_t
 def test_fsdp2_full_shard_runs_uneven_latents_and_matches_single_process(tmp_path, eos_token_ids, single_process):
     """Under FSDP2 each layer's weights are all-gathered inside its forward: unequal pass counts would
     deadlock (without the agreement this run times out in gloo's all_gather), and results must not change."""
-    two = spawn_two_ranks(tmp_path, eos_token_ids, worker=_fsdp2_worker)
+    two = spawn_two_ranks(tmp_path, _fsdp2_work)
     alone = [results["rank1_no_latents"] for results in single_process]
     # FSDP reduce-scatters gradients as the mean over ranks (data parallel).
     mean_grads = {n: (alone[0]["grads"][n] + alone[1]["grads"][n]) / 2 for n in alone[0]["grads"]}
@@ -258,7 +244,7 @@ def test_fsdp2_full_shard_runs_uneven_latents_and_matches_single_process(tmp_pat
 
 
 def test_vision_tower_runs_on_every_rank_when_one_batch_is_text_only(tmp_path):
-    rank0, rank1 = spawn_two_ranks(tmp_path, None, worker=_text_only_worker)
+    rank0, rank1 = spawn_two_ranks(tmp_path, _text_only_work)
     assert rank0["language_model"] == rank1["language_model"]
     assert rank0["vision_tower"] == rank1["vision_tower"] == 1
 
