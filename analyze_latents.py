@@ -31,7 +31,7 @@ from matplotlib.figure import Figure
 
 from data_aokvqa import load_canonical
 from data_collator import MMCoconutCollator
-from data_curriculum import CurriculumDataset
+from data_curriculum import CurriculumDataset, step_text
 from modeling_mmcoconut import MMCoconutForConditionalGeneration
 from processing_mmcoconut import DEFAULT_MAX_TILES, load_internvl_processor
 
@@ -298,7 +298,7 @@ def _thought_entry(k, result, b, steps, c_thought, tokenizer):
     ids = result["top_ids"][b, k].tolist()
     step = steps[step_index] if step_index < len(steps) else None
     # Does the thought decode to a token of the step it replaces (tokenized as training lays it out)?
-    step_ids = None if step is None else tokenizer(f"{step}\n", add_special_tokens=False)["input_ids"]
+    step_ids = None if step is None else tokenizer(step_text(step), add_special_tokens=False)["input_ids"]
     return {
         "index": k,
         "position": int(result["positions"][b, k]),

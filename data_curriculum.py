@@ -35,6 +35,16 @@ _MAX_LOGGED_BAD_IMAGES = 10
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
+def step_text(step):
+    """A reasoning step as the sequence holds it: one line."""
+    return f"{step}\n"
+
+
+def answer_text(answer):
+    """The answer line as the sequence holds it (`<|im_end|>` follows it)."""
+    return f"Answer: {answer}"
+
+
 def to_rgb(image):
     """Any PIL image → 8-bit RGB. Transparency is composited onto white (as a viewer shows it, and as transformers'
     processors do); 16-bit grayscale is scaled to 8 bits rather than clipped."""
@@ -258,9 +268,9 @@ class CurriculumDataset(torch.utils.data.Dataset):
         for _, record, num_tiles in kept:
             image = f"{self.processor.image_token}\n" if num_tiles else ""
             prompts.append(f"<|im_start|>user\n{image}{record['question']}<|im_end|>\n<|im_start|>assistant\n")
-            steps.extend(f"{step}\n" for step in record["steps"])
+            steps.extend(step_text(step) for step in record["steps"])
             if record.get("answer") is not None:
-                answers.append(f"Answer: {record['answer']}")
+                answers.append(answer_text(record["answer"]))
         prompt_ids, step_ids, answer_ids = self._tokenize(prompts), self._tokenize(steps), self._tokenize(answers)
 
         entries, step_pos, answer_pos = [], 0, 0
@@ -463,4 +473,7 @@ class PromptDataset(torch.utils.data.Dataset):
         return self.dataset.prompt_features(position, self.num_latents)
 
 
-__all__ = ["MODES", "LATENT_MODES", "IGNORE_INDEX", "to_rgb", "load_image", "CurriculumDataset", "PromptDataset"]
+__all__ = [
+    "MODES", "LATENT_MODES", "IGNORE_INDEX", "step_text", "answer_text", "to_rgb", "load_image", "CurriculumDataset",
+    "PromptDataset",
+]

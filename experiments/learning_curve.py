@@ -44,6 +44,7 @@ sys.path.insert(0, str(ROOT))  # the project's top-level modules, when run as `p
 import train  # noqa: E402
 from aokvqa_evaluation import build_eval_dataset, default_num_latents, evaluate_model  # noqa: E402
 from data_aokvqa import load_canonical  # noqa: E402
+from data_curriculum import answer_text, step_text  # noqa: E402
 from modeling_mmcoconut import MMCoconutForConditionalGeneration  # noqa: E402
 from processing_mmcoconut import (  # noqa: E402
     build_internvl_processor,
@@ -101,7 +102,7 @@ def task_texts(train_file):
     return ["user\n", "assistant\n"] + [
         text
         for record in records
-        for text in (record["question"], *(f"{step}\n" for step in record["steps"]), f"Answer: {record['answer']}")
+        for text in (record["question"], *map(step_text, record["steps"]), answer_text(record["answer"]))
     ]
 
 
