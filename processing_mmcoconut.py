@@ -65,8 +65,9 @@ def build_task_tokenizer(texts, vocab_size=512) -> PreTrainedTokenizerFast:
     """A small byte-level BPE trained on `texts`, with InternVL3's special tokens, for from-scratch experiments.
 
     Same pre-tokenizer as Qwen2.5 and the same special tokens (so prompts, EOS, padding and the image tokens work
-    unchanged), but a vocabulary of `vocab_size` ids instead of 151,674: a tiny model trained from scratch on CPU
-    then spends its time in the transformer, not in the LM head. Any text still encodes (256 byte tokens) and
+    unchanged), but a vocabulary of at most `vocab_size` ids (fewer when `texts` run out of merges) instead of
+    151,674: a tiny model trained from scratch on CPU then spends its time in the transformer, not in the LM
+    head. Any text still encodes (256 byte tokens) and
     decodes back exactly; the merges are learnt from `texts`, deterministically.
     """
     specials = list(QWEN2_5_SPECIAL_TOKENS + INTERNVL_SPECIAL_TOKENS)

@@ -110,9 +110,10 @@ def write_initial_model(out, recipe, train_file, tokenizer="task", task_vocab_si
     """Build the recipe's tiny random model once and save it, with its processor, to `{out}/init`: every
     from-scratch run starts from these same weights (`--load_model_path`).
 
-    `tokenizer="task"` gives the model a `task_vocab_size`-id byte-level BPE trained on the training split
-    (`build_task_tokenizer`): at InternVL3's 151,674 ids the LM head, its softmax and its optimizer state are ~90%
-    of a CPU training step of this tiny model. `tokenizer="internvl"` keeps the real vocabulary.
+    `tokenizer="task"` gives the model a byte-level BPE of at most `task_vocab_size` ids trained on the training
+    split (`build_task_tokenizer`): at InternVL3's 151,674 ids the vocabulary-sized work makes a CPU training step
+    of this tiny model 6.5x slower (`experiments/step_time_by_vocabulary.py`). `tokenizer="internvl"` keeps the real
+    vocabulary.
 
     Loading a saved checkpoint also sets the attention implementation on every sub-config, as every run does.
     """
@@ -292,7 +293,7 @@ def main(argv=None):
         "--tokenizer", default="task", choices=("task", "internvl"),
         help="task: a small BPE trained on the training split (default); internvl: the real 151,674-id vocabulary",
     )
-    parser.add_argument("--task-vocab-size", type=int, default=512, help="vocabulary of the task tokenizer")
+    parser.add_argument("--task-vocab-size", type=int, default=512, help="vocabulary cap of the task tokenizer")
     parser.add_argument("--eval-batch-size", type=int, default=50)
     parser.add_argument("--only", nargs="+", help="run only these methods (names as in the table)")
     parser.add_argument("--force", action="store_true", help="redo runs that already have results")

@@ -127,3 +127,17 @@ def test_prepare_writes_data_and_initial_model_only(tmp_path):
     assert learning_curve.main(argv) is None
     assert (out / "init" / "init_manifest.json").is_file() and (out / "data_no_image" / "val.jsonl").is_file()
     assert not (out / "runs").exists() and not list(out.glob("init.tmp*"))
+
+
+def test_step_time_by_vocabulary_times_both_vocabularies(tmp_path):
+    import step_time_by_vocabulary
+    from synthetic_data import write_synthetic_aokvqa
+
+    paths = write_synthetic_aokvqa(tmp_path, n_train=4, n_val=1, task="colour_chain")
+    train_file = str(paths["canonical_dir"] / "train.jsonl")
+    seconds = step_time_by_vocabulary.main(
+        ["--train-file", train_file, "--batch-size", "2", "--steps", "1", "--warmup", "1", "--task-vocab-size", "320"]
+    )
+    assert set(seconds) == {"internvl", "task"} and all(s > 0 for s in seconds.values())
+    with pytest.raises(ValueError, match="are needed"):
+        step_time_by_vocabulary.main(["--train-file", train_file, "--batch-size", "4", "--steps", "2"])

@@ -1,0 +1,90 @@
+"""Why the learning-curve experiment uses a task tokenizer: one training step of its tiny model, side by side, with
+InternVL3's 151,674-id vocabulary and with the task tokenizer.
+
+    python experiments/step_time_by_vocabulary.py --threads 2
+
+Builds the recipe's model (`recipes/experiment_colour_chain.yaml`) once per vocabulary on the experiment's training
+split (`outputs/experiment/data`, written by `learning_curve.py --prepare`), times forward + backward + AdamW step on
+the same CoT batches and prints the median step time of each and their ratio.
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import InternVLForConditionalGeneration
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "experiments"))
+
+import train  # noqa: E402
+from data_aokvqa import load_canonical  # noqa: E402
+from data_collator import MMCoconutCollator  # noqa: E402
+from data_curriculum import CurriculumDataset  # noqa: E402
+from learning_curve import DEFAULT_RECIPE, task_texts  # noqa: E402
+from modeling_mmcoconut import MMCoconutForConditionalGeneration  # noqa: E402
+from processing_mmcoconut import (  # noqa: E402
+    build_internvl_processor,
+    build_internvl_tokenizer,
+    build_task_tokenizer,
+    tiny_internvl_config,
+)
+
+
+def median_step_seconds(tokenizer, overrides, records, batch_size, steps, warmup):
+    torch.manual_seed(0)
+    config = tiny_internvl_config(
+        vocab_size=len(tokenizer), image_token_id=tokenizer.context_image_token_id, **overrides
+    )
+    processor = build_internvl_processor(config, tokenizer, max_tiles=1)
+    model = MMCoconutForConditionalGeneration.from_internvl(InternVLForConditionalGeneration(config), tokenizer)
+    model.train()
+    dataset = CurriculumDataset(records, processor, mode="cot", c_thought=1, max_latent_stage=3)
+    collator = MMCoconutCollator(tokenizer.pad_token_id, model.config.latent_token_id)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    times = []
+    for step in range(warmup + steps):
+        batch = collator([dataset[i] for i in range(step * batch_size, (step + 1) * batch_size)])
+        start = time.perf_counter()
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        times.append(time.perf_counter() - start)
+    return sorted(times[warmup:])[steps // 2], len(tokenizer)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--train-file", default="outputs/experiment/data/canonical/train.jsonl")
+    parser.add_argument("--task-vocab-size", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    overrides = dict(train.read_recipe(DEFAULT_RECIPE)["tiny_internvl"])
+    records = load_canonical(args.train_file)
+    needed = (args.warmup + args.steps) * args.batch_size
+    if len(records) < needed:
+        raise ValueError(f"{args.train_file} has {len(records)} records; {needed} are needed")
+    tokenizers = {
+        "internvl": build_internvl_tokenizer(),
+        "task": build_task_tokenizer(task_texts(args.train_file), args.task_vocab_size),
+    }
+    seconds = {}
+    for name, tokenizer in tokenizers.items():
+        seconds[name], vocabulary = median_step_seconds(
+            tokenizer, overrides, records[:needed], args.batch_size, args.steps, args.warmup
+        )
+        print(f"{name:>8}: vocabulary {vocabulary:>7}, median step {seconds[name]:.3f} s")
+    ratio = seconds["internvl"] / seconds["task"]
+    print(f"internvl / task: {ratio:.1f}x ({args.threads} threads, batch {args.batch_size})")
+    return seconds
+
+
+if __name__ == "__main__":
+    main()
