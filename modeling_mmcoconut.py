@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import transformers
+from packaging import version
 from torch.utils.checkpoint import checkpoint
 from transformers import (
     AutoModel,
@@ -35,6 +37,11 @@ except ImportError:  # imported from a checkout or an installed mmcoconut
 
 logger = logging.getLogger(__name__)
 
+# transformers 5.24 renamed the KV cache `past_key_values` to `cache` in model outputs and in forward and
+# generate arguments (the old name is deprecated until 5.40). This is the project's one version switch:
+# every call into transformers passes the cache as `**{CACHE_KWARG: cache}`, and outputs name it `cache`.
+CACHE_KWARG = "cache" if version.parse(transformers.__version__) >= version.parse("5.24.0.dev0") else "past_key_values"
+
 
 @dataclass
 class MMCoconutOutput(ModelOutput):
@@ -46,8 +53,9 @@ class MMCoconutOutput(ModelOutput):
         With `labels`: `(num_supervised, vocab)`, the predictions for the supervised tokens in
         row-major (batch, position) order — the LM head is applied nowhere else. Without `labels`:
         `(batch, seq_len, vocab)`, or the last `logits_to_keep` positions.
-    past_key_values (`Cache`, *optional*):
-        The KV cache of the whole sequence, when `use_cache=True`.
+    cache (`Cache`, *optional*):
+        The KV cache of the whole sequence, when `use_cache=True` (transformers' name since 5.24; older
+        releases read it as `past_key_values` too).
     last_hidden_state (`torch.FloatTensor`):
         `(batch, seq_len, hidden)`, the final-norm hidden states (the continuous thoughts' source).
     num_passes (`int`):
@@ -56,9 +64,13 @@ class MMCoconutOutput(ModelOutput):
 
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
-    past_key_values: object | None = None
+    cache: object | None = None
     last_hidden_state: torch.FloatTensor | None = None
     num_passes: int | None = None
+
+
+if not hasattr(MMCoconutOutput, "past_key_values"):  # transformers < 5.24 has no alias of its own
+    MMCoconutOutput.past_key_values = property(lambda self: self.cache)
 
 
 class MMCoconutPreTrainedModel(PreTrainedModel):
@@ -68,7 +80,7 @@ class MMCoconutPreTrainedModel(PreTrainedModel):
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
     _no_split_modules = ["InternVLVisionLayer", "Qwen2DecoderLayer"]
-    _skip_keys_device_placement = "past_key_values"
+    _skip_keys_device_placement = CACHE_KWARG
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_flex_attn = True
@@ -274,7 +286,7 @@ class MMCoconutForConditionalGeneration(MMCoconutPreTrainedModel, GenerationMixi
         return MMCoconutOutput(
             loss=loss,
             logits=logits,
-            past_key_values=cache,
+            cache=cache,
             last_hidden_state=last_hidden_state,
             num_passes=len(boundaries) - 1,
         )
@@ -387,8 +399,8 @@ class MMCoconutForConditionalGeneration(MMCoconutPreTrainedModel, GenerationMixi
             inputs_embeds=chunk,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=cache,
             use_cache=True,
+            **{CACHE_KWARG: cache},
         )
         # Copies, not views: a view would keep the whole concatenated past alive for every pass.
         new_keys = [layer.keys[:, :, past_len:].clone() for layer in cache.layers]
@@ -458,8 +470,8 @@ class MMCoconutForConditionalGeneration(MMCoconutPreTrainedModel, GenerationMixi
         return self.internvl.generate(
             input_ids=input_ids,
             attention_mask=attention_mask,
-            past_key_values=prefill.past_key_values,
             generation_config=generation_config,
+            **{CACHE_KWARG: prefill.cache},
             synced_gpus=synced,
             **model_kwargs,
         )
@@ -512,4 +524,4 @@ AutoModelForImageTextToText.register(MMCoconutConfig, MMCoconutForConditionalGen
 MMCoconutConfig.register_for_auto_class()
 MMCoconutForConditionalGeneration.register_for_auto_class("AutoModel")
 
-__all__ = ["MMCoconutForConditionalGeneration", "MMCoconutPreTrainedModel", "MMCoconutOutput"]
+__all__ = ["CACHE_KWARG", "MMCoconutForConditionalGeneration", "MMCoconutPreTrainedModel", "MMCoconutOutput"]

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -273,7 +274,10 @@ def apply_lora(model, model_args):
         trainable_token_indices={"embed_tokens": list(model.config.latent_ids)},
         ensure_weight_tying=bool(model.config.internvl_config.tie_word_embeddings),
     )
-    peft_model = get_peft_model(model, config)
+    with warnings.catch_warnings():
+        # peft (0.21) reads `PreTrainedModel.is_gradient_checkpointing`, a deprecated alias since transformers 5.23.
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+        peft_model = get_peft_model(model, config)
     peft_model.print_trainable_parameters()
     return peft_model
 
@@ -387,7 +391,7 @@ def recipe_as_trained(model_args, data_args, curriculum_args, training_args):
         default = type(args)()
         values.update({k: v for k, v in vars(args).items() if getattr(default, k) != v})
     keys = ("learning_rate", "num_train_epochs", "per_device_train_batch_size", "gradient_accumulation_steps",
-            "lr_scheduler_type", "warmup_steps", "weight_decay", "bf16", "gradient_checkpointing", "seed")
+            "lr_scheduler_type", "warmup_steps", "weight_decay", "bf16", "activation_checkpointing", "seed")
     values.update({k: getattr(training_args, k) for k in keys})
     return {k: (v.value if hasattr(v, "value") else v) for k, v in values.items()}
 

@@ -18,6 +18,8 @@ import time
 import torch
 from torch.nn import CrossEntropyLoss
 
+from modeling_mmcoconut import CACHE_KWARG
+
 
 def embed_with_images(internvl, input_ids, pixel_values):
     """Token embeddings with the projected image features at the image-token positions."""
@@ -49,13 +51,13 @@ def original_coconut_forward(internvl, input_ids, attention_mask, position_ids, 
             inputs_embeds=inputs_embeds[:, start:end],
             attention_mask=attention_mask[:, :end],
             position_ids=position_ids[:, start:end],
-            past_key_values=cache,
+            **{CACHE_KWARG: cache},
             use_cache=True,
             output_hidden_states=True,
         )
         logits.append(outputs.logits)
         hidden = outputs.hidden_states[-1]  # offset by `start`: the cache covers [0, start)
-        cache = outputs.past_key_values
+        cache = outputs[CACHE_KWARG]
         compute_range = (end, seq_len if pass_idx + 1 >= max_n_latents else end + 1)
 
         fills = [(b, positions[pass_idx]) for b, positions in enumerate(latent_lists) if len(positions) > pass_idx]
@@ -70,7 +72,7 @@ def original_coconut_forward(internvl, input_ids, attention_mask, position_ids, 
         inputs_embeds=inputs_embeds[:, start:end],
         attention_mask=attention_mask[:, :end],
         position_ids=position_ids[:, start:end],
-        past_key_values=cache,
+        **{CACHE_KWARG: cache},
         use_cache=cache is not None,
         output_hidden_states=True,
     )

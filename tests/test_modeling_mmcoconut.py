@@ -304,8 +304,8 @@ def test_returned_cache_is_a_transformers_cache_object():
     batch = collate([make_sample(1, 2)])
     with torch.no_grad():
         out = model(**{**batch, "labels": None}, use_cache=True)
-    assert isinstance(out.past_key_values, Cache)
-    assert out.past_key_values.get_seq_length() == batch["input_ids"].shape[1]
+    assert isinstance(out.cache, Cache)
+    assert out.cache.get_seq_length() == batch["input_ids"].shape[1]
 
 
 def test_unknown_forward_arguments_are_an_error():
