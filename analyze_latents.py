@@ -227,6 +227,27 @@ def default_num_latents(config):
     return config.num_inference_latents
 
 
+def prompt_batches(model, processor, records, num_latents, batch_size=4, max_tiles=None):
+    """Yield `(record indices, sample ids, batch)` for `records` laid out as at evaluation with `num_latents`
+    latents each (`question <|start-latent|> <|latent|>×K <|end-latent|>`), collated and on the model's device.
+    Every record must be kept (a skipped one is an error: the results would no longer line up with `records`)."""
+    config = model.config
+    dataset = CurriculumDataset(
+        records, processor, mode="coconut", c_thought=config.c_thought,
+        max_latent_stage=config.latent_stage, max_tiles=max_tiles,
+    )
+    if len(dataset) != len(records):
+        raise ValueError(f"the dataset kept {len(dataset)} of {len(records)} records")
+    collator = MMCoconutCollator(processor.tokenizer.pad_token_id, config.latent_token_id, pad_to="end")
+    device = model.device
+    for start in range(0, len(dataset), batch_size):
+        indices = range(start, min(start + batch_size, len(dataset)))
+        batch = collator([dataset.prompt_features(i, num_latents) for i in indices])
+        ids = batch.pop("ids")
+        batch = {k: v.to(device) if k != "pixel_values" else v.to(device, model.dtype) for k, v in batch.items()}
+        yield indices, ids, batch
+
+
 def analyze(model, processor, records, num_latents=None, top_k=5, batch_size=4, max_tiles=None):
     """Analyze the continuous thoughts of `model` on canonical `records`; returns a JSON-serialisable dict.
 
@@ -247,22 +268,10 @@ def analyze(model, processor, records, num_latents=None, top_k=5, batch_size=4, 
     if top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
     tokenizer = processor.tokenizer
-    dataset = CurriculumDataset(
-        records, processor, mode="coconut", c_thought=config.c_thought,
-        max_latent_stage=config.latent_stage, max_tiles=max_tiles,
-    )
-    if len(dataset) != len(records):
-        raise ValueError(f"the dataset kept {len(dataset)} of {len(records)} records")
-    collator = MMCoconutCollator(tokenizer.pad_token_id, config.latent_token_id, pad_to="end")
     special_ids = special_token_ids(tokenizer, config)
-    device = model.device
 
     samples, attention, max_diff = [], [], 0.0
-    for start in range(0, len(dataset), batch_size):
-        positions = range(start, min(start + batch_size, len(dataset)))
-        batch = collator([dataset.prompt_features(i, num_latents) for i in positions])
-        ids = batch.pop("ids")
-        batch = {k: v.to(device) if k != "pixel_values" else v.to(device, model.dtype) for k, v in batch.items()}
+    for positions, ids, batch in prompt_batches(model, processor, records, num_latents, batch_size, max_tiles):
         result = analyze_batch(model, batch, special_ids, top_k=top_k)
         max_diff = max(max_diff, result["recompute_rel_diff"])
         attention.append(result["attention"].cpu())
@@ -277,7 +286,7 @@ def analyze(model, processor, records, num_latents=None, top_k=5, batch_size=4, 
                     for k in range(num_latents)
                 ],
             })
-        logger.info("analyzed %d / %d samples", len(samples), len(dataset))
+        logger.info("analyzed %d / %d samples", len(samples), len(records))
 
     mean = torch.cat(attention).mean(0)  # (K, L, C)
     return {
@@ -477,6 +486,7 @@ __all__ = [
     "thought_attention",
     "visible_key_counts",
     "analyze_batch",
+    "prompt_batches",
     "special_token_ids",
     "default_num_latents",
     "analyze",
