@@ -264,11 +264,14 @@ class MMCoconutForConditionalGeneration(MMCoconutPreTrainedModel, GenerationMixi
             raise TypeError(f"MMCoconutForConditionalGeneration.forward got unexpected arguments {sorted(kwargs)}")
         if cache is not None:
             if labels is not None or pixel_values is not None:
-                raise ValueError("forward with a cache continues a sequence with text tokens only: no labels or pixel_values")
+                raise ValueError(
+                    "forward with a cache continues a sequence with text tokens only: no labels or pixel_values"
+                )
             return self._forward_from_cache(input_ids, attention_mask, position_ids, cache, use_cache, logits_to_keep)
         if labels is not None and logits_to_keep is not None:
             raise ValueError(
-                "logits_to_keep cannot be combined with labels: with labels the logits are those of the supervised positions"
+                "logits_to_keep cannot be combined with labels: with labels the logits are those of the "
+                "supervised positions"
             )
         self.config.validate_latent_ids()
         seq_len = input_ids.shape[1]
@@ -490,8 +493,6 @@ class MMCoconutForConditionalGeneration(MMCoconutPreTrainedModel, GenerationMixi
             raise ValueError(
                 "A prompt ends with <|latent|>; close the latent span with <|end-latent|> before generating"
             )
-        # A one-token prompt leaves nothing to prefill: transformers runs that token into an empty cache.
-        cache = self._assemble_cache([])
         if input_ids.shape[1] > 1:
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
             cache = self(
@@ -506,6 +507,8 @@ class MMCoconutForConditionalGeneration(MMCoconutPreTrainedModel, GenerationMixi
             ).cache
         elif pixel_values is not None:
             raise ValueError("A one-token prompt has no image tokens, but pixel_values were given")
+        else:  # a one-token prompt leaves nothing to prefill: transformers runs that token into an empty cache
+            cache = self._assemble_cache([])
         if kwargs.get("synced_gpus") is None:
             # Every rank runs every decoding step until all have finished: sharded models (FSDP, ZeRO-3) need it,
             # and it keeps ranks in step with the prefill's agreed pass count. The caller's value wins.
