@@ -65,15 +65,15 @@ def build_parser():
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (offset per process)")
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N questions")
     parser.add_argument("--output-dir", required=True)
-    parser.add_argument(
-        "--overwrite", action="store_true", help="replace results of the same split already in --output-dir"
-    )
     parser.add_argument("--max-tiles", type=int, default=DEFAULT_MAX_TILES, help="InternVL tiles per image, at most")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="auto")
     parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (image tiling)")
     parser.add_argument(
         "--skip-bad-samples", action="store_true",
         help="skip (and count) questions whose image cannot be read instead of stopping",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace results of the same split already in --output-dir"
     )
     return parser
 
