@@ -33,7 +33,7 @@ from data_aokvqa import load_canonical
 from data_collator import MMCoconutCollator
 from data_curriculum import CurriculumDataset, step_text
 from modeling_mmcoconut import MMCoconutForConditionalGeneration
-from processing_mmcoconut import DEFAULT_MAX_TILES, load_internvl_processor
+from processing_mmcoconut import DEFAULT_MAX_TILES, check_checkpoint_dir, load_internvl_processor
 
 logger = logging.getLogger("analyze_latents")
 
@@ -407,6 +407,7 @@ def plot_top_k(results, path, max_samples=8):
 
 def load_model(path, dtype=torch.float32, device="cpu"):
     """The checkpoint with eager attention (which returns attention probabilities), in eval mode on `device`."""
+    check_checkpoint_dir(path, parts=("config", "weights"))
     model = MMCoconutForConditionalGeneration.from_pretrained(path, dtype=dtype, attn_implementation="eager")
     return model.to(device).eval()
 
@@ -459,6 +460,7 @@ def main(argv=None):
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
 
+    check_checkpoint_dir(args.model)  # the processor's files too, before the model is loaded
     model = load_model(args.model, DTYPES[args.dtype], args.device)
     processor = load_internvl_processor(args.model, max_tiles=args.max_tiles)
     records = load_canonical(args.data_file)[: args.limit]
