@@ -6,35 +6,38 @@ A recipe is YAML over `ModelArguments`, `DataArguments`, `CurriculumArguments`,
 `python train.py recipes/cot.yaml --learning_rate 1e-5 --output_dir outputs/try`.
 """
 
+import argparse
 import copy
 import json
 import logging
 import os
 import sys
+import urllib.error
+import urllib.request
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
-import torch
-import transformers
 import yaml
-from transformers import HfArgumentParser, InternVLForConditionalGeneration, TrainingArguments, set_seed
 
-import data_aokvqa
-from data_collator import MMCoconutCollator
-from data_curriculum import MODES, CurriculumDataset
-from modeling_mmcoconut import MMCoconutForConditionalGeneration
-from processing_mmcoconut import (
-    build_internvl_processor,
-    build_internvl_tokenizer,
-    load_internvl_processor,
-    tiny_internvl_config,
-)
-from trainer_curriculum import CurriculumSchedule, CurriculumTrainer
+# torch, transformers and the project's modules are imported where they are used, so that `train.py --help`
+# answers in a fraction of a second instead of the ~10 s they take to import.
 
 logger = logging.getLogger("train")
 
-DATA_SOURCES = (*data_aokvqa.SOURCES, "synthetic")
+# `data_aokvqa.SOURCES` + "synthetic" and `data_curriculum.MODES`, named here for the help without importing those
+# modules (tests/test_train.py keeps them equal).
+DATA_SOURCES = ("aokvqa_hf", "aokvqa_official", "canonical", "synthetic")
+MODES = ("cot", "coconut", "no_cot", "no_thoughts", "pause")
+TOKENIZERS = ("internvl", "task")
+HUB_PROBE_TIMEOUT_S = 5
+
+
+class SetupError(RuntimeError):
+    """This machine cannot run the recipe as it stands (no network for a Hub id, no GPU for bf16).
+
+    Run from the command line, train.py prints the message as one line (no traceback) and exits with status 1.
+    """
 
 
 @dataclass
@@ -53,6 +56,14 @@ class ModelArguments:
         metadata={"help": "Build a tiny randomly initialised InternVL3-shaped model from config instead of "
                           "loading one (demo and tests): a dict of `tiny_internvl_config` overrides ({} for defaults)."},
     )
+    tokenizer: str = field(
+        default="internvl",
+        metadata={"help": f"With tiny_internvl, one of {TOKENIZERS}. internvl: InternVL3's tokenizer (151,674 ids); "
+                          "task: a byte-level BPE with InternVL3's special tokens, trained on the training records "
+                          "(at most task_vocab_size ids), for models trained from scratch on CPU, whose steps it "
+                          "makes several times faster (experiments/step_time_by_vocabulary.py)."},
+    )
+    task_vocab_size: int = field(default=512, metadata={"help": "Vocabulary cap of the task tokenizer."})
     model_dtype: str = field(
         default="bfloat16", metadata={"help": "Dtype of the loaded weights: float32, bfloat16 or float16."}
     )
@@ -144,12 +155,39 @@ def read_recipe(path):
     return {**read_recipe(path.parent / base), **recipe}
 
 
-def parse_args(argv):
-    parser = HfArgumentParser(
-        (ModelArguments, DataArguments, CurriculumArguments, GenerationEvalArguments, TrainingArguments)
+RECIPE_DATACLASSES = (ModelArguments, DataArguments, CurriculumArguments, GenerationEvalArguments)
+USAGE = "train.py RECIPE.yaml [--field value ...]"
+
+
+def help_parser():
+    """`train.py --help`: every field of our four dataclasses with its default, without importing transformers."""
+    parser = argparse.ArgumentParser(
+        prog="train.py",
+        usage=USAGE,
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog="Every field of transformers' TrainingArguments is a recipe key and a flag too (output_dir, "
+               "num_train_epochs, learning_rate, per_device_train_batch_size, bf16, eval_strategy, save_strategy, "
+               "report_to, ...): `train.py RECIPE.yaml --help` lists all of them with that recipe's values as "
+               "defaults.",
     )
+    for dataclass_type in RECIPE_DATACLASSES:
+        group = parser.add_argument_group(dataclass_type.__name__)
+        for f in fields(dataclass_type):
+            default = f.default_factory() if f.default_factory is not MISSING else f.default
+            group.add_argument(f"--{f.name}", default=default, help=f.metadata.get("help", "").replace("%", "%%"))
+    return parser
+
+
+def parse_args(argv):
+    if argv and argv[0] in ("-h", "--help"):
+        help_parser().print_help()
+        raise SystemExit(0)
     if not argv or not argv[0].endswith((".yaml", ".yml")):
-        raise SystemExit("usage: train.py RECIPE.yaml [--flag value ...]")
+        raise SystemExit(f"usage: {USAGE}\n(train.py --help lists the fields)")
+    from transformers import HfArgumentParser, TrainingArguments
+
+    parser = HfArgumentParser((*RECIPE_DATACLASSES, TrainingArguments))
     recipe = read_recipe(argv[0])
     known = {action.dest for action in parser._actions}
     unknown = sorted(set(recipe) - known)
@@ -160,7 +198,46 @@ def parse_args(argv):
         if action.dest in recipe:
             action.required = False
     parser.set_defaults(**recipe)
+    check_device_support(parser.parse_known_args(argv[1:])[0], argv[0])
     return parser.parse_args_into_dataclasses(args=argv[1:])
+
+
+def check_device_support(args, recipe_path):
+    """A recipe that trains in bf16 needs a GPU: say so (and how to run it on CPU) before anything is loaded."""
+    import torch
+
+    if (args.bf16 or args.bf16_full_eval) and not args.use_cpu and not torch.cuda.is_available():
+        raise SetupError(
+            f"{recipe_path} trains in bf16 (`bf16: true`), which needs a GPU, and torch sees none; run it on a GPU, "
+            "or on CPU (slow) add `--bf16 false --use_cpu true`"
+        )
+
+
+def require_hub(name_or_path, what, field_name):
+    """Fail in seconds, naming `name_or_path` and the two ways out, when it is a Hub id the Hub cannot serve.
+
+    Without this, a missing network shows up as half a minute of retries and a long traceback in which the id
+    appears only in warnings. A local directory and a Hub id in the cache under HF_HUB_OFFLINE=1 pass.
+    """
+    if Path(name_or_path).exists():
+        return
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    fixes = f"set {field_name} to a local copy (a directory), or run with HF_HUB_OFFLINE=1 with it in the cache"
+    if constants.HF_HUB_OFFLINE:
+        if what == "model" and not isinstance(try_to_load_from_cache(name_or_path, "config.json"), str):
+            raise SetupError(f"HF_HUB_OFFLINE is set and the {what} {name_or_path!r} is not in the cache "
+                             f"({constants.HF_HUB_CACHE}): {fixes.split(', or ')[0]}")
+        return
+    try:
+        # One request, no retries: any HTTP answer (even an error status) means the Hub is reachable.
+        urllib.request.urlopen(urllib.request.Request(constants.ENDPOINT, method="HEAD"), timeout=HUB_PROBE_TIMEOUT_S)
+    except urllib.error.HTTPError:
+        return
+    except OSError as error:  # URLError, refused, timeout
+        reason = getattr(error, "reason", error)
+        raise SetupError(f"cannot reach {constants.ENDPOINT} ({reason}) to load the {what} {name_or_path!r}: "
+                         f"{fixes}") from None
 
 
 def check_distributed_setup(trainer):
@@ -187,6 +264,8 @@ def check_distributed_setup(trainer):
 
 def load_records(data_args, split_name):
     """Canonical records of the training (`split_name="train"`) or validation split."""
+    import data_aokvqa
+
     train = split_name == "train"
     limit = data_args.max_train_samples if train else data_args.max_eval_samples
     if data_args.data_source == "synthetic":
@@ -196,6 +275,8 @@ def load_records(data_args, split_name):
         )
     if data_args.data_source not in DATA_SOURCES:
         raise ValueError(f"data_source must be one of {DATA_SOURCES}, got {data_args.data_source!r}")
+    if data_args.data_source == "aokvqa_hf":
+        require_hub(data_args.hf_dataset_id, "dataset", "hf_dataset_id")
     return data_aokvqa.load_records(
         data_args.data_source,
         data_args.train_split if train else data_args.eval_split,
@@ -227,9 +308,56 @@ def ensure_synthetic_data(data_args):
     return out / "canonical"
 
 
-def build_model_and_processor(model_args, data_args, curriculum_args):
+def build_tiny_model(overrides, text_tokenizer, max_tiles, attn_implementation="sdpa", dtype=None):
+    """(model, processor): a randomly initialised tiny InternVL3-shaped MMCoconut model sized to `text_tokenizer`.
+
+    `overrides` are `tiny_internvl_config` keyword arguments. InternVL3's own tokenizer keeps the config's
+    default vocabulary (151,674 ids, `<video>` after it, as transformers' conversion has it); a task tokenizer
+    sets the vocabulary and the `<IMG_CONTEXT>` id to its own.
+    """
+    from transformers import InternVLForConditionalGeneration
+
+    from modeling_mmcoconut import MMCoconutForConditionalGeneration
+    from processing_mmcoconut import INTERNVL3_VOCAB_SIZE, build_internvl_processor, tiny_internvl_config
+
+    if len(text_tokenizer) > INTERNVL3_VOCAB_SIZE:
+        internvl_config = tiny_internvl_config(**overrides)
+    else:
+        internvl_config = tiny_internvl_config(
+            vocab_size=len(text_tokenizer), image_token_id=text_tokenizer.context_image_token_id, **overrides
+        )
+    internvl_config._attn_implementation = attn_implementation
+    processor = build_internvl_processor(internvl_config, text_tokenizer, max_tiles)
+    internvl = InternVLForConditionalGeneration(internvl_config)
+    model = MMCoconutForConditionalGeneration.from_internvl(internvl, processor.tokenizer, dtype=dtype)
+    return model, processor
+
+
+def build_text_tokenizer(model_args, train_records):
+    """The tokenizer of a tiny model: InternVL3's, or one trained on `train_records` (`tokenizer: task`)."""
+    from data_curriculum import tokenizer_texts
+    from processing_mmcoconut import build_internvl_tokenizer, build_task_tokenizer
+
+    if model_args.tokenizer == "internvl":
+        return build_internvl_tokenizer()
+    if model_args.tokenizer == "task":
+        return build_task_tokenizer(tokenizer_texts(train_records), model_args.task_vocab_size)
+    raise ValueError(f"tokenizer must be one of {TOKENIZERS}, got {model_args.tokenizer!r}")
+
+
+def build_model_and_processor(model_args, data_args, curriculum_args, train_records=None):
+    """The model to train and its processor. `train_records` feed the task tokenizer (`tokenizer: task`)."""
+    import torch
+
+    from modeling_mmcoconut import MMCoconutForConditionalGeneration
+    from processing_mmcoconut import load_internvl_processor
+
     dtype = getattr(torch, model_args.model_dtype)
+    if model_args.tokenizer != "internvl" and model_args.tiny_internvl is None:
+        raise ValueError(f"tokenizer: {model_args.tokenizer} builds a new vocabulary, so it needs tiny_internvl "
+                         "(a model trained from scratch); a loaded model keeps its own tokenizer")
     if model_args.load_model_path:
+        require_hub(model_args.load_model_path, "model", "load_model_path")
         model = MMCoconutForConditionalGeneration.from_pretrained(
             model_args.load_model_path, dtype=dtype, attn_implementation=model_args.attn_implementation
         )
@@ -237,12 +365,12 @@ def build_model_and_processor(model_args, data_args, curriculum_args):
     elif model_args.tiny_internvl is not None:
         overrides = model_args.tiny_internvl
         overrides = json.loads(overrides) if isinstance(overrides, str) else dict(overrides)
-        internvl_config = tiny_internvl_config(**overrides)
-        internvl_config._attn_implementation = model_args.attn_implementation
-        processor = build_internvl_processor(internvl_config, build_internvl_tokenizer(), data_args.max_tiles)
-        internvl = InternVLForConditionalGeneration(internvl_config)
-        model = MMCoconutForConditionalGeneration.from_internvl(internvl, processor.tokenizer, dtype=dtype)
+        model, processor = build_tiny_model(
+            overrides, build_text_tokenizer(model_args, train_records), data_args.max_tiles,
+            model_args.attn_implementation, dtype,
+        )
     else:
+        require_hub(model_args.model_name_or_path, "model", "model_name_or_path")
         internvl, processor = load_base_internvl(
             model_args.model_name_or_path, dtype, model_args.attn_implementation, data_args.max_tiles
         )
@@ -297,7 +425,10 @@ def export_merged(peft_model, processor, directory):
 
 def load_base_internvl(name_or_path, dtype, attn_implementation, max_tiles):
     """(InternVL model, processor) of a base checkpoint: `-hf` loads directly, original format is converted."""
+    from transformers import InternVLForConditionalGeneration
+
     from convert_internvl_chat import is_internvl_chat_checkpoint, load_internvl_chat, load_internvl_chat_tokenizer
+    from processing_mmcoconut import build_internvl_processor, load_internvl_processor
 
     if is_internvl_chat_checkpoint(name_or_path):
         internvl = load_internvl_chat(name_or_path, dtype=dtype, attn_implementation=attn_implementation)
@@ -313,6 +444,13 @@ def main(argv=None):
     model_args, data_args, curriculum_args, eval_args, training_args = parse_args(
         sys.argv[1:] if argv is None else argv
     )
+    import transformers
+    from transformers import set_seed
+
+    from data_collator import MMCoconutCollator
+    from data_curriculum import CurriculumDataset
+    from trainer_curriculum import CurriculumSchedule, CurriculumTrainer
+
     logging.basicConfig(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         level=logging.INFO if training_args.process_index == 0 else logging.WARNING,
@@ -320,7 +458,11 @@ def main(argv=None):
     transformers.utils.logging.set_verbosity_warning()
     set_seed(training_args.seed)
 
-    model, processor = build_model_and_processor(model_args, data_args, curriculum_args)
+    with training_args.main_process_first(desc="loading data"):  # rank 0 generates/caches, the others read
+        train_records = load_records(data_args, "train")
+        evaluate = training_args.eval_strategy != "no" or training_args.do_eval
+        eval_records = load_records(data_args, "eval") if evaluate else None
+    model, processor = build_model_and_processor(model_args, data_args, curriculum_args, train_records)
     dataset_kwargs = dict(
         processor=processor,
         mode=curriculum_args.mode,
@@ -332,10 +474,6 @@ def main(argv=None):
         max_tiles=data_args.max_tiles,
         seed=training_args.seed,
     )
-    with training_args.main_process_first(desc="loading data"):  # rank 0 generates/caches, the others read
-        train_records = load_records(data_args, "train")
-        evaluate = training_args.eval_strategy != "no" or training_args.do_eval
-        eval_records = load_records(data_args, "eval") if evaluate else None
     train_dataset = CurriculumDataset(train_records, uniform_prob=curriculum_args.uniform_prob, **dataset_kwargs)
     eval_dataset = CurriculumDataset(eval_records, **dataset_kwargs) if evaluate else None
 
@@ -357,12 +495,7 @@ def main(argv=None):
         processing_class=processor,
         schedule=schedule,
         generation_eval_kwargs={"max_new_tokens": eval_args.eval_max_new_tokens} if eval_args.eval_accuracy else None,
-        model_card_info=dict(
-            base_model=model_args.load_model_path or model_args.model_name_or_path,
-            mode=curriculum_args.mode,
-            recipe=yaml.safe_dump(recipe_as_trained(model_args, data_args, curriculum_args, training_args)),
-            hub_model_id=training_args.hub_model_id,
-        ),
+        model_card_info=model_card_info(model_args, data_args, curriculum_args, training_args),
     )
     check_distributed_setup(trainer)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
@@ -370,9 +503,7 @@ def main(argv=None):
     if trainer.is_world_process_zero():
         processor.save_pretrained(training_args.output_dir)
     if eval_dataset is not None:
-        metrics = trainer.evaluate()
-        trainer.log_metrics("eval", metrics)
-        trainer.save_metrics("eval", metrics)
+        trainer.save_metrics("eval", final_eval_metrics(trainer))
     trainer.create_model_card()
     if training_args.push_to_hub:
         trainer.push_to_hub(commit_message=f"mmcoconut {curriculum_args.mode}, stage {model.config.latent_stage}")
@@ -381,7 +512,59 @@ def main(argv=None):
             logger.warning("LoRA merge skipped: the weights are sharded; the adapters are in %s", training_args.output_dir)
         else:
             export_merged(trainer.model, processor, Path(training_args.output_dir) / "merged")
+    if trainer.is_world_process_zero():
+        print(run_summary(trainer, eval_records, model_args, training_args))
     return trainer
+
+
+def final_eval_metrics(trainer):
+    """The evaluation of the trained model: the one the last epoch already ran, else a new one (never twice)."""
+    last = next((entry for entry in reversed(trainer.state.log_history) if "eval_loss" in entry), None)
+    if last is not None and last.get("step") == trainer.state.global_step:
+        return {k: v for k, v in last.items() if k.startswith("eval_") or k == "epoch"}
+    return trainer.evaluate()
+
+
+def model_card_info(model_args, data_args, curriculum_args, training_args):
+    """What the model card says about the run: the real starting point and where the loadable model is."""
+    if model_args.tiny_internvl is not None and not model_args.load_model_path:
+        base_model, base_description = None, f"random init: tiny config ({model_args.tokenizer} tokenizer)"
+    else:
+        base_model = model_args.load_model_path or model_args.model_name_or_path
+        base_description = f"`{base_model}`"
+    output_dir = Path(training_args.output_dir)
+    return dict(
+        base_model=base_model,
+        base_description=base_description,
+        mode=curriculum_args.mode,
+        recipe=yaml.safe_dump(recipe_as_trained(model_args, data_args, curriculum_args, training_args)),
+        hub_model_id=training_args.hub_model_id if training_args.push_to_hub else None,
+        load_path=str(output_dir / "merged" if model_args.use_lora else output_dir),
+        lora=model_args.use_lora,
+    )
+
+
+def run_summary(trainer, eval_records, model_args, training_args):
+    """The closing lines of a run: MC accuracy and answer length per stage (as evaluated), and what to run next."""
+    from trainer_curriculum import format_stage_table
+
+    out = Path(training_args.output_dir)
+    loadable = out / "merged" if model_args.use_lora else out
+    lines = []
+    if eval_records:
+        with_choices = [r for r in eval_records if r.get("choices")]
+        chance = sum(1 / len(r["choices"]) for r in with_choices) / len(with_choices) if with_choices else None
+        table = format_stage_table(trainer.state.log_history, chance)
+        if table:
+            lines += [f"Evaluated on {len(eval_records)} validation questions, at the end of each stage:", table, ""]
+    lines.append(f"Model: {loadable} (load with from_pretrained; model card {out / 'README.md'})")
+    if model_args.use_lora:
+        lines.append(f"LoRA adapters (need peft and the base model): {out}")
+    lines.append("Try next:")
+    lines.append(f"  python predict.py --model {loadable} --image IMAGE --question QUESTION")
+    lines.append(f"  python evaluate_aokvqa.py --model {loadable} --data-file EVAL.jsonl --mode coconut "
+                 f"--output-dir {out / 'eval'}   (README, Evaluation)")
+    return "\n".join(lines)
 
 
 def recipe_as_trained(model_args, data_args, curriculum_args, training_args):
@@ -397,4 +580,7 @@ def recipe_as_trained(model_args, data_args, curriculum_args, training_args):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except SetupError as error:  # what to change, in one line, rather than a traceback through the loaders
+        sys.exit(f"train.py: {error}")

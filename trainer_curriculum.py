@@ -124,6 +124,12 @@ class CurriculumCallback(TrainerCallback):
             reset_optimizer_state(self.trainer.optimizer)
             logger.info("Stage %d begins: optimizer state reset", stage)
 
+    def on_epoch_end(self, args, state, control, **kwargs):
+        # The last epoch of a stage ends with a training log, so that no log averages its loss and
+        # latents_per_sample over two stages.
+        if self.schedule.starts_stage(self._epoch(state)):
+            control.should_log = True
+
     def _epoch(self, state):
         # `state.epoch` is a float that trails by rounding; the global step is exact.
         return state.global_step // self.trainer.curriculum_steps_per_epoch
@@ -228,7 +234,7 @@ class CurriculumTrainer(Trainer):
         if "loss" in logs:  # a training log
             elapsed = time.perf_counter() - self._log_start
             logs["stage"] = self.curriculum_stage
-            logs["latents_per_sample"] = self._log_latents / max(self._log_samples, 1)
+            logs["latents_per_sample"] = round(self._log_latents / max(self._log_samples, 1), 2)
             logs["train_tokens_per_second"] = round(self._log_tokens / max(elapsed, 1e-9), 2)
             self._log_tokens = self._log_latents = self._log_samples = 0
             self._log_start = time.perf_counter()
@@ -241,9 +247,20 @@ class CurriculumTrainer(Trainer):
         The generated answers follow the validation data's current stage (its latents), so
         `metric_for_best_model: eval_mc_accuracy` picks checkpoints by what evaluation will measure.
         """
+        started = time.perf_counter()
         output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
         if dataloader.dataset is not self.eval_dataset:
             return output
+        try:
+            output = self._add_eval_metrics(output, metric_key_prefix)
+        finally:
+            # An evaluation between two training logs is not training time: leave it out of tokens/s.
+            self._log_start += time.perf_counter() - started
+        return output
+
+    def _add_eval_metrics(self, output, metric_key_prefix):
+        # The stage the evaluated data was laid out at, so results group by stage (`format_stage_table`).
+        output.metrics[f"{metric_key_prefix}_stage"] = getattr(self.eval_dataset, "stage", None)
         skipped = getattr(self.eval_dataset, "skipped", None)
         if skipped is not None:  # records the validation set dropped (too long, bad image): not in these numbers
             output.metrics[f"{metric_key_prefix}_num_skipped"] = sum(skipped.values())
@@ -263,6 +280,9 @@ class CurriculumTrainer(Trainer):
         for key, value in result.metrics.items():
             if isinstance(value, (int, float)):
                 output.metrics[f"{metric_key_prefix}_{key}"] = value
+        if result.samples:
+            latents = [sample["num_latents"] for sample in result.samples]
+            output.metrics[f"{metric_key_prefix}_mean_latents"] = sum(latents) / len(latents)
         return output
 
     def create_model_card(self, model_name=None, **kwargs):
@@ -274,22 +294,62 @@ class CurriculumTrainer(Trainer):
         path.write_text(render_model_card(self, model_name or Path(self.args.output_dir).name))
 
 
+def stage_results(log_history):
+    """{stage: the last evaluation at that stage}, from a Trainer's `log_history` (entries with `eval_stage`)."""
+    results = {}
+    for entry in log_history:
+        if entry.get("eval_stage") is not None:
+            results[entry["eval_stage"]] = entry
+    return dict(sorted(results.items()))
+
+
+def format_stage_table(log_history, chance=None):
+    """A Markdown table: per curriculum stage, its last evaluation's MC accuracy and mean generated tokens.
+
+    `chance` is the accuracy of guessing (1 / choices). Empty when no evaluation generated answers.
+    """
+    rows = [(stage, entry) for stage, entry in stage_results(log_history).items() if "eval_mc_accuracy" in entry]
+    if not rows:
+        return ""
+    lines = ["| stage | latents | epoch | MC accuracy | chance | mean generated tokens | unparseable |",
+             "|---|---|---|---|---|---|---|"]
+    chance_text = f"{100 * chance:.0f}%" if chance is not None else "-"
+    for stage, entry in rows:
+        latents = entry.get("eval_mean_latents")
+        lines.append(
+            f"| {stage} | {'-' if latents is None else f'{latents:g}'} | {entry.get('epoch', 0):.0f} "
+            f"| {100 * entry['eval_mc_accuracy']:.1f}% | {chance_text} | {entry['eval_mean_generated_tokens']:.1f} "
+            f"| {entry.get('eval_num_unparseable', '-')} |"
+        )
+    return "\n".join(lines)
+
+
 def render_model_card(trainer, model_name):
     config = trainer.model.config
     info = trainer.model_card_info
-    base_model = info.get("base_model", "unknown")
+    base_model = info.get("base_model")
+    base_description = info.get("base_description") or f"`{base_model}`"
     evals = [entry for entry in trainer.state.log_history if any(k.startswith("eval_") for k in entry)]
     metrics = {k: v for k, v in (evals[-1] if evals else {}).items() if k.startswith("eval_")}
     stage = config.latent_stage
     c_thought = config.c_thought
     num_latents = config.num_inference_latents
     recipe = info.get("recipe", "")
+    # The path a reader can load: the Hub repo when pushed, else the directory itself (the merged export for LoRA).
+    load_path = info.get("hub_model_id") or info.get("load_path") or str(Path(trainer.args.output_dir))
     metric_lines = "\n".join(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items())
+    stage_table = format_stage_table(trainer.state.log_history)
+    front_matter = f"base_model: {base_model}\n" if base_model and not Path(base_model).exists() else ""
+    lora_note = (
+        f"\nTrained with LoRA: `{trainer.args.output_dir}` holds the PEFT adapters (they need `peft` and the base "
+        f"model); `{load_path}` is the standalone model with the adapters merged in, which is what loads below "
+        "and what evaluation takes.\n"
+        if info.get("lora") else ""
+    )
     return f"""---
 library_name: transformers
 pipeline_tag: image-text-to-text
-base_model: {base_model}
-tags: [mmcoconut, coconut, continuous-thought, internvl, a-okvqa]
+{front_matter}tags: [mmcoconut, coconut, continuous-thought, internvl, a-okvqa]
 ---
 
 # {model_name}
@@ -299,25 +359,25 @@ continuous latent space (Coconut, "Chain of Continuous Thought").
 
 | | |
 |---|---|
-| base model | `{base_model}` |
+| base model | {base_description} |
 | mode | `{info.get("mode", "coconut")}` |
 | final curriculum stage | {stage} |
 | c_thought | {c_thought} |
 | continuous thoughts at inference | {num_latents} |
-| epochs | {trainer.state.epoch} |
+| epochs | {round(trainer.state.epoch or 0, 2):g} |
 
 ## Metrics
 
 | metric | value |
 |---|---|
 {metric_lines or "| (no evaluation was run) | |"}
-
+{f"{chr(10)}Per curriculum stage (its last evaluation):{chr(10)}{chr(10)}{stage_table}{chr(10)}" if stage_table else ""}
 ## Use
-
+{lora_note}
 ```python
 from transformers import AutoModel, AutoProcessor
-model = AutoModel.from_pretrained("{info.get("hub_model_id") or model_name}", trust_remote_code=True)
-processor = AutoProcessor.from_pretrained("{info.get("hub_model_id") or model_name}")
+model = AutoModel.from_pretrained("{load_path}", trust_remote_code=True)
+processor = AutoProcessor.from_pretrained("{load_path}")
 ```
 Prompts end with `<|start-latent|>` + {num_latents} x `<|latent|>` + `<|end-latent|>`; `model.generate`
 fills the thoughts and decodes the remaining steps and the `Answer:` line.
@@ -338,4 +398,6 @@ __all__ = [
     "stagewise_lr_lambda",
     "reset_optimizer_state",
     "render_model_card",
+    "stage_results",
+    "format_stage_table",
 ]
