@@ -14,7 +14,7 @@ $(VENV)/.installed: requirements.txt setup.cfg requirements.lock
 	$(VENV)/bin/pip install -c requirements.lock -e ".[dev]"
 	touch $@
 
-.PHONY: install test test-slow test-latest test-oldest test-cross-version lock demo
+.PHONY: install test test-slow test-latest test-oldest test-cross-version lock demo readme-check
 install: $(VENV)/.installed
 
 test: $(VENV)/.installed
@@ -61,3 +61,7 @@ lock:
 
 demo: $(VENV)/.installed
 	$(PY) train.py recipes/demo.yaml
+
+# Every ```bash block of README.md, in order, in a fresh copy of the working tree (tests/readme_check.py).
+readme-check: $(VENV)/.installed
+	$(PY) tests/readme_check.py

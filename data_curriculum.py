@@ -484,6 +484,7 @@ class PromptDataset(torch.utils.data.Dataset):
 
 
 __all__ = [
-    "MODES", "LATENT_MODES", "IGNORE_INDEX", "step_text", "answer_text", "tokenizer_texts", "to_rgb", "load_image", "CurriculumDataset",
+    "MODES", "LATENT_MODES", "IGNORE_INDEX", "step_text", "answer_text", "tokenizer_texts", "to_rgb", "load_image",
+    "CurriculumDataset",
     "PromptDataset",
 ]

@@ -26,7 +26,7 @@ import yaml
 logger = logging.getLogger("train")
 
 # `data_aokvqa.SOURCES` + "synthetic" and `data_curriculum.MODES`, named here for the help without importing those
-# modules (tests/test_train.py keeps them equal).
+# modules (tests/test_cli.py keeps them equal).
 DATA_SOURCES = ("aokvqa_hf", "aokvqa_official", "canonical", "synthetic")
 MODES = ("cot", "coconut", "no_cot", "no_thoughts", "pause")
 TOKENIZERS = ("internvl", "task")
@@ -240,6 +240,16 @@ def require_hub(name_or_path, what, field_name):
                          f"{fixes}") from None
 
 
+def require_hub_access(model_args, data_args):
+    """`require_hub` for every Hub id the run will load (model first, then data), before anything is loaded."""
+    if model_args.load_model_path:
+        require_hub(model_args.load_model_path, "model", "load_model_path")
+    elif model_args.tiny_internvl is None:
+        require_hub(model_args.model_name_or_path, "model", "model_name_or_path")
+    if data_args.data_source == "aokvqa_hf":
+        require_hub(data_args.hf_dataset_id, "dataset", "hf_dataset_id")
+
+
 def check_distributed_setup(trainer):
     """Refuse the launches that accelerate/transformers would silently run as something else.
 
@@ -275,8 +285,6 @@ def load_records(data_args, split_name):
         )
     if data_args.data_source not in DATA_SOURCES:
         raise ValueError(f"data_source must be one of {DATA_SOURCES}, got {data_args.data_source!r}")
-    if data_args.data_source == "aokvqa_hf":
-        require_hub(data_args.hf_dataset_id, "dataset", "hf_dataset_id")
     return data_aokvqa.load_records(
         data_args.data_source,
         data_args.train_split if train else data_args.eval_split,
@@ -357,7 +365,6 @@ def build_model_and_processor(model_args, data_args, curriculum_args, train_reco
         raise ValueError(f"tokenizer: {model_args.tokenizer} builds a new vocabulary, so it needs tiny_internvl "
                          "(a model trained from scratch); a loaded model keeps its own tokenizer")
     if model_args.load_model_path:
-        require_hub(model_args.load_model_path, "model", "load_model_path")
         model = MMCoconutForConditionalGeneration.from_pretrained(
             model_args.load_model_path, dtype=dtype, attn_implementation=model_args.attn_implementation
         )
@@ -370,7 +377,6 @@ def build_model_and_processor(model_args, data_args, curriculum_args, train_reco
             model_args.attn_implementation, dtype,
         )
     else:
-        require_hub(model_args.model_name_or_path, "model", "model_name_or_path")
         internvl, processor = load_base_internvl(
             model_args.model_name_or_path, dtype, model_args.attn_implementation, data_args.max_tiles
         )
@@ -457,6 +463,7 @@ def main(argv=None):
     )
     transformers.utils.logging.set_verbosity_warning()
     set_seed(training_args.seed)
+    require_hub_access(model_args, data_args)
 
     with training_args.main_process_first(desc="loading data"):  # rank 0 generates/caches, the others read
         train_records = load_records(data_args, "train")
@@ -513,14 +520,18 @@ def main(argv=None):
         else:
             export_merged(trainer.model, processor, Path(training_args.output_dir) / "merged")
     if trainer.is_world_process_zero():
-        print(run_summary(trainer, eval_records, model_args, training_args))
+        print(run_summary(trainer, eval_records, model_args, data_args, curriculum_args, eval_args, training_args))
     return trainer
 
 
 def final_eval_metrics(trainer):
-    """The evaluation of the trained model: the one the last epoch already ran, else a new one (never twice)."""
+    """The evaluation of the trained model: the one the last epoch already ran, else a new one (never twice).
+
+    With `load_best_model_at_end` the model is the best checkpoint's, which the last evaluation did not measure.
+    """
     last = next((entry for entry in reversed(trainer.state.log_history) if "eval_loss" in entry), None)
-    if last is not None and last.get("step") == trainer.state.global_step:
+    reloaded = trainer.args.load_best_model_at_end and trainer.state.best_model_checkpoint is not None
+    if last is not None and last.get("step") == trainer.state.global_step and not reloaded:
         return {k: v for k, v in last.items() if k.startswith("eval_") or k == "epoch"}
     return trainer.evaluate()
 
@@ -544,8 +555,10 @@ def model_card_info(model_args, data_args, curriculum_args, training_args):
     )
 
 
-def run_summary(trainer, eval_records, model_args, training_args):
+def run_summary(trainer, eval_records, model_args, data_args, curriculum_args, eval_args, training_args):
     """The closing lines of a run: MC accuracy and answer length per stage (as evaluated), and what to run next."""
+    import shlex
+
     from trainer_curriculum import format_stage_table
 
     out = Path(training_args.output_dir)
@@ -556,14 +569,27 @@ def run_summary(trainer, eval_records, model_args, training_args):
         chance = sum(1 / len(r["choices"]) for r in with_choices) / len(with_choices) if with_choices else None
         table = format_stage_table(trainer.state.log_history, chance)
         if table:
-            lines += [f"Evaluated on {len(eval_records)} validation questions, at the end of each stage:", table, ""]
-    lines.append(f"Model: {loadable} (load with from_pretrained; model card {out / 'README.md'})")
+            lines += [f"Evaluated on {len(eval_records)} validation questions; the last evaluation of each stage:",
+                      table, ""]
+    lines.append(f"Model: {loadable} (from_pretrained loads it; model card: {out / 'README.md'})")
     if model_args.use_lora:
-        lines.append(f"LoRA adapters (need peft and the base model): {out}")
+        lines.append(f"LoRA adapters (they need peft and the base model): {out}")
     lines.append("Try next:")
-    lines.append(f"  python predict.py --model {loadable} --image IMAGE --question QUESTION")
-    lines.append(f"  python evaluate_aokvqa.py --model {loadable} --data-file EVAL.jsonl --mode coconut "
-                 f"--output-dir {out / 'eval'}   (README, Evaluation)")
+    example = next((r for r in eval_records or () if r.get("image") and r.get("choices")), None)
+    if example is not None:
+        question = example["question"].split("\n")[0]  # the choices follow on their own lines
+        lines.append(f"  python predict.py --model {loadable} --image {example['image']} --question "
+                     f"{shlex.quote(question)} --choices {' '.join(map(shlex.quote, example['choices']))}")
+    eval_mode = {"cot": "cot", "no_cot": "vanilla"}.get(curriculum_args.mode, "coconut")
+    data = {
+        "synthetic": f"--data-file {Path(data_args.synthetic_dir) / 'canonical' / 'val.jsonl'}",
+        "canonical": f"--data-file {data_args.eval_file}",
+        "aokvqa_hf": f"--hf-dataset {data_args.hf_dataset_id}",
+        "aokvqa_official": f"--aokvqa-dir {data_args.aokvqa_dir} --coco-dir {data_args.coco_dir}",
+    }[data_args.data_source]
+    lines.append(f"  python evaluate_aokvqa.py --model {loadable} {data} --split {data_args.eval_split} "
+                 f"--mode {eval_mode} --max-tiles {data_args.max_tiles} "
+                 f"--max-new-tokens {eval_args.eval_max_new_tokens} --output-dir {out / 'eval'}")
     return "\n".join(lines)
 
 

@@ -339,6 +339,7 @@ def render_model_card(trainer, model_name):
     load_path = info.get("hub_model_id") or info.get("load_path") or str(Path(trainer.args.output_dir))
     metric_lines = "\n".join(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items())
     stage_table = format_stage_table(trainer.state.log_history)
+    stage_section = f"\nPer curriculum stage (its last evaluation):\n\n{stage_table}\n" if stage_table else ""
     front_matter = f"base_model: {base_model}\n" if base_model and not Path(base_model).exists() else ""
     lora_note = (
         f"\nTrained with LoRA: `{trainer.args.output_dir}` holds the PEFT adapters (they need `peft` and the base "
@@ -371,7 +372,7 @@ continuous latent space (Coconut, "Chain of Continuous Thought").
 | metric | value |
 |---|---|
 {metric_lines or "| (no evaluation was run) | |"}
-{f"{chr(10)}Per curriculum stage (its last evaluation):{chr(10)}{chr(10)}{stage_table}{chr(10)}" if stage_table else ""}
+{stage_section}
 ## Use
 {lora_note}
 ```python
