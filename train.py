@@ -121,6 +121,11 @@ class CurriculumArguments:
     mode: str = field(default="coconut", metadata={"help": f"One of {MODES}."})
     c_thought: int = field(default=2, metadata={"help": "Continuous thoughts per replaced reasoning step."})
     epochs_per_stage: int = field(default=3, metadata={"help": "Epochs each curriculum stage lasts."})
+    first_stage_epochs: int | None = field(
+        default=None,
+        metadata={"help": "Epochs of the run's first stage (default: epochs_per_stage). From scratch, a longer "
+                          "stage 0 gives CoT the budget Coconut gives it as a separate run."},
+    )
     max_latent_stage: int = field(default=3, metadata={"help": "Last stage; later epochs stay at it."})
     first_stage: int = field(
         default=0, metadata={"help": "Stage of the first epoch (1 when continuing from a stage-0 CoT checkpoint)."}
@@ -486,6 +491,7 @@ def main(argv=None):
 
     schedule = CurriculumSchedule(
         epochs_per_stage=curriculum_args.epochs_per_stage,
+        first_stage_epochs=curriculum_args.first_stage_epochs,
         max_latent_stage=curriculum_args.max_latent_stage,
         first_stage=curriculum_args.first_stage,
         reset_optimizer=curriculum_args.reset_optimizer,
@@ -557,8 +563,6 @@ def model_card_info(model_args, data_args, curriculum_args, training_args):
 
 def run_summary(trainer, eval_records, model_args, data_args, curriculum_args, eval_args, training_args):
     """The closing lines of a run: MC accuracy and answer length per stage (as evaluated), and what to run next."""
-    import shlex
-
     from trainer_curriculum import format_stage_table
 
     out = Path(training_args.output_dir)
@@ -579,7 +583,7 @@ def run_summary(trainer, eval_records, model_args, data_args, curriculum_args, e
     if example is not None:
         question = example["question"].split("\n")[0]  # the choices follow on their own lines
         lines.append(f"  python predict.py --model {loadable} --image {example['image']} --question "
-                     f"{shlex.quote(question)} --choices {' '.join(map(shlex.quote, example['choices']))}")
+                     f"{_shell_quote(question)} --choices {' '.join(map(_shell_quote, example['choices']))}")
     eval_mode = {"cot": "cot", "no_cot": "vanilla"}.get(curriculum_args.mode, "coconut")
     data = {
         "synthetic": f"--data-file {Path(data_args.synthetic_dir) / 'canonical' / 'val.jsonl'}",
@@ -591,6 +595,15 @@ def run_summary(trainer, eval_records, model_args, data_args, curriculum_args, e
                  f"--mode {eval_mode} --max-tiles {data_args.max_tiles} "
                  f"--max-new-tokens {eval_args.eval_max_new_tokens} --output-dir {out / 'eval'}")
     return "\n".join(lines)
+
+
+def _shell_quote(text):
+    """`text` as one shell word, in double quotes when that reads better than shlex's quoting of a `'`."""
+    import shlex
+
+    if "'" in text and not any(c in text for c in '"$`\\!'):
+        return f'"{text}"'
+    return shlex.quote(text)
 
 
 def recipe_as_trained(model_args, data_args, curriculum_args, training_args):

@@ -22,16 +22,26 @@ logger = logging.getLogger(__name__)
 SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
 
 
-def stage_for_epoch(epoch, epochs_per_stage, max_latent_stage, first_stage=0):
+def stage_for_epoch(epoch, epochs_per_stage, max_latent_stage, first_stage=0, first_stage_epochs=None):
     """Curriculum stage of (0-based) `epoch`: `first_stage + epoch // epochs_per_stage`.
 
     As in Coconut, the stage after `max_latent_stage` is the final one: every remaining language step
     is removed, with `max_latent_stage * c_thought` latents; later epochs stay there. Where no sample
     has more than `max_latent_stage` steps it lays out the data as `max_latent_stage` does.
+
+    `first_stage_epochs` (default `epochs_per_stage`) is the length of the run's first stage: a run that starts
+    from scratch can give CoT (stage 0) the longer budget that Coconut gives it as a separate run.
     """
     if epochs_per_stage < 1:
         raise ValueError(f"epochs_per_stage must be >= 1, got {epochs_per_stage}")
-    return min(first_stage + int(epoch) // epochs_per_stage, max_latent_stage + 1)
+    if first_stage_epochs is None:
+        first_stage_epochs = epochs_per_stage
+    if first_stage_epochs < 1:
+        raise ValueError(f"first_stage_epochs must be >= 1, got {first_stage_epochs}")
+    epoch = int(epoch)
+    if epoch < first_stage_epochs:
+        return min(first_stage, max_latent_stage + 1)
+    return min(first_stage + 1 + (epoch - first_stage_epochs) // epochs_per_stage, max_latent_stage + 1)
 
 
 @dataclass(frozen=True)
@@ -43,11 +53,14 @@ class CurriculumSchedule:
     first_stage: int = 0
     reset_optimizer: bool = True
     mode: str = "coconut"
+    first_stage_epochs: int | None = None
 
     def stage(self, epoch):
         if self.mode in ("cot", "no_cot"):
             return 0
-        return stage_for_epoch(epoch, self.epochs_per_stage, self.max_latent_stage, self.first_stage)
+        return stage_for_epoch(
+            epoch, self.epochs_per_stage, self.max_latent_stage, self.first_stage, self.first_stage_epochs
+        )
 
     def starts_stage(self, epoch):
         """Whether `epoch` is the first epoch of its stage (after the first stage of the run)."""

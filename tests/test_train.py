@@ -47,8 +47,8 @@ def test_demo_recipe_trains_through_stages_and_saves_a_loadable_checkpoint(tmp_p
     out = tmp_path / "run"
     trainer = train.main([
         "recipes/demo.yaml", "--output_dir", str(out), "--synthetic_dir", str(tmp_path / "data"),
-        "--synthetic_train", "8", "--synthetic_val", "4", "--num_train_epochs", "2", "--epochs_per_stage", "1",
-        "--per_device_train_batch_size", "4", "--logging_steps", "1",
+        "--synthetic_train", "8", "--synthetic_val", "4", "--num_train_epochs", "2", "--first_stage_epochs", "1",
+        "--epochs_per_stage", "1", "--per_device_train_batch_size", "4", "--logging_steps", "1",
         "--report_to", "tensorboard",
     ])
     stages = [entry["stage"] for entry in trainer.state.log_history if "loss" in entry]
@@ -77,7 +77,7 @@ def test_training_logs_never_average_over_a_stage_boundary(tmp_path):
     # average stage 0's and stage 1's losses and latents.
     trainer = train.main([
         "recipes/demo.yaml", "--output_dir", str(tmp_path / "run"), "--synthetic_dir", str(tmp_path / "data"),
-        "--synthetic_train", "8", "--num_train_epochs", "3", "--epochs_per_stage", "1",
+        "--synthetic_train", "8", "--num_train_epochs", "3", "--first_stage_epochs", "1", "--epochs_per_stage", "1",
         "--per_device_train_batch_size", "4", "--logging_steps", "3", "--eval_strategy", "no",
         "--save_strategy", "no",
     ])
@@ -189,3 +189,21 @@ def test_launches_that_would_silently_run_something_else_are_refused(monkeypatch
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(RuntimeError, match="launched as 2 processes"):
         train.check_distributed_setup(FakeTrainer())
+
+
+@pytest.mark.slow
+def test_demo_learns(tmp_path):
+    """`make demo` as shipped (fixed seed): CoT well above chance, and the latent stages answer from fewer tokens
+    while staying above chance."""
+    from trainer_curriculum import stage_results
+
+    trainer = train.main(["recipes/demo.yaml", "--output_dir", str(tmp_path / "demo"),
+                          "--synthetic_dir", str(tmp_path / "data")])
+    results = stage_results(trainer.state.log_history)
+    assert sorted(results) == [0, 1, 2]
+    chance = 0.25  # four choices
+    accuracy = {stage: entry["eval_mc_accuracy"] for stage, entry in results.items()}
+    tokens = [results[stage]["eval_mean_generated_tokens"] for stage in (0, 1, 2)]
+    assert accuracy[0] >= chance + DEMO_MARGIN_COT, accuracy
+    assert accuracy[2] >= chance + DEMO_MARGIN_FINAL, accuracy
+    assert tokens[0] > tokens[1] > tokens[2], tokens
