@@ -13,7 +13,7 @@ A block's fence line may say how the check treats it, after the language:
 
 Blocks run in order and later blocks may use what earlier ones wrote (the demo's checkpoint, the experiment's
 runs). The first failing block stops the check and shows its output. Prints one line per block (seconds, ran or
-skipped and why) and the total wall time.
+skipped and why) and the total wall time; with --keep, each block's output is in DIR/readme-check-logs/.
 """
 
 import argparse
@@ -153,6 +153,8 @@ def main(argv=None):
     env = {**os.environ, "PATH": f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}",
            "VIRTUAL_ENV": str(workdir / ".venv")}
     env.pop("PYTHONPATH", None)  # the copy's own modules, as in a clone
+    logs = workdir / "readme-check-logs"  # each block's output, kept with --keep
+    logs.mkdir()
     print(f"README check in {workdir}")
     started = time.perf_counter()
     try:
@@ -163,6 +165,7 @@ def main(argv=None):
                 print(f"block {block.number:>2} (README.md:{block.line}) skipped: {block.skip} | {block.title}")
                 continue
             proc, seconds = run_block(block, workdir, env)
+            (logs / f"block-{block.number:02d}.log").write_text(proc.stdout + proc.stderr, encoding="utf-8")
             status = "ok" if proc.returncode == 0 else f"FAILED (exit {proc.returncode})"
             print(f"block {block.number:>2} (README.md:{block.line}) {seconds:6.0f} s {status} | {block.title}",
                   flush=True)

@@ -191,6 +191,12 @@ def test_launches_that_would_silently_run_something_else_are_refused(monkeypatch
         train.check_distributed_setup(FakeTrainer())
 
 
+# Measured with the seed of recipes/demo.yaml: 72% (CoT), 59% and 57% (README's Demo); the margins leave room for
+# the floating-point differences between machines and thread counts.
+DEMO_MARGIN_COT = 0.30
+DEMO_MARGIN_FINAL = 0.20
+
+
 @pytest.mark.slow
 def test_demo_learns(tmp_path):
     """`make demo` as shipped (fixed seed): CoT well above chance, and the latent stages answer from fewer tokens
