@@ -15,7 +15,7 @@ import sys
 logger = logging.getLogger("evaluate_aokvqa")
 
 # torch and the project's modules are imported after the arguments are parsed, so that `--help` answers at once.
-# These values are theirs (aokvqa_evaluation, data_aokvqa, processing_mmcoconut); tests/test_evaluate_aokvqa.py
+# These values are theirs (aokvqa_evaluation, data_aokvqa, processing_mmcoconut); tests/test_cli.py
 # keeps them equal.
 EVAL_MODES = ("vanilla", "cot", "coconut")
 DEFAULT_MAX_NEW_TOKENS = {"vanilla": 32, "cot": 256, "coconut": 256}
