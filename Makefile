@@ -14,7 +14,7 @@ $(VENV)/.installed: requirements.txt setup.cfg requirements.lock
 	$(VENV)/bin/pip install -c requirements.lock -e ".[dev]"
 	touch $@
 
-.PHONY: install test test-slow test-latest test-oldest test-cross-version lock demo
+.PHONY: install test test-slow test-latest test-oldest test-cross-version lock demo readme-check
 install: $(VENV)/.installed
 
 test: $(VENV)/.installed
@@ -59,5 +59,10 @@ lock:
 	  .venv-lock/bin/pip freeze --all --exclude-editable | grep -v '^mmcoconut'; } > requirements.lock
 	rm -rf .venv-lock
 
+# `make demo` again replaces the previous demo; train.py itself refuses to train over a previous run.
 demo: $(VENV)/.installed
-	$(PY) train.py recipes/demo.yaml
+	$(PY) train.py recipes/demo.yaml --overwrite_output_dir true
+
+# Every ```bash block of README.md, in order, in a fresh copy of the working tree (tests/readme_check.py).
+readme-check: $(VENV)/.installed
+	$(PY) tests/readme_check.py

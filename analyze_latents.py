@@ -25,15 +25,43 @@ import logging
 import sys
 from pathlib import Path
 
-import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
+# processing_mmcoconut.DEFAULT_MAX_TILES and the keys of DTYPES below (tests/test_cli.py keeps them equal).
+DEFAULT_MAX_TILES = 8
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
-from data_aokvqa import load_canonical
-from data_collator import MMCoconutCollator
-from data_curriculum import CurriculumDataset, step_text
-from modeling_mmcoconut import MMCoconutForConditionalGeneration
-from processing_mmcoconut import DEFAULT_MAX_TILES, check_checkpoint_dir, load_internvl_processor
+
+def build_parser():
+    """The CLI's arguments; needs no torch, so `--help` answers before the imports below."""
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("--model", required=True, help="checkpoint directory (model + processor)")
+    parser.add_argument("--data-file", required=True, help="canonical records, JSON or JSONL")
+    parser.add_argument("--limit", type=int, default=8, help="analyze the first N records (a larger N: more of them)")
+    parser.add_argument("--num-latents", type=int, default=None,
+                        help="latents per prompt (default: the checkpoint's latent_stage × c_thought)")
+    parser.add_argument("--top-k", type=int, default=5, help="decoded tokens kept per thought")
+    parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--max-tiles", type=int, default=DEFAULT_MAX_TILES, help="InternVL tiles per image, at most")
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, default="float32")
+    parser.add_argument("--device", default="auto", help="auto (cuda when present), cuda or cpu")
+    parser.add_argument("--plot-samples", type=int, default=8, help="samples shown in the top-k table")
+    return parser
+
+
+if __name__ == "__main__":  # `--help` and usage errors answer here, before the seconds-long imports below
+    build_parser().parse_args()
+
+import torch  # noqa: E402
+from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from data_aokvqa import load_canonical  # noqa: E402
+from data_collator import MMCoconutCollator  # noqa: E402
+from data_curriculum import CurriculumDataset, step_text  # noqa: E402
+from modeling_mmcoconut import MMCoconutForConditionalGeneration  # noqa: E402
+from processing_mmcoconut import check_checkpoint_dir, load_internvl_processor  # noqa: E402
 
 logger = logging.getLogger("analyze_latents")
 
@@ -434,23 +462,6 @@ def format_summary(results):
     return "\n".join(lines)
 
 
-def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="checkpoint directory (model + processor)")
-    parser.add_argument("--data-file", required=True, help="canonical records, JSON or JSONL")
-    parser.add_argument("--limit", type=int, default=8, help="analyze the first N records")
-    parser.add_argument("--num-latents", type=int, default=None,
-                        help="latents per prompt (default: the checkpoint's latent_stage × c_thought)")
-    parser.add_argument("--top-k", type=int, default=5, help="decoded tokens kept per thought")
-    parser.add_argument("--output-dir", required=True)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--max-tiles", type=int, default=DEFAULT_MAX_TILES, help="InternVL tiles per image, at most")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--plot-samples", type=int, default=8, help="samples shown in the top-k table")
-    return parser
-
-
 def main(argv=None):
     """Run the CLI; returns the results dict."""
     parser = build_parser()
@@ -461,7 +472,8 @@ def main(argv=None):
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
 
     check_checkpoint_dir(args.model)  # the processor's files too, before the model is loaded
-    model = load_model(args.model, DTYPES[args.dtype], args.device)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    model = load_model(args.model, DTYPES[args.dtype], device)
     processor = load_internvl_processor(args.model, max_tiles=args.max_tiles)
     records = load_canonical(args.data_file)[: args.limit]
     results = analyze(

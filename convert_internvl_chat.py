@@ -34,18 +34,40 @@ import os
 import re
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file
-from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLVisionConfig
-from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
+# `<IMG_CONTEXT>` in InternVL's Qwen-based tokenizers; the original config does not store it (the remote code
+# looks it up in the tokenizer at run time).
+QWEN_IMAGE_CONTEXT_TOKEN_ID = 151667
+
+
+def build_parser():
+    """The CLI's arguments; needs no torch, so `--help` answers before the imports below."""
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("source", help="original-format checkpoint: local directory or Hub id")
+    parser.add_argument("destination", help="directory for the native InternVL checkpoint")
+    parser.add_argument("--dtype", default=None, help="e.g. bfloat16; default: what from_pretrained picks")
+    parser.add_argument(
+        "--image-token-id",
+        type=int,
+        default=None,
+        help=f"id of <IMG_CONTEXT>; default: the checkpoint tokenizer's, else {QWEN_IMAGE_CONTEXT_TOKEN_ID}",
+    )
+    return parser
+
+
+if __name__ == "__main__":  # `--help` and usage errors answer here, before the seconds-long imports below
+    build_parser().parse_args()
+
+import torch  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLVisionConfig  # noqa: E402
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING  # noqa: E402
+from transformers.models.auto.tokenization_auto import tokenizer_class_from_name  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
 INTERNVL_CHAT_MODEL_TYPE = "internvl_chat"
-# `<IMG_CONTEXT>` in InternVL's Qwen-based tokenizers; the original config does not store it (the remote code
-# looks it up in the tokenizer at run time).
-QWEN_IMAGE_CONTEXT_TOKEN_ID = 151667
 SINGLE_WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 # Config, index, weights and tokenizer files (vocab.json, merges.txt, tokenizer*.json); not the remote code.
@@ -411,16 +433,7 @@ def _has_tokenizer(directory: Path) -> bool:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("source", help="original-format checkpoint: local directory or Hub id")
-    parser.add_argument("destination", help="directory for the native InternVL checkpoint")
-    parser.add_argument("--dtype", default=None, help="e.g. bfloat16; default: what from_pretrained picks")
-    parser.add_argument(
-        "--image-token-id",
-        type=int,
-        default=None,
-        help=f"id of <IMG_CONTEXT>; default: the checkpoint tokenizer's, else {QWEN_IMAGE_CONTEXT_TOKEN_ID}",
-    )
+    parser = build_parser()
     args = parser.parse_args(argv)
 
     directory = _checkpoint_dir(args.source)

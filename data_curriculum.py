@@ -50,6 +50,16 @@ def answer_text(answer):
     return f"Answer: {answer}"
 
 
+def tokenizer_texts(records):
+    """What a task tokenizer (`processing_mmcoconut.build_task_tokenizer`) is trained on: the chat roles and each
+    record's question, steps and answer line, as the sequences hold them."""
+    return ["user\n", "assistant\n"] + [
+        text
+        for record in records
+        for text in (record["question"], *map(step_text, record["steps"]), answer_text(record["answer"]))
+    ]
+
+
 def to_rgb(image):
     """Any PIL image → 8-bit RGB. Transparency is composited onto white (as a viewer shows it, and as transformers'
     processors do); 16-bit grayscale is scaled to 8 bits rather than clipped."""
@@ -514,6 +524,7 @@ class PromptDataset(torch.utils.data.Dataset):
 
 
 __all__ = [
-    "MODES", "LATENT_MODES", "IGNORE_INDEX", "step_text", "answer_text", "to_rgb", "load_image", "CurriculumDataset",
+    "MODES", "LATENT_MODES", "IGNORE_INDEX", "step_text", "answer_text", "tokenizer_texts", "to_rgb", "load_image",
+    "CurriculumDataset",
     "PromptDataset",
 ]

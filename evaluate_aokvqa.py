@@ -13,33 +13,23 @@ import argparse
 import logging
 import sys
 
-import torch
-from accelerate import Accelerator
-from accelerate.utils import set_seed
-
-from aokvqa_evaluation import (
-    DEFAULT_MAX_NEW_TOKENS,
-    EVAL_MODES,
-    build_eval_dataset,
-    check_outputs_free,
-    default_num_latents,
-    evaluate_model,
-    format_summary,
-    write_outputs,
-)
-import data_aokvqa
-from data_aokvqa import HF_AOKVQA_ID
-from modeling_mmcoconut import MMCoconutForConditionalGeneration
-from processing_mmcoconut import DEFAULT_MAX_TILES, check_checkpoint_dir, load_internvl_processor
-
 logger = logging.getLogger("evaluate_aokvqa")
 
-DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# torch and the project's modules are imported after the arguments are parsed, so that `--help` answers at once.
+# These values are theirs (aokvqa_evaluation, data_aokvqa, processing_mmcoconut); tests/test_cli.py
+# keeps them equal.
+EVAL_MODES = ("vanilla", "cot", "coconut")
+DEFAULT_MAX_NEW_TOKENS = {"vanilla": 32, "cot": 256, "coconut": 256}
+HF_AOKVQA_ID = "HuggingFaceM4/A-OKVQA"
+DEFAULT_MAX_TILES = 8
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def build_parser():
     """The CLI's argument parser."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--model", required=True, help="checkpoint directory or Hub id (model + processor)")
     parser.add_argument("--split", default="val", help="train, val or test (a label only with --data-file)")
     source = parser.add_argument_group("data (exactly one source)")
@@ -66,7 +56,7 @@ def build_parser():
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N questions")
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--max-tiles", type=int, default=DEFAULT_MAX_TILES, help="InternVL tiles per image, at most")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="auto")
+    parser.add_argument("--dtype", choices=DTYPES, default="auto")
     parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (image tiling)")
     parser.add_argument(
         "--skip-bad-samples", action="store_true",
@@ -98,6 +88,9 @@ def _check_args(parser, args):
 
 def check_before_loading(args):
     """What can fail without the model: earlier results in the way, an incomplete checkpoint directory."""
+    from aokvqa_evaluation import check_outputs_free
+    from processing_mmcoconut import check_checkpoint_dir
+
     check_outputs_free(args.output_dir, args.split, args.overwrite)
     check_checkpoint_dir(args.model)
 
@@ -105,6 +98,8 @@ def check_before_loading(args):
 def load_records(args):
     """Canonical records of the chosen source and split, cut to `--limit`. Evaluation keeps records without
     rationales (they are only needed to train)."""
+    import data_aokvqa
+
     if args.hf_dataset is not None:
         source, path = "aokvqa_hf", None
     elif args.data_file is not None:
@@ -123,6 +118,14 @@ def main(argv=None):
     args = parser.parse_args(argv)
     _check_args(parser, args)
     check_before_loading(args)
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from aokvqa_evaluation import build_eval_dataset, default_num_latents, evaluate_model, format_summary, write_outputs
+    from modeling_mmcoconut import MMCoconutForConditionalGeneration
+    from processing_mmcoconut import load_internvl_processor
+
     accelerator = Accelerator()
     logging.basicConfig(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -131,7 +134,9 @@ def main(argv=None):
     if args.do_sample:
         set_seed(args.seed, device_specific=True)
 
-    model = MMCoconutForConditionalGeneration.from_pretrained(args.model, dtype=DTYPES[args.dtype])
+    model = MMCoconutForConditionalGeneration.from_pretrained(
+        args.model, dtype=args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
+    )
     model.to(accelerator.device).eval()
     processor = load_internvl_processor(args.model, max_tiles=args.max_tiles)
     num_latents = None

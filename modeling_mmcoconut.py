@@ -185,8 +185,10 @@ class MMCoconutForConditionalGeneration(MMCoconutPreTrainedModel, GenerationMixi
             c_thought=c_thought,
         )
         model = cls(config, internvl=internvl)
-        model.generation_config.eos_token_id = tokenizer.eos_token_id
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        # The config states the tokenizer's ids too: the Trainer would otherwise align them, with a warning per rank.
+        for config_holder in (model.generation_config, model.config.get_text_config()):
+            config_holder.eos_token_id = tokenizer.eos_token_id
+            config_holder.pad_token_id = tokenizer.pad_token_id
         return model.to(dtype) if dtype is not None else model
 
     def save_pretrained(self, save_directory, *args, save_original_format=False, **kwargs):

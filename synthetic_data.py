@@ -42,10 +42,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import datasets
 from PIL import Image, ImageDraw
 
-from data_aokvqa import aokvqa_to_canonical
+# `datasets` and data_aokvqa (which imports it) are imported where they are used: `--help` answers at once, and
+# drawing the images needs neither.
 
 logger = logging.getLogger(__name__)
 
@@ -308,6 +308,8 @@ def write_synthetic_aokvqa(out, n_train, n_val, seed=0, task="shape_grid", jpeg_
 
     Deterministic: the same arguments give byte-identical files.
     """
+    from data_aokvqa import aokvqa_to_canonical
+
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; available: {sorted(TASKS)}")
     generator = TASKS[task]()
@@ -356,6 +358,8 @@ def write_synthetic_aokvqa(out, n_train, n_val, seed=0, task="shape_grid", jpeg_
 def official_to_hf(aokvqa_dir, coco_dir, splits=("train", "val")):
     """The official files as the Hub copy `HuggingFaceM4/A-OKVQA` holds them: splits train/validation/test, the
     image embedded, no image_id, and `direct_answers` as the repr of a Python list."""
+    import datasets
+
     features = datasets.Features({
         "image": datasets.Image(),
         "question_id": datasets.Value("string"),
@@ -390,7 +394,9 @@ def official_to_hf(aokvqa_dir, coco_dir, splits=("train", "val")):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--n-train", type=int, default=64)
     parser.add_argument("--n-val", type=int, default=16)

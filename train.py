@@ -6,6 +6,7 @@ A recipe is YAML over `ModelArguments`, `DataArguments`, `CurriculumArguments`,
 `python train.py recipes/cot.yaml --learning_rate 1e-5 --output_dir outputs/try`.
 """
 
+import argparse
 import copy
 import enum
 import json
@@ -15,30 +16,32 @@ import shutil
 import sys
 import types
 import typing
+import urllib.error
+import urllib.request
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
-import torch
-import transformers
 import yaml
-from transformers import HfArgumentParser, InternVLForConditionalGeneration, TrainingArguments, set_seed
 
-import data_aokvqa
-from data_collator import MMCoconutCollator
-from data_curriculum import MODES, CurriculumDataset
-from modeling_mmcoconut import MMCoconutForConditionalGeneration
-from processing_mmcoconut import (
-    build_internvl_processor,
-    build_internvl_tokenizer,
-    load_internvl_processor,
-    tiny_internvl_config,
-)
-from trainer_curriculum import CurriculumSchedule, CurriculumTrainer
+# torch, transformers and the project's modules are imported where they are used, so that `train.py --help`
+# answers in a fraction of a second instead of the ~10 s they take to import.
 
 logger = logging.getLogger("train")
 
-DATA_SOURCES = (*data_aokvqa.SOURCES, "synthetic")
+# `data_aokvqa.SOURCES` + "synthetic" and `data_curriculum.MODES`, named here for the help without importing those
+# modules (tests/test_cli.py keeps them equal).
+DATA_SOURCES = ("aokvqa_hf", "aokvqa_official", "canonical", "synthetic")
+MODES = ("cot", "coconut", "no_cot", "no_thoughts", "pause")
+TOKENIZERS = ("internvl", "task")
+HUB_PROBE_TIMEOUT_S = 5
+
+
+class SetupError(RuntimeError):
+    """This machine cannot run the recipe as it stands (no network for a Hub id, no GPU for bf16).
+
+    Run from the command line, train.py prints the message as one line (no traceback) and exits with status 1.
+    """
 
 
 @dataclass
@@ -57,6 +60,14 @@ class ModelArguments:
         metadata={"help": "Build a tiny randomly initialised InternVL3-shaped model from config instead of "
                           "loading one (demo and tests): a dict of `tiny_internvl_config` overrides ({} for defaults)."},
     )
+    tokenizer: str = field(
+        default="internvl",
+        metadata={"help": f"With tiny_internvl, one of {TOKENIZERS}. internvl: InternVL3's tokenizer (151,674 ids); "
+                          "task: a byte-level BPE with InternVL3's special tokens, trained on the training records "
+                          "(at most task_vocab_size ids), for models trained from scratch on CPU, whose steps it "
+                          "makes several times faster (experiments/step_time_by_vocabulary.py)."},
+    )
+    task_vocab_size: int = field(default=512, metadata={"help": "Vocabulary cap of the task tokenizer."})
     model_dtype: str = field(
         default="bfloat16", metadata={"help": "Dtype of the loaded weights: float32, bfloat16 or float16."}
     )
@@ -114,6 +125,11 @@ class CurriculumArguments:
     mode: str = field(default="coconut", metadata={"help": f"One of {MODES}."})
     c_thought: int = field(default=2, metadata={"help": "Continuous thoughts per replaced reasoning step."})
     epochs_per_stage: int = field(default=3, metadata={"help": "Epochs each curriculum stage lasts."})
+    first_stage_epochs: int | None = field(
+        default=None,
+        metadata={"help": "Epochs of the run's first stage (default: epochs_per_stage). From scratch, a longer "
+                          "stage 0 gives CoT the budget Coconut gives it as a separate run."},
+    )
     max_latent_stage: int = field(default=3, metadata={"help": "Last stage; later epochs stay at it."})
     first_stage: int = field(
         default=0, metadata={"help": "Stage of the first epoch (1 when continuing from a stage-0 CoT checkpoint)."}
@@ -133,18 +149,6 @@ class GenerationEvalArguments:
                           "eval_num_unparseable and eval_mean_generated_tokens (use with metric_for_best_model)."},
     )
     eval_max_new_tokens: int = field(default=256, metadata={"help": "Generation budget per answer in evaluation."})
-
-
-@dataclass
-class MMCoconutTrainingArguments(TrainingArguments):
-    """transformers' `TrainingArguments` plus `overwrite_output_dir` (which transformers 5 dropped): a new run refuses
-    an `output_dir` that holds a previous run, whose checkpoints the new one would rotate away."""
-
-    overwrite_output_dir: bool = field(
-        default=False,
-        metadata={"help": "Train into an output_dir that holds a previous run (checkpoints or a final model): its "
-                          "checkpoint-* folders are removed and its final model is overwritten."},
-    )
 
 
 def read_recipe(path, _chain=()):
@@ -225,12 +229,41 @@ def check_recipe_types(recipe, dataclass_types, source):
         raise ValueError(f"{source}: wrong recipe value types: " + "; ".join(problems))
 
 
-def parse_args(argv):
-    parser = HfArgumentParser(
-        (ModelArguments, DataArguments, CurriculumArguments, GenerationEvalArguments, MMCoconutTrainingArguments)
+RECIPE_DATACLASSES = (ModelArguments, DataArguments, CurriculumArguments, GenerationEvalArguments)
+USAGE = "train.py RECIPE.yaml [--field value ...]"
+
+
+def help_parser():
+    """`train.py --help`: every field of our four dataclasses with its default, without importing transformers."""
+    parser = argparse.ArgumentParser(
+        prog="train.py",
+        usage=USAGE,
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog="Every field of transformers' TrainingArguments is a recipe key and a flag too (output_dir, "
+               "num_train_epochs, learning_rate, per_device_train_batch_size, bf16, eval_strategy, save_strategy, "
+               "report_to, ...): `train.py RECIPE.yaml --help` lists all of them with that recipe's values as "
+               "defaults.",
     )
+    for dataclass_type in RECIPE_DATACLASSES:
+        group = parser.add_argument_group(dataclass_type.__name__)
+        for f in fields(dataclass_type):
+            default = f.default_factory() if f.default_factory is not MISSING else f.default
+            group.add_argument(f"--{f.name}", default=default, help=f.metadata.get("help", "").replace("%", "%%"))
+    return parser
+
+
+def parse_args(argv):
+    if argv and argv[0] in ("-h", "--help"):
+        help_parser().print_help()
+        raise SystemExit(0)
     if not argv or not argv[0].endswith((".yaml", ".yml")):
-        raise SystemExit("usage: train.py RECIPE.yaml [--flag value ...]")
+        raise SystemExit(f"usage: {USAGE}\n(train.py --help lists the fields)")
+    from transformers import HfArgumentParser
+
+    from trainer_curriculum import CurriculumTrainingArguments
+
+    parser = HfArgumentParser((*RECIPE_DATACLASSES, CurriculumTrainingArguments))
     recipe = read_recipe(argv[0])
     known = {action.dest for action in parser._actions}
     unknown = sorted(set(recipe) - known)
@@ -244,6 +277,7 @@ def parse_args(argv):
         if action.dest in recipe:
             action.required = False
     parser.set_defaults(**recipe)
+    check_device_support(parser.parse_known_args(argv[1:])[0], argv[0])
     return parser.parse_args_into_dataclasses(args=argv[1:])
 
 
@@ -253,6 +287,7 @@ def check_args(model_args, data_args, curriculum_args, eval_args, training_args)
     Raises one ValueError listing every problem; an incomplete checkpoint directory is a FileNotFoundError
     naming the missing files.
     """
+    import data_aokvqa
     from processing_mmcoconut import CHECKPOINT_PARTS, check_checkpoint_dir
     from trainer_curriculum import SCHEDULES
 
@@ -374,6 +409,54 @@ def prepare_output_dir(training_args):
     return None
 
 
+def check_device_support(args, recipe_path):
+    """A recipe that trains in bf16 needs a GPU: say so (and how to run it on CPU) before anything is loaded."""
+    import torch
+
+    if (args.bf16 or args.bf16_full_eval) and not args.use_cpu and not torch.cuda.is_available():
+        raise SetupError(
+            f"{recipe_path} trains in bf16 (`bf16: true`), which needs a GPU, and torch sees none; run it on a GPU, "
+            "or on CPU (slow) add `--bf16 false --use_cpu true`"
+        )
+
+
+def require_hub(name_or_path, what, field_name):
+    """Fail in seconds, naming `name_or_path` and the two ways out, when it is a Hub id the Hub cannot serve.
+
+    Without this, a missing network shows up as half a minute of retries and a long traceback in which the id
+    appears only in warnings. A local directory and a Hub id in the cache under HF_HUB_OFFLINE=1 pass.
+    """
+    if Path(name_or_path).exists():
+        return
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    fixes = f"set {field_name} to a local copy (a directory), or run with HF_HUB_OFFLINE=1 with it in the cache"
+    if constants.HF_HUB_OFFLINE:
+        if what == "model" and not isinstance(try_to_load_from_cache(name_or_path, "config.json"), str):
+            raise SetupError(f"HF_HUB_OFFLINE is set and the {what} {name_or_path!r} is not in the cache "
+                             f"({constants.HF_HUB_CACHE}): {fixes.split(', or ')[0]}")
+        return
+    try:
+        # One request, no retries: any HTTP answer (even an error status) means the Hub is reachable.
+        urllib.request.urlopen(urllib.request.Request(constants.ENDPOINT, method="HEAD"), timeout=HUB_PROBE_TIMEOUT_S)
+    except urllib.error.HTTPError:
+        return
+    except OSError as error:  # URLError, refused, timeout
+        reason = getattr(error, "reason", error)
+        raise SetupError(f"cannot reach {constants.ENDPOINT} ({reason}) to load the {what} {name_or_path!r}: "
+                         f"{fixes}") from None
+
+
+def require_hub_access(model_args, data_args):
+    """`require_hub` for every Hub id the run will load (model first, then data), before anything is loaded."""
+    if model_args.load_model_path:
+        require_hub(model_args.load_model_path, "model", "load_model_path")
+    elif model_args.tiny_internvl is None:
+        require_hub(model_args.model_name_or_path, "model", "model_name_or_path")
+    if data_args.data_source == "aokvqa_hf":
+        require_hub(data_args.hf_dataset_id, "dataset", "hf_dataset_id")
+
+
 def check_distributed_setup(trainer):
     """Refuse the launches that accelerate/transformers would silently run as something else.
 
@@ -398,6 +481,8 @@ def check_distributed_setup(trainer):
 
 def load_records(data_args, split_name):
     """Canonical records of the training (`split_name="train"`) or validation split."""
+    import data_aokvqa
+
     train = split_name == "train"
     limit = data_args.max_train_samples if train else data_args.max_eval_samples
     if data_args.data_source == "synthetic":
@@ -438,8 +523,54 @@ def ensure_synthetic_data(data_args):
     return out / "canonical"
 
 
-def build_model_and_processor(model_args, data_args, curriculum_args):
+def build_tiny_model(overrides, text_tokenizer, max_tiles, attn_implementation="sdpa", dtype=None):
+    """(model, processor): a randomly initialised tiny InternVL3-shaped MMCoconut model sized to `text_tokenizer`.
+
+    `overrides` are `tiny_internvl_config` keyword arguments. InternVL3's own tokenizer keeps the config's
+    default vocabulary (151,674 ids, `<video>` after it, as transformers' conversion has it); a task tokenizer
+    sets the vocabulary and the `<IMG_CONTEXT>` id to its own.
+    """
+    from transformers import InternVLForConditionalGeneration
+
+    from modeling_mmcoconut import MMCoconutForConditionalGeneration
+    from processing_mmcoconut import INTERNVL3_VOCAB_SIZE, build_internvl_processor, tiny_internvl_config
+
+    if len(text_tokenizer) > INTERNVL3_VOCAB_SIZE:
+        internvl_config = tiny_internvl_config(**overrides)
+    else:
+        internvl_config = tiny_internvl_config(
+            vocab_size=len(text_tokenizer), image_token_id=text_tokenizer.context_image_token_id, **overrides
+        )
+    internvl_config._attn_implementation = attn_implementation
+    processor = build_internvl_processor(internvl_config, text_tokenizer, max_tiles)
+    internvl = InternVLForConditionalGeneration(internvl_config)
+    model = MMCoconutForConditionalGeneration.from_internvl(internvl, processor.tokenizer, dtype=dtype)
+    return model, processor
+
+
+def build_text_tokenizer(model_args, train_records):
+    """The tokenizer of a tiny model: InternVL3's, or one trained on `train_records` (`tokenizer: task`)."""
+    from data_curriculum import tokenizer_texts
+    from processing_mmcoconut import build_internvl_tokenizer, build_task_tokenizer
+
+    if model_args.tokenizer == "internvl":
+        return build_internvl_tokenizer()
+    if model_args.tokenizer == "task":
+        return build_task_tokenizer(tokenizer_texts(train_records), model_args.task_vocab_size)
+    raise ValueError(f"tokenizer must be one of {TOKENIZERS}, got {model_args.tokenizer!r}")
+
+
+def build_model_and_processor(model_args, data_args, curriculum_args, train_records=None):
+    """The model to train and its processor. `train_records` feed the task tokenizer (`tokenizer: task`)."""
+    import torch
+
+    from modeling_mmcoconut import MMCoconutForConditionalGeneration
+    from processing_mmcoconut import load_internvl_processor
+
     dtype = getattr(torch, model_args.model_dtype)
+    if model_args.tokenizer != "internvl" and model_args.tiny_internvl is None:
+        raise ValueError(f"tokenizer: {model_args.tokenizer} builds a new vocabulary, so it needs tiny_internvl "
+                         "(a model trained from scratch); a loaded model keeps its own tokenizer")
     if model_args.load_model_path:
         model = MMCoconutForConditionalGeneration.from_pretrained(
             model_args.load_model_path, dtype=dtype, attn_implementation=model_args.attn_implementation
@@ -448,11 +579,10 @@ def build_model_and_processor(model_args, data_args, curriculum_args):
     elif model_args.tiny_internvl is not None:
         overrides = model_args.tiny_internvl
         overrides = json.loads(overrides) if isinstance(overrides, str) else dict(overrides)
-        internvl_config = tiny_internvl_config(**overrides)
-        internvl_config._attn_implementation = model_args.attn_implementation
-        processor = build_internvl_processor(internvl_config, build_internvl_tokenizer(), data_args.max_tiles)
-        internvl = InternVLForConditionalGeneration(internvl_config)
-        model = MMCoconutForConditionalGeneration.from_internvl(internvl, processor.tokenizer, dtype=dtype)
+        model, processor = build_tiny_model(
+            overrides, build_text_tokenizer(model_args, train_records), data_args.max_tiles,
+            model_args.attn_implementation, dtype,
+        )
     else:
         internvl, processor = load_base_internvl(
             model_args.model_name_or_path, dtype, model_args.attn_implementation, data_args.max_tiles
@@ -508,7 +638,10 @@ def export_merged(peft_model, processor, directory):
 
 def load_base_internvl(name_or_path, dtype, attn_implementation, max_tiles):
     """(InternVL model, processor) of a base checkpoint: `-hf` loads directly, original format is converted."""
+    from transformers import InternVLForConditionalGeneration
+
     from convert_internvl_chat import is_internvl_chat_checkpoint, load_internvl_chat, load_internvl_chat_tokenizer
+    from processing_mmcoconut import build_internvl_processor, load_internvl_processor
 
     if is_internvl_chat_checkpoint(name_or_path):
         internvl = load_internvl_chat(name_or_path, dtype=dtype, attn_implementation=attn_implementation)
@@ -525,6 +658,13 @@ def main(argv=None):
         sys.argv[1:] if argv is None else argv
     )
     check_args(model_args, data_args, curriculum_args, eval_args, training_args)
+    import transformers
+    from transformers import set_seed
+
+    from data_collator import MMCoconutCollator
+    from data_curriculum import CurriculumDataset
+    from trainer_curriculum import CurriculumSchedule, CurriculumTrainer
+
     logging.basicConfig(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         level=logging.INFO if training_args.process_index == 0 else logging.WARNING,
@@ -532,8 +672,13 @@ def main(argv=None):
     resume_from_checkpoint = prepare_output_dir(training_args)
     transformers.utils.logging.set_verbosity_warning()
     set_seed(training_args.seed)
+    require_hub_access(model_args, data_args)
 
-    model, processor = build_model_and_processor(model_args, data_args, curriculum_args)
+    with training_args.main_process_first(desc="loading data"):  # rank 0 generates/caches, the others read
+        train_records = load_records(data_args, "train")
+        evaluate = training_args.eval_strategy != "no" or training_args.do_eval
+        eval_records = load_records(data_args, "eval") if evaluate else None
+    model, processor = build_model_and_processor(model_args, data_args, curriculum_args, train_records)
     dataset_kwargs = dict(
         processor=processor,
         mode=curriculum_args.mode,
@@ -545,15 +690,12 @@ def main(argv=None):
         max_tiles=data_args.max_tiles,
         seed=training_args.seed,
     )
-    with training_args.main_process_first(desc="loading data"):  # rank 0 generates/caches, the others read
-        train_records = load_records(data_args, "train")
-        evaluate = training_args.eval_strategy != "no" or training_args.do_eval
-        eval_records = load_records(data_args, "eval") if evaluate else None
     train_dataset = CurriculumDataset(train_records, uniform_prob=curriculum_args.uniform_prob, **dataset_kwargs)
     eval_dataset = CurriculumDataset(eval_records, **dataset_kwargs) if evaluate else None
 
     schedule = CurriculumSchedule(
         epochs_per_stage=curriculum_args.epochs_per_stage,
+        first_stage_epochs=curriculum_args.first_stage_epochs,
         max_latent_stage=curriculum_args.max_latent_stage,
         first_stage=curriculum_args.first_stage,
         reset_optimizer=curriculum_args.reset_optimizer,
@@ -570,12 +712,7 @@ def main(argv=None):
         processing_class=processor,
         schedule=schedule,
         generation_eval_kwargs={"max_new_tokens": eval_args.eval_max_new_tokens} if eval_args.eval_accuracy else None,
-        model_card_info=dict(
-            base_model=model_args.load_model_path or model_args.model_name_or_path,
-            mode=curriculum_args.mode,
-            recipe=yaml.safe_dump(recipe_as_trained(model_args, data_args, curriculum_args, training_args)),
-            hub_model_id=training_args.hub_model_id,
-        ),
+        model_card_info=model_card_info(model_args, data_args, curriculum_args, training_args),
     )
     check_distributed_setup(trainer)
     trainer.train(resume_from_checkpoint=resume_from_checkpoint)
@@ -583,9 +720,7 @@ def main(argv=None):
     if trainer.is_world_process_zero():
         processor.save_pretrained(training_args.output_dir)
     if eval_dataset is not None:
-        metrics = trainer.evaluate()
-        trainer.log_metrics("eval", metrics)
-        trainer.save_metrics("eval", metrics)
+        trainer.save_metrics("eval", final_eval_metrics(trainer))
     trainer.create_model_card()
     if training_args.push_to_hub:
         trainer.push_to_hub(commit_message=f"mmcoconut {curriculum_args.mode}, stage {model.config.latent_stage}")
@@ -594,7 +729,85 @@ def main(argv=None):
             logger.warning("LoRA merge skipped: the weights are sharded; the adapters are in %s", training_args.output_dir)
         else:
             export_merged(trainer.model, processor, Path(training_args.output_dir) / "merged")
+    if trainer.is_world_process_zero():
+        print(run_summary(trainer, eval_records, model_args, data_args, curriculum_args, eval_args, training_args))
     return trainer
+
+
+def final_eval_metrics(trainer):
+    """The evaluation of the trained model: the one the last epoch already ran, else a new one (never twice).
+
+    With `load_best_model_at_end` the model is the best checkpoint's, which the last evaluation did not measure.
+    """
+    last = next((entry for entry in reversed(trainer.state.log_history) if "eval_loss" in entry), None)
+    reloaded = trainer.args.load_best_model_at_end and trainer.state.best_model_checkpoint is not None
+    if last is not None and last.get("step") == trainer.state.global_step and not reloaded:
+        return {k: v for k, v in last.items() if k.startswith("eval_") or k == "epoch"}
+    return trainer.evaluate()
+
+
+def model_card_info(model_args, data_args, curriculum_args, training_args):
+    """What the model card says about the run: the real starting point and where the loadable model is."""
+    if model_args.tiny_internvl is not None and not model_args.load_model_path:
+        base_model, base_description = None, f"random init: tiny config ({model_args.tokenizer} tokenizer)"
+    else:
+        base_model = model_args.load_model_path or model_args.model_name_or_path
+        base_description = f"`{base_model}`"
+    output_dir = Path(training_args.output_dir)
+    return dict(
+        base_model=base_model,
+        base_description=base_description,
+        mode=curriculum_args.mode,
+        recipe=yaml.safe_dump(recipe_as_trained(model_args, data_args, curriculum_args, training_args)),
+        hub_model_id=training_args.hub_model_id if training_args.push_to_hub else None,
+        load_path=str(output_dir / "merged" if model_args.use_lora else output_dir),
+        lora=model_args.use_lora,
+    )
+
+
+def run_summary(trainer, eval_records, model_args, data_args, curriculum_args, eval_args, training_args):
+    """The closing lines of a run: MC accuracy and answer length per stage (as evaluated), and what to run next."""
+    from trainer_curriculum import format_stage_table
+
+    out = Path(training_args.output_dir)
+    loadable = out / "merged" if model_args.use_lora else out
+    lines = []
+    if eval_records:
+        with_choices = [r for r in eval_records if r.get("choices")]
+        chance = sum(1 / len(r["choices"]) for r in with_choices) / len(with_choices) if with_choices else None
+        table = format_stage_table(trainer.state.log_history, chance)
+        if table:
+            lines += [f"Evaluated on {len(eval_records)} validation questions; the last evaluation of each stage:",
+                      table, ""]
+    lines.append(f"Model: {loadable} (from_pretrained loads it; model card: {out / 'README.md'})")
+    if model_args.use_lora:
+        lines.append(f"LoRA adapters (they need peft and the base model): {out}")
+    lines.append("Try next:")
+    example = next((r for r in eval_records or () if r.get("image") and r.get("choices")), None)
+    if example is not None:
+        question = example["question"].split("\n")[0]  # the choices follow on their own lines
+        lines.append(f"  python predict.py --model {loadable} --image {example['image']} --question "
+                     f"{_shell_quote(question)} --choices {' '.join(map(_shell_quote, example['choices']))}")
+    eval_mode = {"cot": "cot", "no_cot": "vanilla"}.get(curriculum_args.mode, "coconut")
+    data = {
+        "synthetic": f"--data-file {Path(data_args.synthetic_dir) / 'canonical' / 'val.jsonl'}",
+        "canonical": f"--data-file {data_args.eval_file}",
+        "aokvqa_hf": f"--hf-dataset {data_args.hf_dataset_id}",
+        "aokvqa_official": f"--aokvqa-dir {data_args.aokvqa_dir} --coco-dir {data_args.coco_dir}",
+    }[data_args.data_source]
+    lines.append(f"  python evaluate_aokvqa.py --model {loadable} {data} --split {data_args.eval_split} "
+                 f"--mode {eval_mode} --max-tiles {data_args.max_tiles} "
+                 f"--max-new-tokens {eval_args.eval_max_new_tokens} --output-dir {out / 'eval'}")
+    return "\n".join(lines)
+
+
+def _shell_quote(text):
+    """`text` as one shell word, in double quotes when that reads better than shlex's quoting of a `'`."""
+    import shlex
+
+    if "'" in text and not any(c in text for c in '"$`\\!'):
+        return f'"{text}"'
+    return shlex.quote(text)
 
 
 def recipe_as_trained(model_args, data_args, curriculum_args, training_args):
@@ -610,4 +823,7 @@ def recipe_as_trained(model_args, data_args, curriculum_args, training_args):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except SetupError as error:  # what to change, in one line, rather than a traceback through the loaders
+        sys.exit(f"train.py: {error}")

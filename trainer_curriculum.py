@@ -10,28 +10,51 @@ rebuilding and resumes from a checkpoint like any other scheduler.
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 logger = logging.getLogger(__name__)
 
 SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
 
 
-def stage_for_epoch(epoch, epochs_per_stage, max_latent_stage, first_stage=0):
+@dataclass
+class CurriculumTrainingArguments(TrainingArguments):
+    """transformers' `TrainingArguments` plus `overwrite_output_dir` (which transformers 5 dropped): a new run refuses
+    an `output_dir` that holds a previous run, whose checkpoints the new one would rotate away. Defined here, in an
+    installed module, so that the `training_args.bin` a checkpoint pickles can be read back anywhere."""
+
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Train into an output_dir that holds a previous run (checkpoints or a final model): its "
+                          "checkpoint-* folders are removed and its final model is overwritten."},
+    )
+
+
+def stage_for_epoch(epoch, epochs_per_stage, max_latent_stage, first_stage=0, first_stage_epochs=None):
     """Curriculum stage of (0-based) `epoch`: `first_stage + epoch // epochs_per_stage`.
 
     As in Coconut, the stage after `max_latent_stage` is the final one: every remaining language step
     is removed, with `max_latent_stage * c_thought` latents; later epochs stay there. Where no sample
     has more than `max_latent_stage` steps it lays out the data as `max_latent_stage` does.
+
+    `first_stage_epochs` (default `epochs_per_stage`) is the length of the run's first stage: a run that starts
+    from scratch can give CoT (stage 0) the longer budget that Coconut gives it as a separate run.
     """
     if epochs_per_stage < 1:
         raise ValueError(f"epochs_per_stage must be >= 1, got {epochs_per_stage}")
-    return min(first_stage + int(epoch) // epochs_per_stage, max_latent_stage + 1)
+    if first_stage_epochs is None:
+        first_stage_epochs = epochs_per_stage
+    if first_stage_epochs < 1:
+        raise ValueError(f"first_stage_epochs must be >= 1, got {first_stage_epochs}")
+    epoch = int(epoch)
+    if epoch < first_stage_epochs:
+        return min(first_stage, max_latent_stage + 1)
+    return min(first_stage + 1 + (epoch - first_stage_epochs) // epochs_per_stage, max_latent_stage + 1)
 
 
 @dataclass(frozen=True)
@@ -43,11 +66,14 @@ class CurriculumSchedule:
     first_stage: int = 0
     reset_optimizer: bool = True
     mode: str = "coconut"
+    first_stage_epochs: int | None = None
 
     def stage(self, epoch):
         if self.mode in ("cot", "no_cot"):
             return 0
-        return stage_for_epoch(epoch, self.epochs_per_stage, self.max_latent_stage, self.first_stage)
+        return stage_for_epoch(
+            epoch, self.epochs_per_stage, self.max_latent_stage, self.first_stage, self.first_stage_epochs
+        )
 
     def starts_stage(self, epoch):
         """Whether `epoch` is the first epoch of its stage (after the first stage of the run)."""
@@ -123,6 +149,12 @@ class CurriculumCallback(TrainerCallback):
         if self.schedule.reset_optimizer and self.schedule.starts_stage(epoch) and at_epoch_start:
             reset_optimizer_state(self.trainer.optimizer)
             logger.info("Stage %d begins: optimizer state reset", stage)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        # The last epoch of a stage ends with a training log, so that no log averages its loss and
+        # latents_per_sample over two stages.
+        if self.schedule.starts_stage(self._epoch(state)):
+            control.should_log = True
 
     def _epoch(self, state):
         # `state.epoch` is a float that trails by rounding; the global step is exact.
@@ -228,7 +260,7 @@ class CurriculumTrainer(Trainer):
         if "loss" in logs:  # a training log
             elapsed = time.perf_counter() - self._log_start
             logs["stage"] = self.curriculum_stage
-            logs["latents_per_sample"] = self._log_latents / max(self._log_samples, 1)
+            logs["latents_per_sample"] = round(self._log_latents / max(self._log_samples, 1), 2)
             logs["train_tokens_per_second"] = round(self._log_tokens / max(elapsed, 1e-9), 2)
             self._log_tokens = self._log_latents = self._log_samples = 0
             self._log_start = time.perf_counter()
@@ -241,9 +273,20 @@ class CurriculumTrainer(Trainer):
         The generated answers follow the validation data's current stage (its latents), so
         `metric_for_best_model: eval_mc_accuracy` picks checkpoints by what evaluation will measure.
         """
+        started = time.perf_counter()
         output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
         if dataloader.dataset is not self.eval_dataset:
             return output
+        try:
+            output = self._add_eval_metrics(output, metric_key_prefix)
+        finally:
+            # An evaluation between two training logs is not training time: leave it out of tokens/s.
+            self._log_start += time.perf_counter() - started
+        return output
+
+    def _add_eval_metrics(self, output, metric_key_prefix):
+        # The stage the evaluated data was laid out at, so results group by stage (`format_stage_table`).
+        output.metrics[f"{metric_key_prefix}_stage"] = getattr(self.eval_dataset, "stage", None)
         skipped = getattr(self.eval_dataset, "skipped", None)
         if skipped is not None:  # records the validation set dropped (too long, bad image): not in these numbers
             output.metrics[f"{metric_key_prefix}_num_skipped"] = sum(skipped.values())
@@ -263,6 +306,9 @@ class CurriculumTrainer(Trainer):
         for key, value in result.metrics.items():
             if isinstance(value, (int, float)):
                 output.metrics[f"{metric_key_prefix}_{key}"] = value
+        if result.samples:
+            latents = [sample["num_latents"] for sample in result.samples]
+            output.metrics[f"{metric_key_prefix}_mean_latents"] = sum(latents) / len(latents)
         return output
 
     def create_model_card(self, model_name=None, **kwargs):
@@ -274,22 +320,63 @@ class CurriculumTrainer(Trainer):
         path.write_text(render_model_card(self, model_name or Path(self.args.output_dir).name))
 
 
+def stage_results(log_history):
+    """{stage: the last evaluation at that stage}, from a Trainer's `log_history` (entries with `eval_stage`)."""
+    results = {}
+    for entry in log_history:
+        if entry.get("eval_stage") is not None:
+            results[entry["eval_stage"]] = entry
+    return dict(sorted(results.items()))
+
+
+def format_stage_table(log_history, chance=None):
+    """A Markdown table: per curriculum stage, its last evaluation's MC accuracy and mean generated tokens.
+
+    `chance` is the accuracy of guessing (1 / choices). Empty when no evaluation generated answers.
+    """
+    rows = [(stage, entry) for stage, entry in stage_results(log_history).items() if "eval_mc_accuracy" in entry]
+    if not rows:
+        return ""
+    lines = ["| stage | latents | epoch | MC accuracy | chance | mean generated tokens | unparseable |",
+             "|---|---|---|---|---|---|---|"]
+    chance_text = f"{100 * chance:.0f}%" if chance is not None else "-"
+    for stage, entry in rows:
+        latents = entry.get("eval_mean_latents")
+        lines.append(
+            f"| {stage} | {'-' if latents is None else f'{latents:g}'} | {entry.get('epoch', 0):.0f} "
+            f"| {100 * entry['eval_mc_accuracy']:.1f}% | {chance_text} | {entry['eval_mean_generated_tokens']:.1f} "
+            f"| {entry.get('eval_num_unparseable', '-')} |"
+        )
+    return "\n".join(lines)
+
+
 def render_model_card(trainer, model_name):
     config = trainer.model.config
     info = trainer.model_card_info
-    base_model = info.get("base_model", "unknown")
+    base_model = info.get("base_model")
+    base_description = info.get("base_description") or f"`{base_model}`"
     evals = [entry for entry in trainer.state.log_history if any(k.startswith("eval_") for k in entry)]
     metrics = {k: v for k, v in (evals[-1] if evals else {}).items() if k.startswith("eval_")}
     stage = config.latent_stage
     c_thought = config.c_thought
     num_latents = config.num_inference_latents
     recipe = info.get("recipe", "")
+    # The path a reader can load: the Hub repo when pushed, else the directory itself (the merged export for LoRA).
+    load_path = info.get("hub_model_id") or info.get("load_path") or str(Path(trainer.args.output_dir))
     metric_lines = "\n".join(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items())
+    stage_table = format_stage_table(trainer.state.log_history)
+    stage_section = f"\nPer curriculum stage (its last evaluation):\n\n{stage_table}\n" if stage_table else ""
+    front_matter = f"base_model: {base_model}\n" if base_model and not Path(base_model).exists() else ""
+    lora_note = (
+        f"\nTrained with LoRA: `{trainer.args.output_dir}` holds the PEFT adapters (they need `peft` and the base "
+        f"model); `{load_path}` is the standalone model with the adapters merged in, which is what loads below "
+        "and what evaluation takes.\n"
+        if info.get("lora") else ""
+    )
     return f"""---
 library_name: transformers
 pipeline_tag: image-text-to-text
-base_model: {base_model}
-tags: [mmcoconut, coconut, continuous-thought, internvl, a-okvqa]
+{front_matter}tags: [mmcoconut, coconut, continuous-thought, internvl, a-okvqa]
 ---
 
 # {model_name}
@@ -299,25 +386,25 @@ continuous latent space (Coconut, "Chain of Continuous Thought").
 
 | | |
 |---|---|
-| base model | `{base_model}` |
+| base model | {base_description} |
 | mode | `{info.get("mode", "coconut")}` |
 | final curriculum stage | {stage} |
 | c_thought | {c_thought} |
 | continuous thoughts at inference | {num_latents} |
-| epochs | {trainer.state.epoch} |
+| epochs | {round(trainer.state.epoch or 0, 2):g} |
 
 ## Metrics
 
 | metric | value |
 |---|---|
 {metric_lines or "| (no evaluation was run) | |"}
-
+{stage_section}
 ## Use
-
+{lora_note}
 ```python
 from transformers import AutoModel, AutoProcessor
-model = AutoModel.from_pretrained("{info.get("hub_model_id") or model_name}", trust_remote_code=True)
-processor = AutoProcessor.from_pretrained("{info.get("hub_model_id") or model_name}")
+model = AutoModel.from_pretrained("{load_path}", trust_remote_code=True)
+processor = AutoProcessor.from_pretrained("{load_path}")
 ```
 Prompts end with `<|start-latent|>` + {num_latents} x `<|latent|>` + `<|end-latent|>`; `model.generate`
 fills the thoughts and decodes the remaining steps and the `Answer:` line.
@@ -332,10 +419,13 @@ fills the thoughts and decodes the remaining steps and the `Answer:` line.
 
 __all__ = [
     "CurriculumTrainer",
+    "CurriculumTrainingArguments",
     "CurriculumCallback",
     "CurriculumSchedule",
     "stage_for_epoch",
     "stagewise_lr_lambda",
     "reset_optimizer_state",
     "render_model_card",
+    "stage_results",
+    "format_stage_table",
 ]

@@ -17,11 +17,29 @@ per-token cost grows with the sequence, so the extrapolation slightly flatters t
 import argparse
 import time
 
-import torch
+from benchmarks.cli import add_common_args
 
-from benchmarks.common import (
+
+def build_parser():
+    """The benchmark's flags; needs no torch, so `--help` answers before the imports below."""
+    parser = add_common_args(
+        argparse.ArgumentParser(
+            description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        )
+    )
+    parser.add_argument("--new-tokens", type=int, default=64, help="new tokens per prompt")
+    parser.add_argument("--baseline-new-tokens", type=int, default=8,
+                        help="tokens per prompt timed for the original decoding (extrapolated to --new-tokens)")
+    return parser
+
+
+if __name__ == "__main__":  # `--help` and usage errors answer here, before the seconds-long imports below
+    build_parser().parse_args()
+
+import torch  # noqa: E402
+
+from benchmarks.common import (  # noqa: E402
     LATENT_ID,
-    add_common_args,
     build_setup,
     collate_prompts,
     describe,
@@ -33,7 +51,7 @@ from benchmarks.common import (
     time_runs,
     write_json,
 )
-from benchmarks.original_coconut import original_coconut_generate
+from benchmarks.original_coconut import original_coconut_generate  # noqa: E402
 
 TARGETS = {
     "tokens_per_s_ours_over_original": (">=", 20.0),
@@ -170,11 +188,7 @@ def report(payload: dict) -> str:
 
 def main(argv=None) -> dict:
     """Parse flags, run the benchmark, print the table, write the JSON (`--out`); returns the payload."""
-    parser = add_common_args(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
-    parser.add_argument("--new-tokens", type=int, default=64, help="new tokens per prompt")
-    parser.add_argument("--baseline-new-tokens", type=int, default=8,
-                        help="tokens per prompt timed for the original decoding (extrapolated to --new-tokens)")
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     payload = run(args)
     print(report(payload))
     write_json(args.out, payload)

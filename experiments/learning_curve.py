@@ -35,29 +35,66 @@ import time
 import uuid
 from pathlib import Path
 
-import torch
-from transformers import InternVLForConditionalGeneration
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the project's top-level modules, when run as `python experiments/...`
+
+from synthetic_data import TASKS, write_synthetic_aokvqa  # noqa: E402  (light: PIL only)
+
+DEFAULT_RECIPE = ROOT / "recipes" / "experiment_colour_chain.yaml"
+
+
+def build_parser():
+    """The CLI's arguments; needs no torch, so `--help` answers before the imports below."""
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("--out", default="outputs/experiment", help="output directory")
+    parser.add_argument("--recipe", default=str(DEFAULT_RECIPE), help="train.py recipe the runs share")
+    parser.add_argument("--task", default="colour_chain", choices=sorted(TASKS))
+    parser.add_argument("--n-train", type=int, default=4000)
+    parser.add_argument("--n-val", type=int, default=200)
+    parser.add_argument("--seed", type=int, default=0, help="data seed")
+    parser.add_argument("--epochs", type=int, default=8, help="epochs of the no-CoT, CoT and no-image runs")
+    parser.add_argument("--no-image-epochs", type=int, help="epochs of the no-image runs (default: --epochs)")
+    parser.add_argument(
+        "--stage-epochs", type=int, default=2, help="epochs of each Coconut stage but the last (--final-stage-epochs)"
+    )
+    parser.add_argument(
+        "--final-stage-epochs", type=int, default=6, help="epochs of the last Coconut stage (all steps latent)"
+    )
+    parser.add_argument("--train-samples", type=int, help="train no-CoT, CoT and no-image on the first N questions")
+    parser.add_argument(
+        "--stage-samples", type=int, help="train each Coconut stage on the first N questions (default: all)"
+    )
+    parser.add_argument(
+        "--tokenizer", default="task", choices=("task", "internvl"),
+        help="task: a small BPE trained on the training split (default); internvl: the real 151,674-id vocabulary",
+    )
+    parser.add_argument("--task-vocab-size", type=int, default=512, help="vocabulary cap of the task tokenizer")
+    parser.add_argument("--eval-batch-size", type=int, default=50)
+    parser.add_argument("--only", nargs="+", help="run only these methods (names as in the table)")
+    parser.add_argument("--force", action="store_true", help="redo runs that already have results")
+    parser.add_argument(
+        "--prepare", action="store_true",
+        help="only write the data and the initial model (then `--only` halves can run in parallel)",
+    )
+    return parser
+
+
+if __name__ == "__main__":  # `--help` and usage errors answer here, before the seconds-long imports below
+    build_parser().parse_known_args()
+
+import torch  # noqa: E402
 
 import train  # noqa: E402
 from aokvqa_evaluation import build_eval_dataset, default_num_latents, evaluate_model  # noqa: E402
 from data_aokvqa import load_canonical  # noqa: E402
-from data_curriculum import answer_text, step_text  # noqa: E402
+from data_curriculum import tokenizer_texts  # noqa: E402
 from modeling_mmcoconut import MMCoconutForConditionalGeneration  # noqa: E402
-from processing_mmcoconut import (  # noqa: E402
-    build_internvl_processor,
-    build_internvl_tokenizer,
-    build_task_tokenizer,
-    load_internvl_processor,
-    tiny_internvl_config,
-)
-from synthetic_data import TASKS, write_synthetic_aokvqa  # noqa: E402
+from processing_mmcoconut import build_internvl_tokenizer, build_task_tokenizer, load_internvl_processor  # noqa: E402
 
 logger = logging.getLogger("learning_curve")
 
-DEFAULT_RECIPE = ROOT / "recipes" / "experiment_colour_chain.yaml"
 # Generation budget per evaluation mode: an answer line is 6 tokens, a CoT chain of 3 steps 21; Coconut stages
 # below the last still write their remaining steps. Counting stops at EOS, so the budget only caps runaways.
 MAX_NEW_TOKENS = {"vanilla": 16, "cot": 48, "coconut": 48}
@@ -96,16 +133,6 @@ def write_data(out, task, n_train, n_val, seed):
     return files
 
 
-def task_texts(train_file):
-    """The texts a task tokenizer is trained on: the chat roles, questions, steps and answer lines of `train_file`."""
-    records = load_canonical(train_file)
-    return ["user\n", "assistant\n"] + [
-        text
-        for record in records
-        for text in (record["question"], *map(step_text, record["steps"]), answer_text(record["answer"]))
-    ]
-
-
 def write_initial_model(out, recipe, train_file, tokenizer="task", task_vocab_size=512):
     """Build the recipe's tiny random model once and save it, with its processor, to `{out}/init`: every
     from-scratch run starts from these same weights (`--load_model_path`).
@@ -134,18 +161,12 @@ def write_initial_model(out, recipe, train_file, tokenizer="task", task_vocab_si
     overrides = recipe["tiny_internvl"]
     overrides = json.loads(overrides) if isinstance(overrides, str) else dict(overrides)
     if tokenizer == "task":
-        text_tokenizer = build_task_tokenizer(task_texts(train_file), task_vocab_size)
-        config = tiny_internvl_config(
-            vocab_size=len(text_tokenizer), image_token_id=text_tokenizer.context_image_token_id, **overrides
-        )
+        text_tokenizer = build_task_tokenizer(tokenizer_texts(load_canonical(train_file)), task_vocab_size)
     elif tokenizer == "internvl":
         text_tokenizer = build_internvl_tokenizer()
-        config = tiny_internvl_config(**overrides)
     else:
         raise ValueError(f"tokenizer must be 'task' or 'internvl', got {tokenizer!r}")
-    processor = build_internvl_processor(config, text_tokenizer, recipe.get("max_tiles", 1))
-    internvl = InternVLForConditionalGeneration(config)
-    model = MMCoconutForConditionalGeneration.from_internvl(internvl, processor.tokenizer)
+    model, processor = train.build_tiny_model(overrides, text_tokenizer, recipe.get("max_tiles", 1))
     # Written under a temporary name and renamed, so `{out}/init` is either complete or absent.
     temporary = init.with_name(f"init.tmp{os.getpid()}")
     model.save_pretrained(temporary)
@@ -272,37 +293,7 @@ def format_table(rows):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="outputs/experiment", help="output directory")
-    parser.add_argument("--recipe", default=str(DEFAULT_RECIPE), help="train.py recipe the runs share")
-    parser.add_argument("--task", default="colour_chain", choices=sorted(TASKS))
-    parser.add_argument("--n-train", type=int, default=4000)
-    parser.add_argument("--n-val", type=int, default=200)
-    parser.add_argument("--seed", type=int, default=0, help="data seed")
-    parser.add_argument("--epochs", type=int, default=8, help="epochs of the no-CoT, CoT and no-image runs")
-    parser.add_argument("--no-image-epochs", type=int, help="epochs of the no-image runs (default: --epochs)")
-    parser.add_argument(
-        "--stage-epochs", type=int, default=2, help="epochs of each Coconut stage but the last (--final-stage-epochs)"
-    )
-    parser.add_argument(
-        "--final-stage-epochs", type=int, default=6, help="epochs of the last Coconut stage (all steps latent)"
-    )
-    parser.add_argument("--train-samples", type=int, help="train no-CoT, CoT and no-image on the first N questions")
-    parser.add_argument(
-        "--stage-samples", type=int, help="train each Coconut stage on the first N questions (default: all)"
-    )
-    parser.add_argument(
-        "--tokenizer", default="task", choices=("task", "internvl"),
-        help="task: a small BPE trained on the training split (default); internvl: the real 151,674-id vocabulary",
-    )
-    parser.add_argument("--task-vocab-size", type=int, default=512, help="vocabulary cap of the task tokenizer")
-    parser.add_argument("--eval-batch-size", type=int, default=50)
-    parser.add_argument("--only", nargs="+", help="run only these methods (names as in the table)")
-    parser.add_argument("--force", action="store_true", help="redo runs that already have results")
-    parser.add_argument(
-        "--prepare", action="store_true",
-        help="only write the data and the initial model (then `--only` halves can run in parallel)",
-    )
+    parser = build_parser()
     args, extra_flags = parser.parse_known_args(argv)
     if extra_flags and extra_flags[0] == "--":
         extra_flags = extra_flags[1:]
@@ -405,7 +396,7 @@ def main(argv=None):
 
 
 __all__ = [
-    "write_data", "write_initial_model", "plan_runs", "train_run", "evaluate_run", "check_reused_run",
+    "build_parser", "write_data", "write_initial_model", "plan_runs", "train_run", "evaluate_run", "check_reused_run",
     "format_table", "main",
 ]
 

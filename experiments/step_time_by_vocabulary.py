@@ -13,8 +13,27 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-from transformers import InternVLForConditionalGeneration
+
+
+def build_parser():
+    """The CLI's arguments; needs no torch, so `--help` answers before the imports below."""
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("--train-file", default="outputs/experiment/data/canonical/train.jsonl")
+    parser.add_argument("--task-vocab-size", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    return parser
+
+
+if __name__ == "__main__":  # `--help` and usage errors answer here, before the seconds-long imports below
+    build_parser().parse_args()
+
+import torch  # noqa: E402
+from transformers import InternVLForConditionalGeneration  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -23,8 +42,8 @@ sys.path.insert(0, str(ROOT / "experiments"))
 import train  # noqa: E402
 from data_aokvqa import load_canonical  # noqa: E402
 from data_collator import MMCoconutCollator  # noqa: E402
-from data_curriculum import CurriculumDataset  # noqa: E402
-from learning_curve import DEFAULT_RECIPE, task_texts  # noqa: E402
+from data_curriculum import CurriculumDataset, tokenizer_texts  # noqa: E402
+from learning_curve import DEFAULT_RECIPE  # noqa: E402
 from modeling_mmcoconut import MMCoconutForConditionalGeneration  # noqa: E402
 from processing_mmcoconut import (  # noqa: E402
     build_internvl_processor,
@@ -57,15 +76,10 @@ def median_step_seconds(tokenizer, overrides, records, batch_size, steps, warmup
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--train-file", default="outputs/experiment/data/canonical/train.jsonl")
-    parser.add_argument("--task-vocab-size", type=int, default=512)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser = build_parser()
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     overrides = dict(train.read_recipe(DEFAULT_RECIPE)["tiny_internvl"])
     records = load_canonical(args.train_file)
     needed = (args.warmup + args.steps) * args.batch_size
@@ -73,7 +87,7 @@ def main(argv=None):
         raise ValueError(f"{args.train_file} has {len(records)} records; {needed} are needed")
     tokenizers = {
         "internvl": build_internvl_tokenizer(),
-        "task": build_task_tokenizer(task_texts(args.train_file), args.task_vocab_size),
+        "task": build_task_tokenizer(tokenizer_texts(records), args.task_vocab_size),
     }
     seconds = {}
     for name, tokenizer in tokenizers.items():
@@ -82,7 +96,7 @@ def main(argv=None):
         )
         print(f"{name:>8}: vocabulary {vocabulary:>7}, median step {seconds[name]:.3f} s")
     ratio = seconds["internvl"] / seconds["task"]
-    print(f"internvl / task: {ratio:.1f}x ({args.threads} threads, batch {args.batch_size})")
+    print(f"internvl / task: {ratio:.1f}x ({torch.get_num_threads()} threads, batch {args.batch_size})")
     return seconds
 
 

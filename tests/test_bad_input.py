@@ -216,7 +216,7 @@ def _recipe(tmp_path, text):
         ("c_thought: 0", "c_thought must be >= 1, got 0"),
         ("max_latent_stage: -1", "max_latent_stage must be >= 0, got -1"),
         ("epochs_per_stage: 0", "epochs_per_stage must be >= 1, got 0"),
-        ("first_stage: 4", r"first_stage must be in 0..max_latent_stage \+ 1 = 3, got 4"),
+        ("first_stage: 5", r"first_stage must be in 0..max_latent_stage \+ 1 = 4, got 5"),
         ("lr_scheduler_type: polynomial", "lr_scheduler_type must be one of .*got 'polynomial'"),
         ("lr_scheduler_type: nonsense", "nonsense"),
         ("num_train_epochs: -1", r"num_train_epochs must be > 0, got -1"),

@@ -96,7 +96,7 @@ def test_rerun_is_refused_and_resume_true_continues(tmp_path):
     command = [
         DEMO, "--output_dir", str(out), "--synthetic_dir", str(tmp_path / "data"), "--synthetic_train", "8",
         "--synthetic_val", "4", "--per_device_train_batch_size", "4", "--epochs_per_stage", "1",
-        "--eval_strategy", "no", "--eval_accuracy", "false", "--logging_steps", "1",
+        "--eval_strategy", "no", "--eval_accuracy", "false", "--logging_steps", "1", "--save_total_limit", "2",
     ]
     first = train.main([*command, "--num_train_epochs", "1"])
     assert first.state.global_step == 2 and (out / "checkpoint-2").is_dir()

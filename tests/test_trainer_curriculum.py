@@ -84,6 +84,14 @@ def test_stage_for_epoch_is_epoch_over_epochs_per_stage_capped():
         stage_for_epoch(0, 0, 3)
 
 
+def test_first_stage_can_last_longer():
+    assert [stage_for_epoch(e, 2, 3, first_stage_epochs=3) for e in range(10)] == [0, 0, 0, 1, 1, 2, 2, 3, 3, 4]
+    schedule = CurriculumSchedule(epochs_per_stage=1, max_latent_stage=2, first_stage_epochs=2)
+    assert schedule.stage_segments(5) == [(0, 2), (2, 3), (3, 4), (4, 5)]
+    with pytest.raises(ValueError, match="first_stage_epochs"):
+        stage_for_epoch(0, 1, 3, first_stage_epochs=0)
+
+
 def test_optimizer_and_lr_schedule_restart_exactly_at_stage_boundaries(tmp_path):
     schedule = CurriculumSchedule(epochs_per_stage=2, max_latent_stage=2)
     trainer, recorder = make_trainer(tmp_path, schedule, epochs=6)
