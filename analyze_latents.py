@@ -33,7 +33,7 @@ from data_aokvqa import load_canonical
 from data_collator import MMCoconutCollator
 from data_curriculum import CurriculumDataset, step_text
 from modeling_mmcoconut import MMCoconutForConditionalGeneration
-from processing_mmcoconut import DEFAULT_MAX_TILES, load_internvl_processor
+from processing_mmcoconut import load_internvl_processor
 
 logger = logging.getLogger("analyze_latents")
 
@@ -110,9 +110,10 @@ def filled_inputs_embeds(model, input_ids, pixel_values, last_hidden_state, posi
     return embeds
 
 
-def thought_attention(model, inputs_embeds, attention_mask, position_ids, positions, categories):
+def thought_attention(model, inputs_embeds, attention_mask, position_ids, positions, categories, keep_keys=False):
     """Attention shares of the queries at `positions`: `(B, K, layers, len(ATTENTION_CATEGORIES))`, and the
-    last hidden state of the single pass.
+    last hidden state of the single pass; with `keep_keys`, a third value: the per-key attention `(B, K, T)`,
+    averaged over heads and layers (e.g. to draw where a thought looks inside the image).
 
     One eager pass of the language model over the filled `inputs_embeds`; a forward hook on every attention module
     reduces its `(B, heads, T, T)` probabilities to the latent rows at once, so no layer's full matrix is kept.
@@ -127,13 +128,15 @@ def thought_attention(model, inputs_embeds, attention_mask, position_ids, positi
     rows = torch.arange(batch_size, device=positions.device)[:, None]
     columns = torch.arange(num_latents, device=positions.device)
     one_hot = _category_one_hot(categories)  # (B, T, C)
-    shares = []
+    shares, per_key = [], []
 
     def record(module, args, output):
         weights = output[1] if isinstance(output, tuple) and len(output) == 2 else None
         if weights is None or weights.dim() != 4:
             raise RuntimeError(f"{type(module).__name__} returned no attention probabilities (B, heads, T, T)")
         per_thought = weights[rows, :, positions].float().mean(2)  # (B, K, T), mean over heads
+        if keep_keys:
+            per_key.append(per_thought.clone())
         self_share = per_thought[rows, columns, positions]  # (B, K)
         per_thought[rows, columns, positions] = 0.0  # the own latent key counts as `self`, not `thoughts`
         share = torch.einsum("bkt,btc->bkc", per_thought, one_hot)
@@ -148,11 +151,13 @@ def thought_attention(model, inputs_embeds, attention_mask, position_ids, positi
     finally:
         for handle in handles:
             handle.remove()
+    if keep_keys:
+        return torch.stack(shares, dim=2), outputs.last_hidden_state, torch.stack(per_key).mean(0)
     return torch.stack(shares, dim=2), outputs.last_hidden_state
 
 
 @torch.no_grad()
-def analyze_batch(model, batch, special_ids, top_k=5):
+def analyze_batch(model, batch, special_ids, top_k=5, keep_keys=False):
     """Thoughts, their top-k decodings and attention shares for one collated batch of latent prompts.
 
     Args:
@@ -161,6 +166,8 @@ def analyze_batch(model, batch, special_ids, top_k=5):
             `pixel_values`); every sample has the same number K of latents.
         special_ids: token ids counted as `special` keys (the image and latent tokens are categorised first).
         top_k: decodings kept per thought.
+        keep_keys: also return `key_attention` `(B, K, T)`, each thought's attention over every key position
+            (mean over heads and layers; see `thought_attention`).
 
     Returns a dict of tensors: `positions` `(B, K)`, `thoughts` `(B, K, H)` (= the forward's `last_hidden_state` at
     `positions - 1`), `top_ids`/`top_probs` `(B, K, top_k)` (descending), `attention` `(B, K, layers, categories)`,
@@ -189,8 +196,8 @@ def analyze_batch(model, batch, special_ids, top_k=5):
         input_ids, batch["attention_mask"], model.internvl.config.image_token_id, config.latent_token_id, special_ids
     )
     embeds = filled_inputs_embeds(model, input_ids, batch.get("pixel_values"), hidden, positions)
-    attention, recomputed = thought_attention(
-        model, embeds, batch["attention_mask"], batch["position_ids"], positions, categories
+    attention, recomputed, *key_attention = thought_attention(
+        model, embeds, batch["attention_mask"], batch["position_ids"], positions, categories, keep_keys=keep_keys
     )
     real = batch["attention_mask"].bool()
     rel_diff = float((recomputed[real] - hidden[real]).abs().max() / hidden[real].abs().max())
@@ -202,7 +209,7 @@ def analyze_batch(model, batch, special_ids, top_k=5):
             f"the single-pass recompute differs from the latent forward by {rel_diff:.2e} (relative, > "
             f"{tolerance:.0e} for {hidden.dtype}); its attention would not be the forward's"
         )
-    return {
+    result = {
         "positions": positions,
         "thoughts": thoughts,
         "top_ids": top_ids,
@@ -211,6 +218,9 @@ def analyze_batch(model, batch, special_ids, top_k=5):
         "key_counts": visible_key_counts(categories, positions),
         "recompute_rel_diff": rel_diff,
     }
+    if keep_keys:
+        result["key_attention"] = key_attention[0]
+    return result
 
 
 # ---------------------------------------------------------------------------------------------- a data set
@@ -273,7 +283,7 @@ def analyze(model, processor, records, num_latents=None, top_k=5, batch_size=4, 
                 "question": record["question"],
                 "answer": record.get("answer"),
                 "thoughts": [
-                    _thought_entry(k, result, b, record["steps"], config.c_thought, tokenizer)
+                    thought_entry(k, result, b, record["steps"], config.c_thought, tokenizer)
                     for k in range(num_latents)
                 ],
             })
@@ -293,7 +303,7 @@ def analyze(model, processor, records, num_latents=None, top_k=5, batch_size=4, 
     }
 
 
-def _thought_entry(k, result, b, steps, c_thought, tokenizer):
+def thought_entry(k, result, b, steps, c_thought, tokenizer):
     step_index = k // c_thought
     ids = result["top_ids"][b, k].tolist()
     step = steps[step_index] if step_index < len(steps) else None
@@ -434,7 +444,8 @@ def build_parser():
     parser.add_argument("--top-k", type=int, default=5, help="decoded tokens kept per thought")
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--max-tiles", type=int, default=DEFAULT_MAX_TILES, help="InternVL tiles per image, at most")
+    parser.add_argument("--max-tiles", type=int, default=None,
+                        help="InternVL tiles per image, at most (default: the checkpoint's saved tiling)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--plot-samples", type=int, default=8, help="samples shown in the top-k table")
@@ -446,7 +457,7 @@ def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     for name in ("limit", "top_k", "batch_size", "max_tiles", "plot_samples"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
 
@@ -477,6 +488,7 @@ __all__ = [
     "thought_attention",
     "visible_key_counts",
     "analyze_batch",
+    "thought_entry",
     "special_token_ids",
     "default_num_latents",
     "analyze",

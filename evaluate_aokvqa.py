@@ -28,7 +28,7 @@ from aokvqa_evaluation import (
 import data_aokvqa
 from data_aokvqa import HF_AOKVQA_ID
 from modeling_mmcoconut import MMCoconutForConditionalGeneration
-from processing_mmcoconut import DEFAULT_MAX_TILES, load_internvl_processor
+from processing_mmcoconut import load_internvl_processor
 
 logger = logging.getLogger("evaluate_aokvqa")
 
@@ -63,7 +63,10 @@ def build_parser():
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (offset per process)")
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N questions")
     parser.add_argument("--output-dir", required=True)
-    parser.add_argument("--max-tiles", type=int, default=DEFAULT_MAX_TILES, help="InternVL tiles per image, at most")
+    parser.add_argument(
+        "--max-tiles", type=int, default=None,
+        help="InternVL tiles per image, at most (default: the tiling saved with the checkpoint)",
+    )
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="auto")
     parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (image tiling)")
     parser.add_argument(
@@ -85,7 +88,7 @@ def _check_args(parser, args):
         if getattr(args, name) is not None and getattr(args, name) < 0:
             parser.error(f"--{name.replace('_', '-')} must be >= 0")
     for name in ("batch_size", "max_tiles"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         parser.error("--max-new-tokens must be >= 1")

@@ -28,6 +28,7 @@ from processing_mmcoconut import (
     build_internvl_processor,
     build_internvl_tokenizer,
     load_internvl_processor,
+    prepare_for_inference,
     tiny_internvl_config,
 )
 from trainer_curriculum import CurriculumSchedule, CurriculumTrainer
@@ -366,9 +367,14 @@ def main(argv=None):
     )
     check_distributed_setup(trainer)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    # What inference reads from the checkpoint: the chat template of the final stage and a generation budget.
+    inner = model.get_base_model() if model_args.use_lora else model
+    prepare_for_inference(inner.config, inner.generation_config, processor, eval_args.eval_max_new_tokens)
     trainer.save_model(training_args.output_dir)  # with LoRA: the adapters
     if trainer.is_world_process_zero():
         processor.save_pretrained(training_args.output_dir)
+        if model_args.use_lora:  # the adapters alone do not record the final stage, c_thought or mode
+            inner.config.save_pretrained(training_args.output_dir)
     if eval_dataset is not None:
         metrics = trainer.evaluate()
         trainer.log_metrics("eval", metrics)
