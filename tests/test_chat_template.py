@@ -95,3 +95,16 @@ def test_apply_chat_template_and_generate_answer_within_the_saved_budget(inferen
     new_tokens = output.shape[1] - inputs["input_ids"].shape[1]
     stopped = model.generation_config.eos_token_id in output[0, inputs["input_ids"].shape[1] :].tolist()
     assert new_tokens == 8 or (stopped and new_tokens < 8)
+
+
+def test_prepare_for_inference_sets_a_budget_only_where_there_is_none(inference_checkpoint):
+    from transformers import GenerationConfig
+
+    from processing_mmcoconut import prepare_for_inference
+
+    model = MMCoconutForConditionalGeneration.from_pretrained(inference_checkpoint)
+    processor = load_internvl_processor(inference_checkpoint)
+    fresh, kept = GenerationConfig(), GenerationConfig(max_new_tokens=100)
+    prepare_for_inference(model.config, fresh, processor, max_new_tokens=48)
+    prepare_for_inference(model.config, kept, processor, max_new_tokens=48)
+    assert (fresh.max_new_tokens, kept.max_new_tokens) == (48, 100)
