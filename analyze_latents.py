@@ -332,7 +332,7 @@ def _attention_entry(per_layer):
 # ---------------------------------------------------------------------------------------------- plots
 
 
-def _display(token):
+def display_token(token):
     # repr shows whitespace and newlines; non-Latin glyphs are escaped since the default font lacks most of them.
     return repr(token) if all(ord(c) < 0x2000 for c in token) else ascii(token)
 
@@ -385,7 +385,7 @@ def plot_top_k(results, path, max_samples=8):
     for sample in samples:
         for thought in sample["thoughts"]:
             row_labels.append(f"{sample['id']} · {thought['index'] + 1}")
-            cells.append([f"{_display(d['token'])} {d['prob']:.3g}" for d in thought["top_k"]])
+            cells.append([f"{display_token(d['token'])} {d['prob']:.3g}" for d in thought["top_k"]])
             colours.append([(1.0, 1.0 - 0.6 * d["prob"], 1.0 - 0.6 * d["prob"]) for d in thought["top_k"]])
     top_k = results["top_k"]
     fig = Figure(figsize=(2.5 + 1.9 * top_k, 0.6 + 0.25 * (len(cells) + 1)))
@@ -430,7 +430,7 @@ def format_summary(results):
         shares = "  ".join(f"{mean['mean'][c]:6.3f} ({uniform[c]:.3f})" for c in ATTENTION_CATEGORIES)
         in_step = [t["top1_in_step"] for t in thoughts if t["top1_in_step"] is not None]
         in_step = f"{sum(in_step)}/{len(in_step)}" if in_step else "-"
-        lines.append(f"{k + 1:>7}  {shares}  {in_step:>13}  {_display(common)} ({tops.count(common)}/{len(tops)})")
+        lines.append(f"{k + 1:>7}  {shares}  {in_step:>13}  {display_token(common)} ({tops.count(common)}/{len(tops)})")
     return "\n".join(lines)
 
 
@@ -492,6 +492,7 @@ __all__ = [
     "special_token_ids",
     "default_num_latents",
     "analyze",
+    "display_token",
     "plot_attention",
     "plot_top_k",
     "load_model",
