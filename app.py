@@ -49,7 +49,7 @@ def attention_figure(prediction):
     tiles = tile_images(prediction.pixel_values)
     maps = prediction.image_attention  # (K, tiles, side, side)
     num_thoughts, num_tiles = maps.shape[:2]
-    fig = Figure(figsize=(1.6 * num_tiles + 1.2, 1.7 * num_thoughts + 0.4), layout="constrained")
+    fig = Figure(figsize=(max(1.6 * num_tiles + 1.2, 3.4), 1.7 * num_thoughts + 0.6), layout="constrained")
     axes = np.atleast_2d(fig.subplots(num_thoughts, num_tiles, squeeze=False))
     for k in range(num_thoughts):
         peak = float(maps[k].max()) or 1.0
@@ -57,7 +57,7 @@ def attention_figure(prediction):
             ax = axes[k, t]
             height, width = tiles[t].shape[:2]
             ax.imshow(tiles[t])
-            ax.imshow(maps[k, t].numpy() / peak, cmap="inferno", alpha=0.55, vmin=0, vmax=1,
+            ax.imshow(maps[k, t].numpy() / peak, cmap="inferno", alpha=0.6, vmin=0, vmax=1,
                       extent=(0, width, height, 0), interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
@@ -65,7 +65,7 @@ def attention_figure(prediction):
                 ax.set_title("thumbnail" if t == num_tiles - 1 and num_tiles > 1 else f"tile {t + 1}", fontsize=8)
         share = prediction.thoughts[k]["attention"]["mean"]["image"]
         axes[k, 0].set_ylabel(f"thought {k + 1}\nimage {share:.2f}", fontsize=8)
-    fig.suptitle("attention of each thought on the image (mean over heads and layers)", fontsize=9)
+    fig.suptitle("each thought's attention on the image\n(mean over heads and layers; bright = more)", fontsize=8)
     FigureCanvasAgg(fig)
     fig.canvas.draw()
     return Image.fromarray(np.asarray(fig.canvas.buffer_rgba())[..., :3].copy())
@@ -141,7 +141,7 @@ def free_port(host="127.0.0.1"):
         return sock.getsockname()[1]
 
 
-def take_screenshot(url, path, width=1400, height=1300):
+def take_screenshot(url, path, width=1400, height=1000):
     """A PNG of `url` from headless Chromium (Debian's `chromium` package)."""
     binary = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
     if binary is None:
