@@ -72,8 +72,12 @@ class Prediction:
 # ---------------------------------------------------------------------------------------------- loading
 
 
-def quantization_config(name):
-    """transformers' `quantization_config` for a `QUANTIZATIONS` choice (None for `none`)."""
+def quantization_config(name, tied_embeddings=True):
+    """transformers' `quantization_config` for a `QUANTIZATIONS` choice (None for `none`).
+
+    torchao also quantizes an untied LM head (at a 151k vocabulary it holds most of a small model's weights);
+    a head tied to the input embedding stays as it is, since untying it would add a copy rather than save one.
+    """
     if name not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {name!r}")
     if name == "none":
@@ -82,7 +86,7 @@ def quantization_config(name):
         from torchao.quantization import Int8WeightOnlyConfig
         from transformers import TorchAoConfig
 
-        return TorchAoConfig(Int8WeightOnlyConfig())
+        return TorchAoConfig(Int8WeightOnlyConfig(), include_input_output_embeddings=not tied_embeddings)
     if not torch.cuda.is_available():
         raise ValueError(
             f"--quantization {name} uses bitsandbytes, which needs a CUDA GPU and there is none here; "
@@ -146,7 +150,8 @@ def load(model_path, quantization="none", dtype="auto", device=None, attn_implem
     train.py wrote one) gets the one its config implies. `attn_implementation="eager"` is needed for thoughts.
     """
     path = Path(model_path)
-    quantization_cfg = quantization_config(quantization)
+    tied = quantization != "none" and MMCoconutConfig.from_pretrained(model_path).tie_word_embeddings
+    quantization_cfg = quantization_config(quantization, tied_embeddings=tied)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     load_kwargs = {"dtype": DTYPES[dtype]}
     if attn_implementation is not None:

@@ -6,9 +6,9 @@
 Every variant (`--quantizations`, default `none` and `torchao-int8`, plus `bnb-8bit` and `bnb-4bit` where CUDA is
 present) loads the checkpoint with `predict.load` and answers the same questions with `predict.predict` (greedy,
 the checkpoint's latent span), each in its own process so that one variant's memory is not another's. Reported per
-variant: weight bytes (parameters + buffers as stored), peak memory of loading + answering (`MEMORY_METHOD`), time
-per question, and agreement with `none` — the share of questions with the same generated text and with the same
-parsed answer.
+variant: weight bytes (parameters + buffers as stored), memory after loading, the peak while loading and the peak
+while answering (`MEMORY_NOTE`), time per question, and agreement with `none` — the share of questions with the same
+generated text and with the same `Answer:` line.
 """
 
 import argparse
@@ -16,11 +16,18 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
-from benchmarks.common import MEMORY_METHOD, format_table, peak_memory_bytes, write_json
+from benchmarks.common import _proc_status_bytes, format_table, peak_memory_bytes, write_json
 
+MEMORY_NOTE = {
+    "cpu": "RSS after loading and the peak RSS (VmHWM) while loading, both above the RSS before loading; the peak "
+           "while answering is above the RSS of the loaded model (glibc's mmap threshold pinned, benchmarks.common)",
+    "cuda": "torch.cuda.memory_allocated after loading; max_memory_allocated while loading (above the allocation "
+            "before) and while answering (above the loaded model)",
+}
 DEFAULT_QUANTIZATIONS = ("none", "torchao-int8") + (("bnb-8bit", "bnb-4bit") if torch.cuda.is_available() else ())
 
 
@@ -34,6 +41,12 @@ def _weight_bytes(model):
     return total
 
 
+def _resident_bytes(device):
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device)
+    return _proc_status_bytes("VmRSS")
+
+
 def run_variant(args, quantization):
     """Load + answer every question under `quantization`, in this process: a JSON-serialisable dict."""
     import predict
@@ -43,23 +56,31 @@ def run_variant(args, quantization):
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     state = {}
 
-    def load_and_answer():
-        model, processor = predict.load(args.model, quantization, args.dtype, str(device))
-        state["weight_bytes"] = _weight_bytes(model)
+    def load():
+        state["model"], state["processor"] = predict.load(args.model, quantization, args.dtype, str(device))
+
+    def answer():
         start = time.perf_counter()
         state["answers"] = [
             # The canonical question already holds its rendered choices; the answer is the `Answer:` line.
-            predict.predict(model, processor, record.get("image"), record["question"],
+            predict.predict(state["model"], state["processor"], record.get("image"), record["question"],
                             max_new_tokens=args.max_new_tokens)
             for record in records
         ]
         state["seconds"] = time.perf_counter() - start
 
-    peak = peak_memory_bytes(load_and_answer, device)
+    # The quantization library is imported before the baseline: its code is not the model's memory.
+    predict.quantization_config(quantization)
+    before = _resident_bytes(device)
+    load_peak = peak_memory_bytes(load, device)
+    resident = _resident_bytes(device) - before
+    answer_peak = peak_memory_bytes(answer, device)  # above the loaded model
     return {
         "quantization": quantization,
-        "weight_bytes": state["weight_bytes"],
-        "peak_memory_bytes": peak,
+        "weight_bytes": _weight_bytes(state["model"]),
+        "resident_after_load_bytes": resident,
+        "load_peak_bytes": load_peak,
+        "answer_peak_bytes": answer_peak,
         "seconds_per_question": state["seconds"] / len(records),
         "generated_texts": [answer.generated_text for answer in state["answers"]],
         "answers": [answer.answer for answer in state["answers"]],
@@ -76,7 +97,8 @@ def compare(results):
         same_answer = sum(a == b for a, b in zip(result["answers"], reference["answers"])) / len(pairs)
         result["agreement_text"], result["agreement_answer"] = same_text, same_answer
         rows.append([
-            result["quantization"], f"{result['weight_bytes'] / 2**20:.1f}", f"{result['peak_memory_bytes'] / 2**20:.1f}",
+            result["quantization"], *(f"{result[key] / 2**20:.1f}" for key in (
+                "weight_bytes", "resident_after_load_bytes", "load_peak_bytes", "answer_peak_bytes")),
             f"{result['seconds_per_question']:.3f}", f"{100 * same_text:.1f}%", f"{100 * same_answer:.1f}%",
         ])
     return rows
@@ -92,7 +114,7 @@ def main(argv=None):
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--device", default=None)
     parser.add_argument("--threads", type=int, default=None, help="torch threads per variant process")
-    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # one variant, in a child process
     args = parser.parse_args(argv)
     if args.threads:
@@ -114,9 +136,10 @@ def main(argv=None):
         results.append(json.loads(line[len("RESULT "):]))
     rows = compare(results)
     device = "cuda" if (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda") else "cpu"
-    print(f"{args.model}: {len(results[0]['answers'])} questions from {args.data_file}, greedy; memory: "
-          f"{MEMORY_METHOD[device]}")
-    print(format_table(["quantization", "weights (MiB)", "peak memory (MiB)", "s / question",
+    print(f"{args.model}: {len(results[0]['answers'])} questions from {args.data_file}, greedy, {device}; memory: "
+          f"{MEMORY_NOTE[device]}")
+    print(format_table(["quantization", "weights (MiB)", "after load (MiB)", "load peak (MiB)",
+                        "answering peak (MiB)", "s / question",
                         "same text as none", "same answer as none"], rows))
     write_json(args.out, {"model": args.model, "data_file": args.data_file, "results": results})
     return results

@@ -230,3 +230,33 @@ def test_torchao_int8_weight_only_runs_on_cpu(inference_checkpoint, question_ima
 def test_bitsandbytes_is_refused_without_cuda(name):
     with pytest.raises(ValueError, match="needs a CUDA GPU.*torchao-int8"):
         predict.quantization_config(name)
+
+
+# ---- evaluation: questions without choices, the saved tiling ----
+
+
+def test_evaluation_refuses_records_without_choices_before_generating(inference_checkpoint, question_image):
+    from aokvqa_evaluation import build_eval_dataset, generate_answers
+
+    model = MMCoconutForConditionalGeneration.from_pretrained(inference_checkpoint)
+    processor = load_internvl_processor(inference_checkpoint)
+    records = [{"id": "mine", "image": str(question_image), "question": QUESTION, "steps": [], "answer": None}]
+    dataset = build_eval_dataset(records, processor, "coconut", model.config)
+    model.generate = lambda **kwargs: pytest.fail("generated before checking for choices")
+    with pytest.raises(ValueError, match=r"1 record\(s\) have no 'choices' \(first: 'mine'\).*predict\.py"):
+        generate_answers(model, dataset, show_progress=False)
+
+
+def test_evaluate_cli_keeps_the_checkpoint_tiling_by_default(inference_checkpoint, question_image, tmp_path):
+    """The checkpoint allows 4 tiles: a 2:1 image is 2 tiles + thumbnail = 12 image tokens (the old default of 8
+    tiles made it 4×2 + thumbnail = 36)."""
+    import evaluate_aokvqa
+
+    data = tmp_path / "records.jsonl"
+    data.write_text(json.dumps({"id": "q", "image": str(question_image), "question": QUESTION, "steps": [],
+                                "answer": "A. red", "choices": ["red", "blue"], "correct_choice_idx": 0,
+                                "direct_answers": ["red"]}) + "\n")
+    evaluate_aokvqa.main(["--model", str(inference_checkpoint), "--data-file", str(data), "--max-new-tokens", "2",
+                          "--output-dir", str(tmp_path / "eval")])
+    sample = json.loads((tmp_path / "eval" / "samples_val.jsonl").read_text())
+    assert "<IMG_CONTEXT>×12" in sample["prompt"]
