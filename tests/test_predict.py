@@ -248,12 +248,14 @@ def test_evaluation_refuses_records_without_choices_before_generating(inference_
 
 
 def test_evaluate_cli_keeps_the_checkpoint_tiling_by_default(inference_checkpoint, question_image, tmp_path):
-    """The checkpoint allows 4 tiles: a 2:1 image is 2 tiles + thumbnail = 12 image tokens (the old default of 8
-    tiles made it 4×2 + thumbnail = 36)."""
+    """The checkpoint allows 4 tiles: a 224×112 image is 2 tiles + thumbnail = 12 image tokens (the old default of
+    8 tiles made it 4×2 + thumbnail = 36)."""
     import evaluate_aokvqa
 
+    image = tmp_path / "wide.png"
+    Image.open(question_image).resize((224, 112)).save(image)
     data = tmp_path / "records.jsonl"
-    data.write_text(json.dumps({"id": "q", "image": str(question_image), "question": QUESTION, "steps": [],
+    data.write_text(json.dumps({"id": "q", "image": str(image), "question": QUESTION, "steps": [],
                                 "answer": "A. red", "choices": ["red", "blue"], "correct_choice_idx": 0,
                                 "direct_answers": ["red"]}) + "\n")
     evaluate_aokvqa.main(["--model", str(inference_checkpoint), "--data-file", str(data), "--max-new-tokens", "2",
