@@ -27,7 +27,7 @@ from aokvqa_evaluation import (
 )
 import data_aokvqa
 from data_aokvqa import HF_AOKVQA_ID
-from modeling_mmcoconut import MMCoconutForConditionalGeneration
+from predict import load_model
 from processing_mmcoconut import load_internvl_processor
 
 logger = logging.getLogger("evaluate_aokvqa")
@@ -122,8 +122,8 @@ def main(argv=None):
     if args.do_sample:
         set_seed(args.seed, device_specific=True)
 
-    model = MMCoconutForConditionalGeneration.from_pretrained(args.model, dtype=DTYPES[args.dtype])
-    model.to(accelerator.device).eval()
+    # A merged checkpoint or a LoRA adapter directory (its base is loaded and the adapters merged in).
+    model = load_model(args.model, dtype=DTYPES[args.dtype], device=accelerator.device)
     processor = load_internvl_processor(args.model, max_tiles=args.max_tiles)
     num_latents = None
     if args.mode == "coconut":

@@ -143,17 +143,16 @@ def _load_lora(path, **load_kwargs):
     return PeftModel.from_pretrained(model, path).merge_and_unload()
 
 
-def load(model_path, quantization="none", dtype="auto", device=None, attn_implementation=None):
-    """(model in eval mode, processor) of a checkpoint or LoRA adapter directory, ready for `predict`.
+def load_model(model_path, quantization="none", dtype="auto", device=None, attn_implementation=None):
+    """The model of a checkpoint or LoRA adapter directory, in eval mode on `device` (default: cuda if available).
 
-    The processor keeps the tiling saved with the checkpoint; a checkpoint saved without a chat template (before
-    train.py wrote one) gets the one its config implies. `attn_implementation="eager"` is needed for thoughts.
+    `quantization` is one of `QUANTIZATIONS`; `attn_implementation="eager"` is needed to show thoughts.
     """
     path = Path(model_path)
     tied = quantization != "none" and MMCoconutConfig.from_pretrained(model_path).tie_word_embeddings
     quantization_cfg = quantization_config(quantization, tied_embeddings=tied)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    load_kwargs = {"dtype": DTYPES[dtype]}
+    load_kwargs = {"dtype": DTYPES[dtype] if isinstance(dtype, str) else dtype}
     if attn_implementation is not None:
         load_kwargs["attn_implementation"] = attn_implementation
     if (path / "adapter_config.json").is_file():
@@ -167,11 +166,21 @@ def load(model_path, quantization="none", dtype="auto", device=None, attn_implem
         )
     else:
         model = MMCoconutForConditionalGeneration.from_pretrained(model_path, **load_kwargs).to(device)
+    return model.eval()
+
+
+def load(model_path, quantization="none", dtype="auto", device=None, attn_implementation=None):
+    """(model in eval mode, processor) of a checkpoint or LoRA adapter directory, ready for `predict`.
+
+    The processor keeps the tiling saved with the checkpoint; a checkpoint saved without a chat template (before
+    train.py wrote one) gets the one its config implies. See `load_model` for the arguments.
+    """
+    model = load_model(model_path, quantization, dtype, device, attn_implementation)
     processor = load_internvl_processor(model_path)
     if processor.chat_template is None:
         logger.info("%s has no chat template; using the one its config implies", model_path)
         set_chat_template(processor, model.config)
-    return model.eval(), processor
+    return model, processor
 
 
 # ---------------------------------------------------------------------------------------------- answering

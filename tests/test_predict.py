@@ -197,6 +197,18 @@ def test_predict_on_a_lora_adapter_directory_equals_the_merged_model(lora_run):
     assert adapters["num_latents"] == 1  # the run's config (stage 1, c_thought 1), not the base's (c_thought 2)
 
 
+def test_evaluate_runs_on_a_lora_adapter_directory(lora_run, tmp_path):
+    import evaluate_aokvqa
+
+    out, val = lora_run
+    runs = {}
+    for name, model in (("adapters", out), ("merged", out / "merged")):
+        evaluate_aokvqa.main(["--model", str(model), "--data-file", str(val), "--max-new-tokens", "3",
+                              "--output-dir", str(tmp_path / name)])
+        runs[name] = (tmp_path / name / "samples_val.jsonl").read_text()
+    assert runs["adapters"] == runs["merged"]
+
+
 def test_missing_lora_base_fails_fast_naming_it(lora_run, tmp_path, monkeypatch):
     from huggingface_hub import constants
 
