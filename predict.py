@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -140,7 +141,10 @@ def _load_lora(path, **load_kwargs):
     config = MMCoconutConfig.from_pretrained(path) if (path / "config.json").is_file() else None
     model = MMCoconutForConditionalGeneration.from_pretrained(base_path, config=config, **load_kwargs)
     logger.info("LoRA: base %s, adapters %s (merged)", base, path)
-    return PeftModel.from_pretrained(model, path).merge_and_unload()
+    with warnings.catch_warnings():
+        # peft (0.21) reads `PreTrainedModel.is_gradient_checkpointing`, a deprecated alias since transformers 5.23.
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+        return PeftModel.from_pretrained(model, path).merge_and_unload()
 
 
 def load_model(model_path, quantization="none", dtype="auto", device=None, attn_implementation=None):
