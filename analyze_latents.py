@@ -33,7 +33,7 @@ from data_aokvqa import load_canonical
 from data_collator import MMCoconutCollator
 from data_curriculum import CurriculumDataset, step_text
 from modeling_mmcoconut import MMCoconutForConditionalGeneration
-from processing_mmcoconut import load_internvl_processor
+from processing_mmcoconut import check_checkpoint_dir, load_internvl_processor
 
 logger = logging.getLogger("analyze_latents")
 
@@ -237,6 +237,27 @@ def default_num_latents(config):
     return config.num_inference_latents
 
 
+def prompt_batches(model, processor, records, num_latents, batch_size=4, max_tiles=None):
+    """Yield `(record indices, sample ids, batch)` for `records` laid out as at evaluation with `num_latents`
+    latents each (`question <|start-latent|> <|latent|>×K <|end-latent|>`), collated and on the model's device.
+    Every record must be kept (a skipped one is an error: the results would no longer line up with `records`)."""
+    config = model.config
+    dataset = CurriculumDataset(
+        records, processor, mode="coconut", c_thought=config.c_thought,
+        max_latent_stage=config.latent_stage, max_tiles=max_tiles,
+    )
+    if len(dataset) != len(records):
+        raise ValueError(f"the dataset kept {len(dataset)} of {len(records)} records")
+    collator = MMCoconutCollator(processor.tokenizer.pad_token_id, config.latent_token_id, pad_to="end")
+    device = model.device
+    for start in range(0, len(dataset), batch_size):
+        indices = range(start, min(start + batch_size, len(dataset)))
+        batch = collator([dataset.prompt_features(i, num_latents) for i in indices])
+        ids = batch.pop("ids")
+        batch = {k: v.to(device) if k != "pixel_values" else v.to(device, model.dtype) for k, v in batch.items()}
+        yield indices, ids, batch
+
+
 def analyze(model, processor, records, num_latents=None, top_k=5, batch_size=4, max_tiles=None):
     """Analyze the continuous thoughts of `model` on canonical `records`; returns a JSON-serialisable dict.
 
@@ -257,22 +278,10 @@ def analyze(model, processor, records, num_latents=None, top_k=5, batch_size=4, 
     if top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
     tokenizer = processor.tokenizer
-    dataset = CurriculumDataset(
-        records, processor, mode="coconut", c_thought=config.c_thought,
-        max_latent_stage=config.latent_stage, max_tiles=max_tiles,
-    )
-    if len(dataset) != len(records):
-        raise ValueError(f"the dataset kept {len(dataset)} of {len(records)} records")
-    collator = MMCoconutCollator(tokenizer.pad_token_id, config.latent_token_id, pad_to="end")
     special_ids = special_token_ids(tokenizer, config)
-    device = model.device
 
     samples, attention, max_diff = [], [], 0.0
-    for start in range(0, len(dataset), batch_size):
-        positions = range(start, min(start + batch_size, len(dataset)))
-        batch = collator([dataset.prompt_features(i, num_latents) for i in positions])
-        ids = batch.pop("ids")
-        batch = {k: v.to(device) if k != "pixel_values" else v.to(device, model.dtype) for k, v in batch.items()}
+    for positions, ids, batch in prompt_batches(model, processor, records, num_latents, batch_size, max_tiles):
         result = analyze_batch(model, batch, special_ids, top_k=top_k)
         max_diff = max(max_diff, result["recompute_rel_diff"])
         attention.append(result["attention"].cpu())
@@ -287,7 +296,7 @@ def analyze(model, processor, records, num_latents=None, top_k=5, batch_size=4, 
                     for k in range(num_latents)
                 ],
             })
-        logger.info("analyzed %d / %d samples", len(samples), len(dataset))
+        logger.info("analyzed %d / %d samples", len(samples), len(records))
 
     mean = torch.cat(attention).mean(0)  # (K, L, C)
     return {
@@ -408,6 +417,7 @@ def plot_top_k(results, path, max_samples=8):
 
 def load_model(path, dtype=torch.float32, device="cpu"):
     """The checkpoint with eager attention (which returns attention probabilities), in eval mode on `device`."""
+    check_checkpoint_dir(path, parts=("config", "weights"))
     model = MMCoconutForConditionalGeneration.from_pretrained(path, dtype=dtype, attn_implementation="eager")
     return model.to(device).eval()
 
@@ -461,6 +471,7 @@ def main(argv=None):
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
 
+    check_checkpoint_dir(args.model)  # the processor's files too, before the model is loaded
     model = load_model(args.model, DTYPES[args.dtype], args.device)
     processor = load_internvl_processor(args.model, max_tiles=args.max_tiles)
     records = load_canonical(args.data_file)[: args.limit]
@@ -489,6 +500,7 @@ __all__ = [
     "visible_key_counts",
     "analyze_batch",
     "thought_entry",
+    "prompt_batches",
     "special_token_ids",
     "default_num_latents",
     "analyze",

@@ -6,7 +6,8 @@ Used by `evaluate_aokvqa.py` (the CLI) and by validation during training. One ev
 2. `generate_answers`: batched greedy (or sampled) generation on left-padded prompts, sharded across
    processes under `accelerate launch`, parsed into one dict per question (gathered on every rank);
 3. `score`: the A-OKVQA `evaluate` metric (`metrics/aokvqa`) on those dicts;
-4. `write_outputs`: `predictions_{split}.json`, `samples_{split}.jsonl` and `metrics.json`.
+4. `write_outputs`: `predictions_{split}.json`, `samples_{split}.jsonl` and `metrics_{split}.json`, never over
+   an earlier run's files unless asked (`check_outputs_free`).
 
 `evaluate_model` runs 2 and 3 and adds throughput numbers.
 
@@ -376,18 +377,39 @@ def official_predictions(samples):
     return predictions
 
 
-def write_outputs(output_dir, split, samples, metrics):
-    """Write `predictions_{split}.json`, `samples_{split}.jsonl` and `metrics.json` under `output_dir`.
+def output_paths(output_dir, split):
+    """Where `write_outputs` puts the results of `split`: a dict with keys `predictions`, `samples`, `metrics`.
 
-    Returns the three paths as a dict with keys `predictions`, `samples`, `metrics`.
-    """
+    Every file is named after its split, so runs on different splits can share a directory and never mix."""
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    paths = {
+    return {
         "predictions": output_dir / f"predictions_{split}.json",
         "samples": output_dir / f"samples_{split}.jsonl",
-        "metrics": output_dir / "metrics.json",
+        "metrics": output_dir / f"metrics_{split}.json",
     }
+
+
+def check_outputs_free(output_dir, split, overwrite=False):
+    """Refuse (FileExistsError) when `output_dir` already holds results of `split`, unless `overwrite`.
+
+    Called before the model is loaded, so a clash costs nothing; `write_outputs` checks again."""
+    existing = [str(path) for path in output_paths(output_dir, split).values() if path.exists()]
+    if existing and not overwrite:
+        raise FileExistsError(
+            f"{output_dir} already holds results of split {split!r} ({', '.join(existing)}); "
+            "pass --overwrite to replace them, or choose another --output-dir"
+        )
+
+
+def write_outputs(output_dir, split, samples, metrics, overwrite=False):
+    """Write `predictions_{split}.json`, `samples_{split}.jsonl` and `metrics_{split}.json` under `output_dir`.
+
+    Refuses to replace an earlier run's files of `split` unless `overwrite`. Returns the three paths as a dict with
+    keys `predictions`, `samples`, `metrics`.
+    """
+    check_outputs_free(output_dir, split, overwrite)
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    paths = output_paths(output_dir, split)
     with open(paths["predictions"], "w", encoding="utf-8") as f:
         json.dump(official_predictions(samples), f, indent=1, ensure_ascii=False)
     with open(paths["samples"], "w", encoding="utf-8") as f:
@@ -408,12 +430,22 @@ def _format_value(value):
     return str(value)
 
 
+def _skipped_cell(metrics):
+    """`num_skipped`, with the count per reason (`bad_image`, `too_long`) when there are any."""
+    if "num_skipped" not in metrics:
+        return None
+    reasons = metrics.get("skipped") or {}
+    details = ", ".join(f"{reason} {count}" for reason, count in sorted(reasons.items()))
+    return f"{metrics['num_skipped']} ({details})" if details else metrics["num_skipped"]
+
+
 def format_summary(metrics, title="A-OKVQA evaluation"):
     """A two-column text table of the main numbers (accuracies in percent)."""
     rows = [
         ("MC accuracy (%)", None if metrics.get("mc_accuracy") is None else f"{100 * metrics['mc_accuracy']:.2f}"),
         ("DA accuracy (%)", None if metrics.get("da_accuracy") is None else f"{100 * metrics['da_accuracy']:.2f}"),
         ("questions", metrics.get("num_samples")),
+        ("questions skipped", _skipped_cell(metrics)),
         ("questions scored for DA", metrics.get("num_da_samples")),
         ("unparseable answers", metrics.get("num_unparseable")),
         ("answers without EOS", metrics.get("num_without_eos")),
@@ -444,6 +476,8 @@ __all__ = [
     "score",
     "evaluate_model",
     "official_predictions",
+    "output_paths",
+    "check_outputs_free",
     "write_outputs",
     "format_summary",
 ]

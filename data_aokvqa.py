@@ -21,6 +21,9 @@ from pathlib import Path
 
 import datasets
 
+from answer_parsing import parse_answer
+from data_curriculum import answer_text
+
 logger = logging.getLogger(__name__)
 
 CHOICE_LETTERS = "ABCD"
@@ -257,11 +260,47 @@ def _validate_canonical(item, position, path):
         raise ValueError(f"{where}: 'steps' must be a list of strings")
     if record["answer"] is not None and not isinstance(record["answer"], str):
         raise ValueError(f"{where}: 'answer' must be a string or null")
+    _check_multiple_choice(record, where)
     if record["image"] is not None:
         if not isinstance(record["image"], str):
             raise ValueError(f"{where}: 'image' must be a path string or null")
         record["image"] = os.path.normpath(os.path.join(path.parent, record["image"]))
     return record
+
+
+def _check_multiple_choice(record, where):
+    """The multiple-choice fields agree with each other and with what evaluation scores.
+
+    Exactly four choices, as the A-OKVQA loaders require (which skip such questions; a canonical file is the
+    user's own, so here it is an error). The answer line must parse, with the evaluation's own parser, to
+    `choices[correct_choice_idx]`: otherwise the model would be trained on one answer and scored on another.
+    """
+    choices, idx, answer = record["choices"], record["correct_choice_idx"], record["answer"]
+    if choices is not None:
+        if not isinstance(choices, list) or not all(isinstance(choice, str) for choice in choices):
+            raise ValueError(f"{where}: 'choices' must be a list of strings, got {choices!r}")
+        if len(choices) != len(CHOICE_LETTERS):
+            raise ValueError(f"{where}: 'choices' must hold exactly {len(CHOICE_LETTERS)} choices, got {len(choices)}")
+    if idx is not None:
+        if choices is None:
+            raise ValueError(f"{where}: 'correct_choice_idx' is given but 'choices' is not")
+        if isinstance(idx, bool) or not isinstance(idx, int) or not 0 <= idx < len(choices):
+            raise ValueError(f"{where}: 'correct_choice_idx' must be an integer in 0..{len(choices) - 1}, got {idx!r}")
+        if answer is not None:
+            parsed = parse_answer(answer_text(answer), choices)
+            if parsed.index != idx:
+                said = parsed.reason or f"choice {parsed.letter} ({parsed.choice_text!r})"
+                raise ValueError(
+                    f"{where}: 'answer' {answer!r} does not name choices[correct_choice_idx] = "
+                    f"{CHOICE_LETTERS[idx]}. {choices[idx]!r} (it reads as {said}); write it as "
+                    f"'{CHOICE_LETTERS[idx]}. {choices[idx]}'"
+                )
+    direct = record["direct_answers"]
+    if direct is not None and (not isinstance(direct, list) or not all(isinstance(a, str) for a in direct)):
+        raise ValueError(f"{where}: 'direct_answers' must be a list of strings, got {direct!r}")
+    difficult = record["difficult_direct_answer"]
+    if difficult is not None and not isinstance(difficult, bool):
+        raise ValueError(f"{where}: 'difficult_direct_answer' must be true or false, got {difficult!r}")
 
 
 SOURCES = ("aokvqa_hf", "aokvqa_official", "canonical")

@@ -14,7 +14,7 @@ Images are opened and tiled in `__getitem__`, i.e. in DataLoader workers; no flo
 import io
 import logging
 import random
-from collections import Counter
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import datasets
@@ -32,6 +32,11 @@ MODES = ("cot", "coconut", "no_cot", "no_thoughts", "pause")
 # like `coconut`; the model reads `dataset.mode` (via the trainer) to treat the latents as ordinary pause tokens.
 IGNORE_INDEX = -100
 _MAX_LOGGED_BAD_IMAGES = 10
+_MAX_LISTED_IDS = 5  # skipped record ids named per reason in the summary line
+# What PIL raises for a file it cannot open or decode: truncated data is an OSError, some broken headers a
+# SyntaxError, and an image over `Image.MAX_IMAGE_PIXELS` (e.g. 20000x20000) a DecompressionBombError, which
+# derives from Exception only.
+_UNREADABLE = (OSError, UnidentifiedImageError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
@@ -94,7 +99,7 @@ def load_image(image, record_id):
         finally:
             if opened is not image:  # close only what we opened; a caller's PIL image stays usable
                 opened.close()
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as error:
+    except _UNREADABLE as error:
         raise ValueError(f"record {record_id!r}: cannot read image {_describe(image)}: {error}") from error
 
 
@@ -105,8 +110,13 @@ def _image_size(image, record_id):
     try:
         with _open(image) as opened:
             return opened.size
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as error:
+    except _UNREADABLE as error:
         raise ValueError(f"record {record_id!r}: cannot read image {_describe(image)}: {error}") from error
+
+
+def _decoded_size(image, record_id):
+    """(width, height) after decoding every pixel, which finds truncated and corrupted files."""
+    return load_image(image, record_id).size
 
 
 def _check_record(record, index):
@@ -155,9 +165,12 @@ class CurriculumDataset(torch.utils.data.Dataset):
         uniform_prob: probability that a sample is laid out at a stage drawn uniformly from `0..len(steps)`
             instead of the current one (Coconut's mixing); the draw is a function of `(seed, stage, epoch, index)`.
         max_length: records whose sequence would exceed it at any stage are skipped (never truncated).
-        skip_bad_samples: skip (count, log) records whose image is missing or unreadable instead of raising.
-            Images are checked by their header at construction; a file that breaks later raises in `__getitem__`
-            (a map-style dataset cannot drop an index it has already announced).
+        skip_bad_samples: skip (count, log with the record id) records whose image is missing or unreadable
+            instead of raising. With it, every image is fully decoded at construction (about 6 ms for a 640x480
+            JPEG), so truncated or corrupted files are found before training starts; without it only the header
+            is read there, and a file that does not decode raises in `__getitem__` (in DataLoader workers too)
+            naming the record and file. A file that breaks after construction raises either way (a map-style
+            dataset cannot drop an index it has already announced).
         max_tiles: cap on InternVL tiles per image (the thumbnail comes on top); `None` keeps the processor's
             own `max_patches`.
 
@@ -207,6 +220,7 @@ class CurriculumDataset(torch.utils.data.Dataset):
         self.epoch = 0
         self._resolve_token_ids()
         self.skipped = Counter()
+        self.skipped_ids = defaultdict(list)  # reason -> ids of the skipped records, in record order
         self._entries = self._build()
 
     # ---- construction -------------------------------------------------------------------------------------
@@ -244,19 +258,25 @@ class CurriculumDataset(torch.utils.data.Dataset):
         images_kwargs = {} if self.max_tiles is None else {"max_patches": self.max_tiles}
         return self.processor.image_processor.get_number_of_image_patches(height, width, images_kwargs)
 
+    def _skip(self, reason, record_id):
+        self.skipped[reason] += 1
+        self.skipped_ids[reason].append(record_id)
+
     def _build(self):
         kept = []  # (record index, record without image, num_tiles)
         bad_logged = 0
+        # Skipping promises that training will not stop on a bad image, so then every image is decoded now.
+        image_size = _decoded_size if self.skip_bad_samples else _image_size
         for index, record in enumerate(_iter_undecoded(self.records)):
             record_id = _check_record(record, index)
             num_tiles = 0
             if record.get("image") is not None:
                 try:
-                    width, height = _image_size(record["image"], record_id)
+                    width, height = image_size(record["image"], record_id)
                 except ValueError as error:
                     if not self.skip_bad_samples:
                         raise
-                    self.skipped["bad_image"] += 1
+                    self._skip("bad_image", record_id)
                     if bad_logged < _MAX_LOGGED_BAD_IMAGES:
                         logger.warning("skipping: %s", error)
                         bad_logged += 1
@@ -272,7 +292,7 @@ class CurriculumDataset(torch.utils.data.Dataset):
                 answers.append(answer_text(record["answer"]))
         prompt_ids, step_ids, answer_ids = self._tokenize(prompts), self._tokenize(steps), self._tokenize(answers)
 
-        entries, step_pos, answer_pos = [], 0, 0
+        entries, step_pos, answer_pos, shortest_too_long = [], 0, 0, None
         for (index, record, num_tiles), prompt in zip(kept, prompt_ids):
             n_steps = len(record["steps"])
             record_steps = step_ids[step_pos : step_pos + n_steps]
@@ -295,20 +315,40 @@ class CurriculumDataset(torch.utils.data.Dataset):
                 },
             }
             self._check_tokens(entry)
-            if self.max_length is not None and self._longest(entry) > self.max_length:
-                self.skipped["too_long"] += 1
+            longest = self._longest(entry)
+            if self.max_length is not None and longest > self.max_length:
+                self._skip("too_long", record["id"])
+                shortest_too_long = longest if shortest_too_long is None else min(shortest_too_long, longest)
                 continue
             entries.append(entry)
 
         total = len(kept) + self.skipped["bad_image"]
+        details = self.skip_summary()
+        if not entries:
+            if not total:
+                raise ValueError(f"CurriculumDataset({self.mode}): got no records")
+            needs = "" if shortest_too_long is None else (
+                f"; the shortest one needs max_length >= {shortest_too_long} (max_length is {self.max_length})"
+            )
+            raise ValueError(f"CurriculumDataset({self.mode}): all {total} records were skipped ({details}){needs}")
         if self.skipped:
-            details = ", ".join(f"{reason}: {count}" for reason, count in sorted(self.skipped.items()))
             logger.warning(
                 "CurriculumDataset(%s): kept %d of %d records, skipped %s", self.mode, len(entries), total, details
             )
         else:
             logger.info("CurriculumDataset(%s): kept all %d records", self.mode, len(entries))
         return entries
+
+    def skip_summary(self):
+        """`"reason: count (first ids), ..."` of the records construction skipped; `"none"` when it kept all."""
+        if not self.skipped:
+            return "none"
+        parts = []
+        for reason, count in sorted(self.skipped.items()):
+            ids = self.skipped_ids[reason]
+            listed = ", ".join(map(repr, ids[:_MAX_LISTED_IDS])) + (", ..." if len(ids) > _MAX_LISTED_IDS else "")
+            parts.append(f"{reason}: {count} ({listed})")
+        return ", ".join(parts)
 
     def _check_tokens(self, entry):
         # Text that spells a special token would be parsed as that token and silently misalign images or latents.

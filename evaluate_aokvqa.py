@@ -4,12 +4,14 @@
         --hf-dataset HuggingFaceM4/A-OKVQA --output-dir runs/eval
     accelerate launch evaluate_aokvqa.py ...     # the questions are split across processes
 
-Writes `predictions_{split}.json` (official format), `samples_{split}.jsonl` and `metrics.json` to `--output-dir`
-and prints a summary table. See `aokvqa_evaluation` for the modes and how unparseable answers are handled.
+Writes `predictions_{split}.json` (official format), `samples_{split}.jsonl` and `metrics_{split}.json` to
+`--output-dir` (refusing to replace an earlier run's files of the split unless `--overwrite`) and prints a summary
+table. See `aokvqa_evaluation` for the modes and how unparseable answers are handled.
 """
 
 import argparse
 import logging
+import os
 import sys
 
 import torch
@@ -20,6 +22,7 @@ from aokvqa_evaluation import (
     DEFAULT_MAX_NEW_TOKENS,
     EVAL_MODES,
     build_eval_dataset,
+    check_outputs_free,
     default_num_latents,
     evaluate_model,
     format_summary,
@@ -28,7 +31,7 @@ from aokvqa_evaluation import (
 import data_aokvqa
 from data_aokvqa import HF_AOKVQA_ID
 from predict import load_model
-from processing_mmcoconut import load_internvl_processor
+from processing_mmcoconut import check_checkpoint_dir, load_internvl_processor
 
 logger = logging.getLogger("evaluate_aokvqa")
 
@@ -73,6 +76,9 @@ def build_parser():
         "--skip-bad-samples", action="store_true",
         help="skip (and count) questions whose image cannot be read instead of stopping",
     )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace results of the same split already in --output-dir"
+    )
     return parser
 
 
@@ -92,6 +98,14 @@ def _check_args(parser, args):
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         parser.error("--max-new-tokens must be >= 1")
+
+
+def check_before_loading(args):
+    """What can fail without the model: earlier results in the way, an incomplete checkpoint directory."""
+    check_outputs_free(args.output_dir, args.split, args.overwrite)
+    # A LoRA adapter directory has no weights of its own: `load_model` finds the base it names (or says why not).
+    lora = os.path.isfile(os.path.join(args.model, "adapter_config.json"))
+    check_checkpoint_dir(args.model, **({"parts": ("tokenizer", "processor")} if lora else {}))
 
 
 def load_records(args):
@@ -114,6 +128,7 @@ def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     _check_args(parser, args)
+    check_before_loading(args)
     accelerator = Accelerator()
     logging.basicConfig(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -161,11 +176,13 @@ def main(argv=None):
         "temperature": args.temperature if args.do_sample else None,
         "top_p": args.top_p if args.do_sample else None,
         "num_skipped": sum(dataset.skipped.values()),
+        "skipped": dict(dataset.skipped),
+        "skipped_ids": dict(dataset.skipped_ids),
         "num_processes": accelerator.num_processes,
         **result.metrics,
     }
     if accelerator.is_main_process:
-        write_outputs(args.output_dir, args.split, result.samples, metrics)
+        write_outputs(args.output_dir, args.split, result.samples, metrics, overwrite=args.overwrite)
         print(format_summary(metrics))
     accelerator.wait_for_everyone()
     return metrics

@@ -28,7 +28,7 @@ from transformers import (
     InternVLForConditionalGeneration,
     PreTrainedModel,
 )
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, can_return_tuple
 
 try:  # imported as remote code (a package next to the weights)
     from .configuration_mmcoconut import LATENT_TOKENS, MMCoconutConfig
@@ -133,13 +133,15 @@ class MMCoconutForConditionalGeneration(MMCoconutPreTrainedModel, GenerationMixi
     def from_internvl(cls, internvl_or_path, tokenizer, c_thought=1, dtype=None, **load_kwargs):
         """Wrap an InternVL model (or load one from a path / Hub id) and add the latent tokens.
 
-        Adds `<|start-latent|>`, `<|end-latent|>` and `<|latent|>` to `tokenizer` as special tokens,
-        resizes the language model's embeddings (and the lm_head when untied) to `len(tokenizer)`,
-        and initialises each new row to the mean of the existing rows of the pieces its text
-        tokenised to before (e.g. `<|`, `latent`, `|>`). Why: the rows start inside the trained
-        embedding distribution with the same norm scale as real tokens (random rows from the
-        initialiser are far smaller than trained ones), and the three markers start distinct from
-        each other, unlike copying one token into all three. Original-format checkpoints
+        Adds `<|start-latent|>`, `<|end-latent|>` and `<|latent|>` to `tokenizer` as special tokens
+        (a tokenizer that already holds them is fine), grows the language model's embeddings (and the
+        lm_head when untied) to `len(tokenizer)` when they are smaller (a padded matrix stays as it is),
+        and initialises the three latent rows to the mean of the existing rows of the pieces their
+        text splits into as plain text (e.g. `<|`, `latent`, `|>`). This starts a model, so the latent
+        rows are always initialised (load a trained one with `from_pretrained`). Why: the rows start
+        inside the trained embedding distribution with the same norm scale as real tokens (random rows
+        from the initialiser are far smaller than trained ones), and the three markers start distinct
+        from each other, unlike copying one token into all three. Original-format checkpoints
         (`model_type: internvl_chat`, as `OpenGVLab/InternVL3-1B-Pretrained`) are converted on load.
         """
         if isinstance(internvl_or_path, InternVLForConditionalGeneration):
@@ -147,20 +149,31 @@ class MMCoconutForConditionalGeneration(MMCoconutPreTrainedModel, GenerationMixi
         else:
             internvl = _load_internvl(str(internvl_or_path), dtype=dtype, **load_kwargs)
 
-        pieces = {token: tokenizer.encode(token, add_special_tokens=False) for token in LATENT_TOKENS}
-        num_added = tokenizer.add_tokens(list(LATENT_TOKENS), special_tokens=True)
+        # The pieces each text splits into as ordinary text, also when the tokenizer already holds the tokens.
+        pieces = {
+            token: tokenizer.encode(token, add_special_tokens=False, split_special_tokens=True)
+            for token in LATENT_TOKENS
+        }
+        tokenizer.add_tokens(list(LATENT_TOKENS), special_tokens=True)
         token_ids = tokenizer.convert_tokens_to_ids(list(LATENT_TOKENS))
-        if num_added:
-            old_vocab = internvl.get_input_embeddings().weight.shape[0]
+        for token, token_id in zip(LATENT_TOKENS, token_ids):
+            if pieces[token] == [token_id]:
+                raise ValueError(
+                    f"The tokenizer holds {token} as an ordinary added token; add the latent tokens as special "
+                    "tokens (tokenizer.add_special_tokens) or pass a tokenizer without them"
+                )
+        # Cover every id of the tokenizer; a matrix padded beyond it (Qwen's 151,936 rows) is never shrunk.
+        if len(tokenizer) > internvl.get_input_embeddings().num_embeddings:
             internvl.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-            rows = [internvl.get_input_embeddings().weight]
-            if not internvl.config.tie_word_embeddings:
-                rows.append(internvl.get_output_embeddings().weight)
-            with _gathered_for_zero3(rows), torch.no_grad():
-                for weight in rows:
-                    for token, token_id in zip(LATENT_TOKENS, token_ids):
-                        if token_id >= old_vocab:
-                            weight[token_id] = weight[pieces[token]].mean(0)
+        rows = [internvl.get_input_embeddings().weight]
+        if not internvl.config.tie_word_embeddings:
+            rows.append(internvl.get_output_embeddings().weight)
+        # A base InternVL was never trained on the latent tokens, so their rows are new to it whether the resize
+        # appended them, they are padding rows, or the tokenizer already held the tokens: initialise all three.
+        with _gathered_for_zero3(rows), torch.no_grad():
+            for weight in rows:
+                for token, token_id in zip(LATENT_TOKENS, token_ids):
+                    weight[token_id] = weight[pieces[token]].mean(0)
         start_id, end_id, latent_id = token_ids
         config = MMCoconutConfig(
             # A copy: `PreTrainedModel.__init__` resets the attention implementation of the sub-configs it
@@ -205,6 +218,7 @@ class MMCoconutForConditionalGeneration(MMCoconutPreTrainedModel, GenerationMixi
 
     # ------------------------------------------------------------------ forward
 
+    @can_return_tuple
     def forward(
         self,
         input_ids,
@@ -233,14 +247,36 @@ class MMCoconutForConditionalGeneration(MMCoconutPreTrainedModel, GenerationMixi
             num_tiles (`torch.LongTensor` of shape `(batch,)`, *optional*):
                 Tiles per sample; when given, each sample's image-token count is checked on its own.
             use_cache (`bool`): return the KV cache of the whole sequence.
-            logits_to_keep (`int`, *optional*): without labels, only the last `logits_to_keep` positions.
+            logits_to_keep (`int` or 1-D `torch.LongTensor`, *optional*):
+                Without labels: the logits of the last `logits_to_keep` positions (0: all), or of the positions
+                a tensor lists. With labels the logits are those of the supervised positions, so it is refused.
+            cache (`Cache`, *optional*; `past_key_values` before transformers 5.24):
+                Continue the sequence it holds (generate's decoding steps): `input_ids` are the new tokens,
+                `attention_mask` covers cached and new tokens, and the tokens run through InternVL as they
+                are: every token, a `<|latent|>` included, gets its learned embedding, because no hidden
+                state of the position before the first one is at hand. Continuous thoughts are filled only
+                in a forward over the whole sequence.
+            return_dict (`bool`, *optional*): `False` returns `MMCoconutOutput.to_tuple()` (`None` fields dropped).
         """
+        cache = kwargs.pop(CACHE_KWARG, None)
         # `**kwargs` lets the Trainer pass `num_items_in_batch`; anything else would be silently ignored.
-        unexpected = sorted(set(kwargs) - {"return_dict"})
-        if unexpected:
-            raise TypeError(f"MMCoconutForConditionalGeneration.forward got unexpected arguments {unexpected}")
+        if kwargs:
+            raise TypeError(f"MMCoconutForConditionalGeneration.forward got unexpected arguments {sorted(kwargs)}")
+        if cache is not None:
+            if labels is not None or pixel_values is not None:
+                raise ValueError(
+                    "forward with a cache continues a sequence with text tokens only: no labels or pixel_values"
+                )
+            return self._forward_from_cache(input_ids, attention_mask, position_ids, cache, use_cache, logits_to_keep)
+        if labels is not None and logits_to_keep is not None:
+            raise ValueError(
+                "logits_to_keep cannot be combined with labels: with labels the logits are those of the "
+                "supervised positions"
+            )
         self.config.validate_latent_ids()
-        batch_size, seq_len = input_ids.shape
+        seq_len = input_ids.shape[1]
+        if seq_len == 0:
+            raise ValueError(f"forward needs at least one token; input_ids have shape {tuple(input_ids.shape)}")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if position_ids is None:
@@ -277,10 +313,8 @@ class MMCoconutForConditionalGeneration(MMCoconutPreTrainedModel, GenerationMixi
                 loss = loss / supervised.sum().clamp_min(1)
             else:
                 loss = loss / num_items_in_batch
-        elif logits_to_keep:
-            logits = lm_head(last_hidden_state[:, -logits_to_keep:])
         else:
-            logits = lm_head(last_hidden_state)
+            logits = lm_head(last_hidden_state[:, _kept_positions(logits_to_keep, seq_len)])
 
         cache = self._assemble_cache(past) if use_cache else None
         return MMCoconutOutput(
@@ -290,6 +324,20 @@ class MMCoconutForConditionalGeneration(MMCoconutPreTrainedModel, GenerationMixi
             last_hidden_state=last_hidden_state,
             num_passes=len(boundaries) - 1,
         )
+
+    def _forward_from_cache(self, input_ids, attention_mask, position_ids, cache, use_cache, logits_to_keep):
+        if position_ids is None and attention_mask is not None:  # per-sample positions, as in the full forward
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, -input_ids.shape[1] :]
+        outputs = self.internvl(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=use_cache,
+            logits_to_keep=0 if logits_to_keep is None else logits_to_keep,
+            return_dict=True,
+            **{CACHE_KWARG: cache},
+        )
+        return MMCoconutOutput(logits=outputs.logits, cache=cache if use_cache else None, num_passes=1)
 
     def _embed_with_images(self, input_ids, pixel_values, num_tiles):
         """Token embeddings with the projected image features at the image-token positions."""
@@ -422,26 +470,21 @@ class MMCoconutForConditionalGeneration(MMCoconutPreTrainedModel, GenerationMixi
     # ------------------------------------------------------------------ generation
 
     @torch.no_grad()
-    def generate(
-        self,
-        input_ids,
-        attention_mask=None,
-        pixel_values=None,
-        *,
-        num_tiles=None,
-        max_new_tokens=None,
-        do_sample=False,
-        temperature=1.0,
-        top_p=1.0,
-        **kwargs,
-    ):
+    def generate(self, input_ids, attention_mask=None, pixel_values=None, *, num_tiles=None, **kwargs):
         """Batched generation with continuous thoughts; returns prompt + new tokens (HF convention).
 
-        Prompts are left-padded. Everything but the last prompt token is prefilled by the latent
-        forward (image features merged, latents filled with thoughts, one KV cache); decoding then
-        continues from that cache with transformers' generation loop (greedy or sampling,
-        per-sample EOS stopping, finished rows padded with `pad_token_id`).
+        Prompts are left-padded. Everything but the last prompt token is prefilled by the latent forward
+        (image features merged, latents filled with thoughts, one KV cache); transformers' own
+        `GenerationMixin.generate` then decodes from that cache on this model, so every option means what it
+        means there: `kwargs` (generation options, a `generation_config=`, `logits_processor`,
+        `stopping_criteria`, `streamer`, `synced_gpus`, ...) override this model's `generation_config`, unset
+        options come from it (the wrapped InternVL's is never read), and beam search and
+        `num_return_sequences` expand the prefilled cache (see `_expand_inputs_for_generation`). A
+        `<|latent|>` the model generates is fed its learned embedding, not a continuous thought (see `forward`'s
+        `cache`), as in the original Coconut.
         """
+        if {"cache", "past_key_values"} & kwargs.keys():
+            raise ValueError("generate() builds its KV cache from the latent prefill; it takes no cache argument")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if not bool(attention_mask[:, -1].all()):
@@ -450,31 +493,45 @@ class MMCoconutForConditionalGeneration(MMCoconutPreTrainedModel, GenerationMixi
             raise ValueError(
                 "A prompt ends with <|latent|>; close the latent span with <|end-latent|> before generating"
             )
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
-        prefill = self(
-            input_ids=input_ids[:, :-1],
-            attention_mask=attention_mask[:, :-1],
-            position_ids=position_ids[:, :-1],
-            pixel_values=pixel_values,
-            num_tiles=num_tiles,
-            use_cache=True,
-            logits_to_keep=1,
+        if input_ids.shape[1] > 1:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+            cache = self(
+                input_ids=input_ids[:, :-1],
+                attention_mask=attention_mask[:, :-1],
+                position_ids=position_ids[:, :-1],
+                pixel_values=pixel_values,
+                num_tiles=num_tiles,
+                use_cache=True,
+                logits_to_keep=1,
+                return_dict=True,
+            ).cache
+        elif pixel_values is not None:
+            raise ValueError("A one-token prompt has no image tokens, but pixel_values were given")
+        else:  # a one-token prompt leaves nothing to prefill: transformers runs that token into an empty cache
+            cache = self._assemble_cache([])
+        if kwargs.get("synced_gpus") is None:
+            # Every rank runs every decoding step until all have finished: sharded models (FSDP, ZeRO-3) need it,
+            # and it keeps ranks in step with the prefill's agreed pass count. The caller's value wins.
+            kwargs["synced_gpus"] = _world_size() > 1
+        return super().generate(input_ids, attention_mask=attention_mask, **{CACHE_KWARG: cache}, **kwargs)
+
+    def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
+        # transformers repeats each prompt `expand_size` times (beams, num_return_sequences) before its prefill;
+        # our prefill already ran, so its cache is repeated the same way (sample-major).
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size, is_encoder_decoder, input_ids, **model_kwargs
         )
-        synced = torch.distributed.is_available() and torch.distributed.is_initialized()
-        synced = synced and torch.distributed.get_world_size() > 1
-        generation_config = copy.deepcopy(self.generation_config)
-        options = dict(do_sample=do_sample, temperature=temperature, top_p=top_p, **kwargs)
-        if max_new_tokens is not None:  # None keeps the generation config's own budget
-            options["max_new_tokens"] = max_new_tokens
-        model_kwargs = generation_config.update(**options)
-        return self.internvl.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            generation_config=generation_config,
-            **{CACHE_KWARG: prefill.cache},
-            synced_gpus=synced,
-            **model_kwargs,
-        )
+        cache = model_kwargs.get(CACHE_KWARG)
+        if expand_size > 1 and cache is not None:
+            cache.batch_repeat_interleave(expand_size)
+        return input_ids, model_kwargs
+
+
+def _kept_positions(logits_to_keep, seq_len):
+    """transformers' `logits_to_keep`: the last n positions (0 or None: all), or a tensor of positions."""
+    if isinstance(logits_to_keep, torch.Tensor):
+        return logits_to_keep
+    return slice(-(logits_to_keep or seq_len), None)
 
 
 def _gathered_for_zero3(params):
@@ -490,11 +547,15 @@ def _gathered_for_zero3(params):
     return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
 
 
+def _world_size():
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return 1
+    return torch.distributed.get_world_size()
+
+
 def _agree_across_ranks(value, device):
     """The maximum of `value` over all ranks (itself outside distributed runs)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return value
-    if torch.distributed.get_world_size() == 1:
+    if _world_size() == 1:
         return value
     backend = torch.distributed.get_backend()
     tensor_device = device if backend != "gloo" else torch.device("cpu")

@@ -218,7 +218,9 @@ def predict(model, processor, image, question, choices=None, num_latents=None, m
     device = next(model.parameters()).device
     dtype = model.dtype
     inputs = {k: v.to(device, dtype) if k == "pixel_values" else v.to(device) for k, v in inputs.items()}
-    output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    # Unset options come from the checkpoint's generation_config (its max_new_tokens); only a given budget overrides.
+    budget = {} if max_new_tokens is None else {"max_new_tokens": max_new_tokens}
+    output = model.generate(**inputs, do_sample=False, **budget)
     prompt_ids = inputs["input_ids"][0].tolist()
     new_ids, _, _ = _until_eos(output[0, len(prompt_ids) :].tolist(), _eos_ids(model))
     generated_text = processor.tokenizer.decode(new_ids, skip_special_tokens=False)

@@ -26,6 +26,10 @@ experiment (`experiments/learning_curve.py`): a 56-px image of 14-px cells, i.e.
 patches of 7 px after the pixel shuffle) per cell, the left patches holding the key colour and the right ones
 the value.
 
+The variable-depth task, `colour_chain_depth`, is the same board with 1 to 4 hops drawn per question and stated
+in it ("... follow the pointers 2 times ..."): the question tells how deep to think, only the image tells the
+answer (for adaptive thinking, where the model decides how many thoughts a question needs).
+
 A new task is a class with `name` and `sample(rng) -> SyntheticExample`, registered in `TASKS`.
 """
 
@@ -34,6 +38,7 @@ import json
 import logging
 import os
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -172,21 +177,43 @@ class ColourChainTask:
     start = "red"
     choices = ("green", "blue", "yellow", "purple")  # the same four choices, in the same order, for every image
 
-    def __init__(self, hops=3, size=4, cell=14):
-        if not 1 <= hops <= len(self.choices):
-            raise ValueError(f"hops must be in 1..{len(self.choices)} (a chain visits distinct colours), got {hops}")
+    # One reasoning step; `parse_step` reads it back (the probes' targets, `probe_latents.py`).
+    step_template = "{key} points to {value}."
+    _step_pattern = re.compile(r"^(\w+) points to (\w+)\.$")
+
+    def __init__(self, hops=3, size=4, cell=14, min_hops=None):
+        """`hops` pointers to follow; with `min_hops`, each question draws its own count in `min_hops..hops`
+        (and states it), so the chain's depth varies per question."""
+        min_hops = hops if min_hops is None else min_hops
+        if not 1 <= min_hops <= hops <= len(self.choices):
+            raise ValueError(
+                f"hops must satisfy 1 <= min_hops <= hops <= {len(self.choices)} (a chain visits distinct colours), "
+                f"got min_hops={min_hops}, hops={hops}"
+            )
         if size * size < len(CHAIN_COLOURS):
             raise ValueError(f"a {size}×{size} board cannot hold {len(CHAIN_COLOURS)} pointer tiles")
         if cell % 2:
             raise ValueError(f"cell must be even (two halves of equal width), got {cell}")
-        self.hops, self.size, self.cell = hops, size, cell
+        self.hops, self.min_hops, self.size, self.cell = hops, min_hops, size, cell
 
     @property
     def question(self):
+        return self.question_for(self.hops)
+
+    def question_for(self, hops):
+        times = "time" if hops == 1 else "times"
         return (
             f"Each tile's left colour points to its right colour. Start at {self.start} and follow the pointers "
-            f"{self.hops} times. Which colour do you reach?"
+            f"{hops} {times}. Which colour do you reach?"
         )
+
+    @classmethod
+    def parse_step(cls, step):
+        """(key, value) colours of a step written by `sample`; a ValueError for any other text."""
+        match = cls._step_pattern.match(step)
+        if match is None:
+            raise ValueError(f"not a {cls.name} step ({cls.step_template!r}): {step!r}")
+        return match.groups()
 
     def render(self, placement, pointers):
         """`placement`: {(row, col): key colour}; `pointers`: {key colour: value colour}."""
@@ -218,16 +245,18 @@ class ColourChainTask:
                 pointers[key] = value
         return pointers
 
-    def follow(self, pointers):
-        """The colours reached after 1..hops steps from `start`."""
+    def follow(self, pointers, hops=None):
+        """The colours reached after 1..hops steps from `start` (`hops` defaults to the task's)."""
         chain, colour = [], self.start
-        for _ in range(self.hops):
+        for _ in range(self.hops if hops is None else hops):
             colour = pointers[colour]
             chain.append(colour)
         return chain
 
     def sample(self, rng):
-        path = rng.sample(self.choices, self.hops)  # distinct, so the end is uniform over the choices
+        # A fixed depth draws nothing here, so fixed-depth sets stay byte-identical to earlier ones.
+        hops = self.hops if self.min_hops == self.hops else rng.randint(self.min_hops, self.hops)
+        path = rng.sample(self.choices, hops)  # distinct, so the end is uniform over the choices
         pointers = dict(zip([self.start, *path[:-1]], path))
         for key in CHAIN_COLOURS:
             if key not in pointers:
@@ -237,7 +266,7 @@ class ColourChainTask:
         answer = path[-1]
 
         sources = [self.start, *path[:-1]]
-        steps = [f"{key} points to {value}." for key, value in zip(sources, path)]
+        steps = [self.step_template.format(key=key, value=value) for key, value in zip(sources, path)]
         rationales = [
             " ".join(steps),
             " ".join(f"From {key} the pointer leads to {value}." for key, value in zip(sources, path)),
@@ -245,7 +274,7 @@ class ColourChainTask:
         ]
         return SyntheticExample(
             image=self.render(placement, pointers),
-            question=self.question,
+            question=self.question_for(hops),
             choices=list(self.choices),
             correct_choice_idx=self.choices.index(answer),
             steps=steps,
@@ -262,7 +291,16 @@ def _nearest_colour(rgb, max_distance=60):
     return best
 
 
-TASKS = {ShapeGridTask.name: ShapeGridTask, ColourChainTask.name: ColourChainTask}
+class ColourChainDepthTask(ColourChainTask):
+    """`colour_chain` with 1 to 4 hops, drawn per question and stated in it (variable-depth reasoning)."""
+
+    name = "colour_chain_depth"
+
+    def __init__(self, hops=4, size=4, cell=14, min_hops=1):
+        super().__init__(hops=hops, size=size, cell=cell, min_hops=min_hops)
+
+
+TASKS = {task.name: task for task in (ShapeGridTask, ColourChainTask, ColourChainDepthTask)}
 
 
 def write_synthetic_aokvqa(out, n_train, n_val, seed=0, task="shape_grid", jpeg_quality=95):
@@ -366,7 +404,7 @@ def main(argv=None):
         official_to_hf(paths["aokvqa_dir"], paths["coco_dir"]).save_to_disk(Path(args.out) / "hf")
 
 
-__all__ = ["SyntheticExample", "ShapeGridTask", "ColourChainTask", "CHAIN_COLOURS", "TASKS", "STEPS_FROM", "write_synthetic_aokvqa", "official_to_hf", "main"]
+__all__ = ["SyntheticExample", "ShapeGridTask", "ColourChainTask", "ColourChainDepthTask", "CHAIN_COLOURS", "TASKS", "STEPS_FROM", "write_synthetic_aokvqa", "official_to_hf", "main"]
 
 if __name__ == "__main__":
     main()

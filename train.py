@@ -7,10 +7,14 @@ A recipe is YAML over `ModelArguments`, `DataArguments`, `CurriculumArguments`,
 """
 
 import copy
+import enum
 import json
 import logging
 import os
+import shutil
 import sys
+import types
+import typing
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,9 +136,24 @@ class GenerationEvalArguments:
     eval_max_new_tokens: int = field(default=256, metadata={"help": "Generation budget per answer in evaluation."})
 
 
-def read_recipe(path):
+@dataclass
+class MMCoconutTrainingArguments(TrainingArguments):
+    """transformers' `TrainingArguments` plus `overwrite_output_dir` (which transformers 5 dropped): a new run refuses
+    an `output_dir` that holds a previous run, whose checkpoints the new one would rotate away."""
+
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Train into an output_dir that holds a previous run (checkpoints or a final model): its "
+                          "checkpoint-* folders are removed and its final model is overwritten."},
+    )
+
+
+def read_recipe(path, _chain=()):
     """The recipe at `path` merged over its `base` chain (later keys win)."""
     path = Path(path)
+    chain = (*_chain, path)
+    if path.resolve() in {link.resolve() for link in _chain}:
+        raise ValueError(f"recipe base chain loops: {' -> '.join(map(str, chain))}")
     with open(path, encoding="utf-8") as f:
         recipe = yaml.safe_load(f) or {}
     if not isinstance(recipe, dict):
@@ -142,12 +161,74 @@ def read_recipe(path):
     base = recipe.pop("base", None)
     if base is None:
         return recipe
-    return {**read_recipe(path.parent / base), **recipe}
+    if not isinstance(base, str):
+        raise ValueError(f"{path}: base must be a recipe path, got {base!r}")
+    if not (path.parent / base).is_file():
+        raise FileNotFoundError(f"{path}: base recipe {path.parent / base} not found")
+    return {**read_recipe(path.parent / base, chain), **recipe}
+
+
+def _type_name(hint):
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return "null"
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return f"one of {[member.value for member in hint]}"
+    if typing.get_origin(hint) is list:
+        return f"a list of {_type_name(typing.get_args(hint)[0])}"
+    return getattr(hint, "__name__", str(hint))
+
+
+def _accepts(hint, value):
+    """Whether a YAML value fits a dataclass field's type (classes we do not know are left to the dataclass)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_accepts(arg, value) for arg in args)
+    if origin is typing.Literal:
+        return value in args
+    if hint is typing.Any:
+        return True
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return isinstance(value, hint) or value in {member.value for member in hint}
+    if hint is list or origin is list:
+        return isinstance(value, list) and (not args or all(_accepts(args[0], item) for item in value))
+    if hint is dict or origin is dict:
+        return isinstance(value, dict)
+    return True
+
+
+def check_recipe_types(recipe, dataclass_types, source):
+    """Every recipe value must fit its field's type, before it becomes a parser default.
+
+    argparse converts only string defaults (YAML's `1e-3` is one, and stays valid); anything else would reach
+    the run unchecked: `c_thought: 1.5` crashed in the DataLoader, `learning_rate: [1, 2]` inside AdamW.
+    """
+    hints = {}
+    for dataclass_type in dataclass_types:
+        hints.update(typing.get_type_hints(dataclass_type))
+    problems = [
+        f"{key}: {value!r} is {type(value).__name__}, expected {_type_name(hints[key])}"
+        for key, value in recipe.items()
+        if not isinstance(value, str) and not _accepts(hints[key], value)
+    ]
+    if problems:
+        raise ValueError(f"{source}: wrong recipe value types: " + "; ".join(problems))
 
 
 def parse_args(argv):
     parser = HfArgumentParser(
-        (ModelArguments, DataArguments, CurriculumArguments, GenerationEvalArguments, TrainingArguments)
+        (ModelArguments, DataArguments, CurriculumArguments, GenerationEvalArguments, MMCoconutTrainingArguments)
     )
     if not argv or not argv[0].endswith((".yaml", ".yml")):
         raise SystemExit("usage: train.py RECIPE.yaml [--flag value ...]")
@@ -156,12 +237,142 @@ def parse_args(argv):
     unknown = sorted(set(recipe) - known)
     if unknown:
         raise ValueError(f"{argv[0]}: unknown recipe keys {unknown}")
+    if isinstance(recipe.get("resume_from_checkpoint"), bool):  # YAML `true`: TrainingArguments holds a string
+        recipe["resume_from_checkpoint"] = str(recipe["resume_from_checkpoint"]).lower()
+    check_recipe_types(recipe, parser.dataclass_types, argv[0])
     # The recipe becomes the defaults, so flags given after it override it.
     for action in parser._actions:
         if action.dest in recipe:
             action.required = False
     parser.set_defaults(**recipe)
     return parser.parse_args_into_dataclasses(args=argv[1:])
+
+
+def check_args(model_args, data_args, curriculum_args, eval_args, training_args):
+    """Validate the whole configuration before any model or data is loaded (minutes, for InternVL3-1B).
+
+    Raises one ValueError listing every problem; an incomplete checkpoint directory is a FileNotFoundError
+    naming the missing files.
+    """
+    from processing_mmcoconut import CHECKPOINT_PARTS, check_checkpoint_dir
+    from trainer_curriculum import SCHEDULES
+
+    problems = []
+
+    def need(condition, message):
+        if not condition:
+            problems.append(message)
+
+    c = curriculum_args
+    need(c.mode in MODES, f"mode must be one of {MODES}, got {c.mode!r}")
+    need(c.c_thought >= 1, f"c_thought must be >= 1, got {c.c_thought}")
+    need(c.max_latent_stage >= 0, f"max_latent_stage must be >= 0, got {c.max_latent_stage}")
+    need(c.epochs_per_stage >= 1, f"epochs_per_stage must be >= 1, got {c.epochs_per_stage}")
+    # Stage max_latent_stage + 1 is the final one (every step replaced); later stages do not exist.
+    need(0 <= c.first_stage <= c.max_latent_stage + 1,
+         f"first_stage must be in 0..max_latent_stage + 1 = {c.max_latent_stage + 1}, got {c.first_stage}")
+    need(0.0 <= c.uniform_prob <= 1.0, f"uniform_prob must be in [0, 1], got {c.uniform_prob}")
+
+    d = data_args
+    need(d.data_source in DATA_SOURCES, f"data_source must be one of {DATA_SOURCES}, got {d.data_source!r}")
+    need(d.steps_from in data_aokvqa.STEPS_FROM,
+         f"steps_from must be one of {data_aokvqa.STEPS_FROM}, got {d.steps_from!r}")
+    need(d.max_length is None or d.max_length >= 1, f"max_length must be >= 1, got {d.max_length}")
+    need(d.max_tiles >= 1, f"max_tiles must be >= 1, got {d.max_tiles}")
+    for name in ("max_train_samples", "max_eval_samples"):
+        need(getattr(d, name) is None or getattr(d, name) >= 1, f"{name} must be >= 1, got {getattr(d, name)}")
+    evaluate = training_args.eval_strategy != "no" or training_args.do_eval
+    if d.data_source == "canonical":
+        for name, needed in (("train_file", True), ("eval_file", evaluate)):
+            path = getattr(d, name)
+            need(not needed or path is not None, f"data_source canonical needs {name}")
+            need(path is None or Path(path).is_file(), f"{name} {path} does not exist")
+    if d.data_source == "aokvqa_official":
+        need(d.aokvqa_dir is not None and d.coco_dir is not None,
+             "data_source aokvqa_official needs aokvqa_dir and coco_dir")
+    if d.data_source == "synthetic":
+        need(d.synthetic_train >= 1 and d.synthetic_val >= 1,
+             f"synthetic_train and synthetic_val must be >= 1, got {d.synthetic_train}, {d.synthetic_val}")
+
+    m = model_args
+    need(m.model_dtype in ("float32", "bfloat16", "float16"),
+         f"model_dtype must be float32, bfloat16 or float16, got {m.model_dtype!r}")
+    need(not m.use_lora or m.lora_r >= 1, f"lora_r must be >= 1, got {m.lora_r}")
+    if isinstance(m.tiny_internvl, str):
+        try:
+            parsed = json.loads(m.tiny_internvl)
+            need(isinstance(parsed, dict), f"tiny_internvl must be a JSON object, got {m.tiny_internvl!r}")
+        except json.JSONDecodeError as error:
+            problems.append(f"tiny_internvl is not valid JSON ({error}): {m.tiny_internvl!r}")
+    need(eval_args.eval_max_new_tokens >= 1, f"eval_max_new_tokens must be >= 1, got {eval_args.eval_max_new_tokens}")
+
+    t = training_args
+    scheduler = getattr(t.lr_scheduler_type, "value", t.lr_scheduler_type)
+    need(scheduler in SCHEDULES,
+         f"lr_scheduler_type must be one of {SCHEDULES} (restarted per stage), got {scheduler!r}")
+    # max_steps > 0 overrides the epochs; otherwise no epoch would save an untrained model and exit 0.
+    need(t.max_steps > 0 or t.num_train_epochs > 0, f"num_train_epochs must be > 0, got {t.num_train_epochs}")
+    if problems:
+        raise ValueError("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+    if m.load_model_path:
+        check_checkpoint_dir(m.load_model_path)
+    elif m.tiny_internvl is None and Path(m.model_name_or_path).is_dir():
+        from convert_internvl_chat import is_internvl_chat_checkpoint
+
+        base = Path(m.model_name_or_path)
+        # Original-format checkpoints need no processor files: their processor is built from the config.
+        original = (base / "config.json").is_file() and is_internvl_chat_checkpoint(base)
+        check_checkpoint_dir(base, ("config", "weights", "tokenizer") if original else CHECKPOINT_PARTS)
+
+
+_PREVIOUS_RUN_FILES = (
+    "config.json", "model.safetensors", "model.safetensors.index.json", "adapter_config.json",
+    "adapter_model.safetensors", "training_args.bin",
+)
+
+
+def prepare_output_dir(training_args):
+    """The checkpoint to resume from (None for a new run), after guarding the previous run in `output_dir`.
+
+    `resume_from_checkpoint` `true`/`latest` means the newest `checkpoint-*` in `output_dir`; `false` none.
+    A new run into an `output_dir` that holds checkpoints or a final model is refused unless
+    `overwrite_output_dir`; then the old `checkpoint-*` folders are removed, since `save_total_limit` rotation
+    sorts by step and would delete the new run's checkpoints before the old run's.
+    """
+    from transformers.trainer_utils import get_last_checkpoint, sort_checkpoints
+
+    output_dir = Path(training_args.output_dir)
+    resume = training_args.resume_from_checkpoint
+    if isinstance(resume, str) and resume.lower() in ("false", "none", ""):
+        resume = None
+    if isinstance(resume, str) and resume.lower() in ("true", "latest"):
+        resume = get_last_checkpoint(output_dir) if output_dir.is_dir() else None
+        if resume is None:
+            raise FileNotFoundError(
+                f"resume_from_checkpoint {training_args.resume_from_checkpoint}: no checkpoint-* folder in {output_dir}"
+            )
+        logger.info("Resuming from the latest checkpoint, %s", resume)
+    if resume is not None:
+        return resume
+    checkpoints = sort_checkpoints(str(output_dir)) if output_dir.is_dir() else []
+    final = [name for name in _PREVIOUS_RUN_FILES if (output_dir / name).is_file()]
+    if not training_args.overwrite_output_dir:
+        if checkpoints or final:
+            found = [Path(c).name for c in checkpoints] + final
+            raise FileExistsError(
+                f"output_dir {output_dir} holds a previous run ({', '.join(found)}); resume it with "
+                "--resume_from_checkpoint true, replace it with --overwrite_output_dir true, "
+                "or choose another output_dir"
+            )
+        return None
+    # Every rank enters (it has a barrier); the saving process removes.
+    with training_args.main_process_first(desc="removing the previous run's checkpoints"):
+        if training_args.should_save and checkpoints:
+            logger.warning("overwrite_output_dir: removing the previous run's %s", [Path(c).name for c in checkpoints])
+            for checkpoint in checkpoints:
+                shutil.rmtree(checkpoint)
+    return None
 
 
 def check_distributed_setup(trainer):
@@ -314,10 +525,12 @@ def main(argv=None):
     model_args, data_args, curriculum_args, eval_args, training_args = parse_args(
         sys.argv[1:] if argv is None else argv
     )
+    check_args(model_args, data_args, curriculum_args, eval_args, training_args)
     logging.basicConfig(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         level=logging.INFO if training_args.process_index == 0 else logging.WARNING,
     )
+    resume_from_checkpoint = prepare_output_dir(training_args)
     transformers.utils.logging.set_verbosity_warning()
     set_seed(training_args.seed)
 
@@ -366,7 +579,7 @@ def main(argv=None):
         ),
     )
     check_distributed_setup(trainer)
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     # What inference reads from the checkpoint: the chat template of the final stage and a generation budget.
     inner = model.get_base_model() if model_args.use_lora else model
     prepare_for_inference(inner.config, inner.generation_config, processor, eval_args.eval_max_new_tokens)

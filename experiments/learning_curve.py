@@ -213,6 +213,8 @@ def train_run(recipe, run_dir, mode, files, start_from, first_stage, epochs, sam
         "--epochs_per_stage", str(max(epochs, 1)),
         "--eval_strategy", "no",
         "--save_strategy", "no",
+        # A run without results.json (interrupted, or redone with --force) is trained again from its start.
+        "--overwrite_output_dir", "true",
     ]
     argv += ["--load_model_path", str(start_from)]
     if samples is not None:

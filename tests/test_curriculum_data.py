@@ -224,8 +224,8 @@ def test_max_length_covers_every_stage(latent_processor):
     longest.set_stage(3)
     limit = len(longest[0]["input_ids"])
     assert len(CurriculumDataset([sample], latent_processor, c_thought=30, max_latent_stage=2, max_length=limit)) == 1
-    kept = CurriculumDataset([sample], latent_processor, c_thought=30, max_latent_stage=2, max_length=limit - 1)
-    assert len(kept) == 0 and kept.skipped == {"too_long": 1}
+    with pytest.raises(ValueError, match=rf"too_long: 1 \('r'\)\); the shortest one needs max_length >= {limit} "):
+        CurriculumDataset([sample], latent_processor, c_thought=30, max_latent_stage=2, max_length=limit - 1)
 
 
 @pytest.mark.parametrize("field, text", [

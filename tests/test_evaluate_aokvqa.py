@@ -31,7 +31,7 @@ C_THOUGHT, LATENT_STAGE = 2, 1
 def _read_outputs(out, split):
     predictions = json.loads((out / f"predictions_{split}.json").read_text())
     samples = [json.loads(line) for line in (out / f"samples_{split}.jsonl").read_text().splitlines()]
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = json.loads((out / f"metrics_{split}.json").read_text())
     return predictions, samples, metrics
 
 

@@ -9,14 +9,20 @@ from modeling_mmcoconut import MMCoconutForConditionalGeneration
 from processing_mmcoconut import tiny_internvl_config
 from tests.tiny_models import END, EOS, IMAGE, LATENT, PAD, START, collate, make_model, make_sample
 
-def naive_hidden(model, input_ids, attention_mask, pixel_values):
-    """The definition: fill latents left to right, recomputing the whole sequence after each one."""
+def naive_hidden(model, input_ids, attention_mask, pixel_values, prompt_len=None):
+    """The definition: fill latents left to right, recomputing the whole sequence after each one.
+
+    With `prompt_len`, only the first `prompt_len` columns hold images and thoughts: generated tokens are
+    plain tokens (a generated `<|latent|>` or image token keeps its learned embedding).
+    """
     internvl = model.internvl
     position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)
     embeds = internvl.get_input_embeddings()(input_ids)
+    in_prompt = torch.arange(input_ids.shape[1]) < (input_ids.shape[1] if prompt_len is None else prompt_len)
     if pixel_values is not None:
         features = internvl.model.get_image_features(pixel_values=pixel_values).pooler_output
-        embeds = embeds.masked_scatter((input_ids == IMAGE)[..., None], features.reshape(-1, features.shape[-1]))
+        image_mask = (input_ids == IMAGE) & in_prompt
+        embeds = embeds.masked_scatter(image_mask[..., None], features.reshape(-1, features.shape[-1]))
 
     def full_pass(embeds):
         out = internvl.model.language_model(
@@ -25,7 +31,7 @@ def naive_hidden(model, input_ids, attention_mask, pixel_values):
         return out.last_hidden_state
 
     latent_positions = [(b, t) for t in range(input_ids.shape[1]) for b in range(input_ids.shape[0])
-                        if input_ids[b, t] == LATENT]
+                        if input_ids[b, t] == LATENT and in_prompt[t]]
     for b, t in latent_positions:  # in column order, so each thought sees the thoughts before it
         hidden = full_pass(embeds)
         rows = list(embeds.unbind(0))
@@ -142,10 +148,11 @@ def test_thoughts_are_filled_one_pass_per_latent_column():
 
 def naive_greedy(model, ids, pixels, max_new_tokens):
     """One sample, no cache: recompute the whole sequence (thoughts included) for every new token."""
+    prompt_len = len(ids)
     ids = torch.tensor([ids])
     for _ in range(max_new_tokens):
         mask = torch.ones_like(ids)
-        hidden = naive_hidden(model, ids, mask, pixels)
+        hidden = naive_hidden(model, ids, mask, pixels, prompt_len)
         next_id = model.internvl.lm_head(hidden[:, -1]).argmax(-1)
         ids = torch.cat([ids, next_id[:, None]], dim=1)
         if int(next_id) == EOS:

@@ -99,3 +99,45 @@ def test_written_set_is_deterministic_and_readable_from_jpeg(tmp_path):
             chain = task.follow(task.read_pointers(image))  # survives JPEG compression
         assert record["answer"] == f"{'ABCD'[annotation['correct_choice_idx']]}. {chain[-1]}"
         assert record["steps"] == annotation["rationales"][0].replace(". ", ".\n").splitlines()
+
+
+# ---- the variable-depth task (issue 17)
+
+
+def test_variable_depth_task_states_its_depth_and_its_answer_needs_the_image():
+    from synthetic_data import ColourChainDepthTask
+
+    task, rng = TASKS["colour_chain_depth"](), random.Random(0)
+    assert isinstance(task, ColourChainDepthTask) and (task.min_hops, task.hops) == (1, 4)
+    examples = [task.sample(rng) for _ in range(400)]
+    depths = Counter(len(e.steps) for e in examples)
+    assert set(depths) == {1, 2, 3, 4} and all(70 <= n <= 130 for n in depths.values()), depths
+    for e in examples:
+        hops = len(e.steps)
+        assert e.question == task.question_for(hops)
+        assert f"follow the pointers {hops} time" in e.question
+        chain = task.follow(task.read_pointers(e.image), hops)
+        assert chain[-1] == e.choices[e.correct_choice_idx]
+        assert [task.parse_step(step) for step in e.steps] == list(zip([task.start, *chain[:-1]], chain))
+    # At every depth the answer is spread over the four choices: the question alone does not give it away.
+    for hops in range(1, 5):
+        answers = Counter(e.correct_choice_idx for e in examples if len(e.steps) == hops)
+        assert set(answers) == {0, 1, 2, 3}, (hops, answers)
+
+
+def test_fixed_depth_sets_are_unchanged_by_the_depth_option():
+    # A fixed depth draws no extra random number, so the data of the earlier experiment is reproduced exactly.
+    fixed, explicit = ColourChainTask(hops=3), ColourChainTask(hops=3, min_hops=3)
+    a, b = fixed.sample(random.Random(5)), explicit.sample(random.Random(5))
+    assert (a.steps, a.question, a.image.tobytes()) == (b.steps, b.question, b.image.tobytes())
+
+
+def test_parse_step_refuses_other_text():
+    with pytest.raises(ValueError, match="not a colour_chain step"):
+        ColourChainTask.parse_step("The circle is in row 2, column 1.")
+
+
+@pytest.mark.parametrize("kwargs", [{"hops": 0}, {"hops": 5}, {"hops": 2, "min_hops": 3}, {"hops": 3, "min_hops": 0}])
+def test_depth_range_is_validated(kwargs):
+    with pytest.raises(ValueError, match="min_hops"):
+        ColourChainTask(**kwargs)
