@@ -268,7 +268,7 @@ def test_evaluate_cli_keeps_the_checkpoint_tiling_by_default(inference_checkpoin
     Image.open(question_image).resize((224, 112)).save(image)
     data = tmp_path / "records.jsonl"
     data.write_text(json.dumps({"id": "q", "image": str(image), "question": QUESTION, "steps": [],
-                                "answer": "A. red", "choices": ["red", "blue"], "correct_choice_idx": 0,
+                                "answer": "A. red", "choices": ["red", "blue", "green", "yellow"], "correct_choice_idx": 0,
                                 "direct_answers": ["red"]}) + "\n")
     evaluate_aokvqa.main(["--model", str(inference_checkpoint), "--data-file", str(data), "--max-new-tokens", "2",
                           "--output-dir", str(tmp_path / "eval")])
