@@ -25,8 +25,7 @@ import logging
 import sys
 from pathlib import Path
 
-# processing_mmcoconut.DEFAULT_MAX_TILES and the keys of DTYPES below (tests/test_cli.py keeps them equal).
-DEFAULT_MAX_TILES = 8
+# The keys of DTYPES below (tests/test_cli.py keeps them equal).
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
 
@@ -43,7 +42,8 @@ def build_parser():
     parser.add_argument("--top-k", type=int, default=5, help="decoded tokens kept per thought")
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--max-tiles", type=int, default=DEFAULT_MAX_TILES, help="InternVL tiles per image, at most")
+    parser.add_argument("--max-tiles", type=int, default=None,
+                        help="InternVL tiles per image, at most (default: the checkpoint's saved tiling)")
     parser.add_argument("--dtype", choices=DTYPE_NAMES, default="float32")
     parser.add_argument("--device", default="auto", help="auto (cuda when present), cuda or cpu")
     parser.add_argument("--plot-samples", type=int, default=8, help="samples shown in the top-k table")
@@ -138,9 +138,10 @@ def filled_inputs_embeds(model, input_ids, pixel_values, last_hidden_state, posi
     return embeds
 
 
-def thought_attention(model, inputs_embeds, attention_mask, position_ids, positions, categories):
+def thought_attention(model, inputs_embeds, attention_mask, position_ids, positions, categories, keep_keys=False):
     """Attention shares of the queries at `positions`: `(B, K, layers, len(ATTENTION_CATEGORIES))`, and the
-    last hidden state of the single pass.
+    last hidden state of the single pass; with `keep_keys`, a third value: the per-key attention `(B, K, T)`,
+    averaged over heads and layers (e.g. to draw where a thought looks inside the image).
 
     One eager pass of the language model over the filled `inputs_embeds`; a forward hook on every attention module
     reduces its `(B, heads, T, T)` probabilities to the latent rows at once, so no layer's full matrix is kept.
@@ -155,13 +156,15 @@ def thought_attention(model, inputs_embeds, attention_mask, position_ids, positi
     rows = torch.arange(batch_size, device=positions.device)[:, None]
     columns = torch.arange(num_latents, device=positions.device)
     one_hot = _category_one_hot(categories)  # (B, T, C)
-    shares = []
+    shares, per_key = [], []
 
     def record(module, args, output):
         weights = output[1] if isinstance(output, tuple) and len(output) == 2 else None
         if weights is None or weights.dim() != 4:
             raise RuntimeError(f"{type(module).__name__} returned no attention probabilities (B, heads, T, T)")
         per_thought = weights[rows, :, positions].float().mean(2)  # (B, K, T), mean over heads
+        if keep_keys:
+            per_key.append(per_thought.clone())
         self_share = per_thought[rows, columns, positions]  # (B, K)
         per_thought[rows, columns, positions] = 0.0  # the own latent key counts as `self`, not `thoughts`
         share = torch.einsum("bkt,btc->bkc", per_thought, one_hot)
@@ -176,11 +179,13 @@ def thought_attention(model, inputs_embeds, attention_mask, position_ids, positi
     finally:
         for handle in handles:
             handle.remove()
+    if keep_keys:
+        return torch.stack(shares, dim=2), outputs.last_hidden_state, torch.stack(per_key).mean(0)
     return torch.stack(shares, dim=2), outputs.last_hidden_state
 
 
 @torch.no_grad()
-def analyze_batch(model, batch, special_ids, top_k=5):
+def analyze_batch(model, batch, special_ids, top_k=5, keep_keys=False):
     """Thoughts, their top-k decodings and attention shares for one collated batch of latent prompts.
 
     Args:
@@ -189,6 +194,8 @@ def analyze_batch(model, batch, special_ids, top_k=5):
             `pixel_values`); every sample has the same number K of latents.
         special_ids: token ids counted as `special` keys (the image and latent tokens are categorised first).
         top_k: decodings kept per thought.
+        keep_keys: also return `key_attention` `(B, K, T)`, each thought's attention over every key position
+            (mean over heads and layers; see `thought_attention`).
 
     Returns a dict of tensors: `positions` `(B, K)`, `thoughts` `(B, K, H)` (= the forward's `last_hidden_state` at
     `positions - 1`), `top_ids`/`top_probs` `(B, K, top_k)` (descending), `attention` `(B, K, layers, categories)`,
@@ -217,8 +224,8 @@ def analyze_batch(model, batch, special_ids, top_k=5):
         input_ids, batch["attention_mask"], model.internvl.config.image_token_id, config.latent_token_id, special_ids
     )
     embeds = filled_inputs_embeds(model, input_ids, batch.get("pixel_values"), hidden, positions)
-    attention, recomputed = thought_attention(
-        model, embeds, batch["attention_mask"], batch["position_ids"], positions, categories
+    attention, recomputed, *key_attention = thought_attention(
+        model, embeds, batch["attention_mask"], batch["position_ids"], positions, categories, keep_keys=keep_keys
     )
     real = batch["attention_mask"].bool()
     rel_diff = float((recomputed[real] - hidden[real]).abs().max() / hidden[real].abs().max())
@@ -230,7 +237,7 @@ def analyze_batch(model, batch, special_ids, top_k=5):
             f"the single-pass recompute differs from the latent forward by {rel_diff:.2e} (relative, > "
             f"{tolerance:.0e} for {hidden.dtype}); its attention would not be the forward's"
         )
-    return {
+    result = {
         "positions": positions,
         "thoughts": thoughts,
         "top_ids": top_ids,
@@ -239,6 +246,9 @@ def analyze_batch(model, batch, special_ids, top_k=5):
         "key_counts": visible_key_counts(categories, positions),
         "recompute_rel_diff": rel_diff,
     }
+    if keep_keys:
+        result["key_attention"] = key_attention[0]
+    return result
 
 
 # ---------------------------------------------------------------------------------------------- a data set
@@ -310,7 +320,7 @@ def analyze(model, processor, records, num_latents=None, top_k=5, batch_size=4, 
                 "question": record["question"],
                 "answer": record.get("answer"),
                 "thoughts": [
-                    _thought_entry(k, result, b, record["steps"], config.c_thought, tokenizer)
+                    thought_entry(k, result, b, record["steps"], config.c_thought, tokenizer)
                     for k in range(num_latents)
                 ],
             })
@@ -330,7 +340,7 @@ def analyze(model, processor, records, num_latents=None, top_k=5, batch_size=4, 
     }
 
 
-def _thought_entry(k, result, b, steps, c_thought, tokenizer):
+def thought_entry(k, result, b, steps, c_thought, tokenizer):
     step_index = k // c_thought
     ids = result["top_ids"][b, k].tolist()
     step = steps[step_index] if step_index < len(steps) else None
@@ -359,7 +369,7 @@ def _attention_entry(per_layer):
 # ---------------------------------------------------------------------------------------------- plots
 
 
-def _display(token):
+def display_token(token):
     # repr shows whitespace and newlines; non-Latin glyphs are escaped since the default font lacks most of them.
     return repr(token) if all(ord(c) < 0x2000 for c in token) else ascii(token)
 
@@ -412,7 +422,7 @@ def plot_top_k(results, path, max_samples=8):
     for sample in samples:
         for thought in sample["thoughts"]:
             row_labels.append(f"{sample['id']} · {thought['index'] + 1}")
-            cells.append([f"{_display(d['token'])} {d['prob']:.3g}" for d in thought["top_k"]])
+            cells.append([f"{display_token(d['token'])} {d['prob']:.3g}" for d in thought["top_k"]])
             colours.append([(1.0, 1.0 - 0.6 * d["prob"], 1.0 - 0.6 * d["prob"]) for d in thought["top_k"]])
     top_k = results["top_k"]
     fig = Figure(figsize=(2.5 + 1.9 * top_k, 0.6 + 0.25 * (len(cells) + 1)))
@@ -458,7 +468,7 @@ def format_summary(results):
         shares = "  ".join(f"{mean['mean'][c]:6.3f} ({uniform[c]:.3f})" for c in ATTENTION_CATEGORIES)
         in_step = [t["top1_in_step"] for t in thoughts if t["top1_in_step"] is not None]
         in_step = f"{sum(in_step)}/{len(in_step)}" if in_step else "-"
-        lines.append(f"{k + 1:>7}  {shares}  {in_step:>13}  {_display(common)} ({tops.count(common)}/{len(tops)})")
+        lines.append(f"{k + 1:>7}  {shares}  {in_step:>13}  {display_token(common)} ({tops.count(common)}/{len(tops)})")
     return "\n".join(lines)
 
 
@@ -467,7 +477,7 @@ def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     for name in ("limit", "top_k", "batch_size", "max_tiles", "plot_samples"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
 
@@ -500,10 +510,12 @@ __all__ = [
     "thought_attention",
     "visible_key_counts",
     "analyze_batch",
+    "thought_entry",
     "prompt_batches",
     "special_token_ids",
     "default_num_latents",
     "analyze",
+    "display_token",
     "plot_attention",
     "plot_top_k",
     "load_model",

@@ -76,6 +76,25 @@ def _match_text(text: str, choices: Sequence[str]) -> Optional[int]:
     return matches[0] if len(matches) == 1 else None
 
 
+def read_answer_line(text: str):
+    """`(answer, None)`: the text of the last `Answer:` line (rules 1-2 of `parse_answer`), or `(None, reason)`.
+
+    The answer of a question without choices (free text), and the first step of `parse_answer`.
+
+    Example:
+        >>> read_answer_line("It rains.\\nAnswer: an umbrella<|im_end|>")
+        ('an umbrella', None)
+    """
+    text = _END_OF_TURN.split(text, maxsplit=1)[0]
+    keys = list(_ANSWER_KEY.finditer(text))
+    if not keys:
+        return None, "no 'Answer:' in the output"
+    body = text[keys[-1].end() :].split("\n", 1)[0].split("<|", 1)[0].strip()
+    if not body:
+        return None, "empty answer after the last 'Answer:'"
+    return body, None
+
+
 def parse_answer(text: str, choices: Sequence[str]) -> ParsedAnswer:
     """Read the multiple-choice answer from a generated completion.
 
@@ -110,13 +129,9 @@ def parse_answer(text: str, choices: Sequence[str]) -> ParsedAnswer:
     if not 1 <= len(choices) <= 26 or not all(isinstance(c, str) for c in choices):
         raise ValueError(f"choices must be 1 to 26 strings, got {choices!r}")
 
-    text = _END_OF_TURN.split(text, maxsplit=1)[0]
-    keys = list(_ANSWER_KEY.finditer(text))
-    if not keys:
-        return _unparseable("no 'Answer:' in the output")
-    body = text[keys[-1].end() :].split("\n", 1)[0].split("<|", 1)[0].strip()
-    if not body:
-        return _unparseable("empty answer after the last 'Answer:'")
+    body, reason = read_answer_line(text)
+    if body is None:
+        return _unparseable(reason)
 
     letter_match = _LETTER.match(body)
     if letter_match is not None:
@@ -150,4 +165,4 @@ def direct_answer_from(parsed: ParsedAnswer) -> Optional[str]:
     return parsed.choice_text
 
 
-__all__ = ["ParsedAnswer", "parse_answer", "direct_answer_from", "normalize_choice_text"]
+__all__ = ["ParsedAnswer", "parse_answer", "read_answer_line", "direct_answer_from", "normalize_choice_text"]

@@ -145,10 +145,6 @@ def _prompt_text(tokenizer, ids, image_token_id, image_token):
 def _sample_record(dataset, position, prompt_ids, new_ids, eos_ids, latent_token_id):
     """One question's result dict (see `generate_answers`)."""
     reference = dataset.reference(position)
-    if not reference.get("choices"):
-        raise ValueError(
-            f"record {reference['id']!r} has no 'choices'; A-OKVQA evaluation needs multiple-choice records"
-        )
     tokenizer = dataset.tokenizer
     answer_ids, num_generated, stopped = _until_eos(new_ids, eos_ids)
     generated_text = tokenizer.decode(answer_ids, skip_special_tokens=False)
@@ -210,6 +206,13 @@ def generate_answers(
         raise ValueError("the evaluation dataset is empty; nothing to generate")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    # Checked before generating: finding it after the first batch wastes the whole generation.
+    without_choices = [dataset.reference(i)["id"] for i in range(len(dataset)) if not dataset.reference(i)["choices"]]
+    if without_choices:
+        raise ValueError(
+            f"{len(without_choices)} record(s) have no 'choices' (first: {without_choices[0]!r}); A-OKVQA evaluation "
+            "scores multiple-choice answers. Ask free-form questions with predict.py."
+        )
     latent_token_id = model.config.latent_token_id
     if dataset.latent_token_id != latent_token_id:
         raise ValueError(

@@ -70,6 +70,11 @@ class MMCoconutConfig(PretrainedConfig):
         self.training_mode = training_mode
         self.pause_as_thought = pause_as_thought
         kwargs.setdefault("tie_word_embeddings", internvl_config.tie_word_embeddings)
+        # `register_for_auto_class` records one auto class per model (AutoModel, see modeling_mmcoconut); the
+        # image-text-to-text pipeline loads through AutoModelForImageTextToText, which needs its own entry.
+        auto_map = dict(kwargs.pop("auto_map", None) or {})
+        auto_map.setdefault("AutoModelForImageTextToText", "modeling_mmcoconut.MMCoconutForConditionalGeneration")
+        kwargs["auto_map"] = auto_map
         super().__init__(**kwargs)
 
     @property

@@ -23,13 +23,13 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from configuration_mmcoconut import END_LATENT_TOKEN, LATENT_TOKEN, START_LATENT_TOKEN
+from prompt_format import LATENT_MODES, user_prompt
 
 logger = logging.getLogger(__name__)
 
 MODES = ("cot", "coconut", "no_cot", "no_thoughts", "pause")
-# Modes whose sequences carry the latent span markers. `pause` is laid out exactly like `coconut`; the model
-# reads `dataset.mode` (via the trainer) to treat the latents as ordinary pause tokens instead of thoughts.
-LATENT_MODES = ("coconut", "no_thoughts", "pause")
+# LATENT_MODES (from prompt_format): modes whose sequences carry the latent span markers. `pause` is laid out exactly
+# like `coconut`; the model reads `dataset.mode` (via the trainer) to treat the latents as ordinary pause tokens.
 IGNORE_INDEX = -100
 _MAX_LOGGED_BAD_IMAGES = 10
 _MAX_LISTED_IDS = 5  # skipped record ids named per reason in the summary line
@@ -296,8 +296,7 @@ class CurriculumDataset(torch.utils.data.Dataset):
 
         prompts, steps, answers = [], [], []
         for _, record, num_tiles in kept:
-            image = f"{self.processor.image_token}\n" if num_tiles else ""
-            prompts.append(f"<|im_start|>user\n{image}{record['question']}<|im_end|>\n<|im_start|>assistant\n")
+            prompts.append(user_prompt(record["question"], self.processor.image_token if num_tiles else None))
             steps.extend(step_text(step) for step in record["steps"])
             if record.get("answer") is not None:
                 answers.append(answer_text(record["answer"]))

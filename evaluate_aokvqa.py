@@ -11,6 +11,7 @@ table. See `aokvqa_evaluation` for the modes and how unparseable answers are han
 
 import argparse
 import logging
+import os
 import sys
 
 logger = logging.getLogger("evaluate_aokvqa")
@@ -21,7 +22,6 @@ logger = logging.getLogger("evaluate_aokvqa")
 EVAL_MODES = ("vanilla", "cot", "coconut")
 DEFAULT_MAX_NEW_TOKENS = {"vanilla": 32, "cot": 256, "coconut": 256}
 HF_AOKVQA_ID = "HuggingFaceM4/A-OKVQA"
-DEFAULT_MAX_TILES = 8
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -55,7 +55,10 @@ def build_parser():
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (offset per process)")
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N questions")
     parser.add_argument("--output-dir", required=True)
-    parser.add_argument("--max-tiles", type=int, default=DEFAULT_MAX_TILES, help="InternVL tiles per image, at most")
+    parser.add_argument(
+        "--max-tiles", type=int, default=None,
+        help="InternVL tiles per image, at most (default: the tiling saved with the checkpoint)",
+    )
     parser.add_argument("--dtype", choices=DTYPES, default="auto")
     parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (image tiling)")
     parser.add_argument(
@@ -80,7 +83,7 @@ def _check_args(parser, args):
         if getattr(args, name) is not None and getattr(args, name) < 0:
             parser.error(f"--{name.replace('_', '-')} must be >= 0")
     for name in ("batch_size", "max_tiles"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         parser.error("--max-new-tokens must be >= 1")
@@ -92,7 +95,9 @@ def check_before_loading(args):
     from processing_mmcoconut import check_checkpoint_dir
 
     check_outputs_free(args.output_dir, args.split, args.overwrite)
-    check_checkpoint_dir(args.model)
+    # A LoRA adapter directory has no weights of its own: `load_model` finds the base it names (or says why not).
+    lora = os.path.isfile(os.path.join(args.model, "adapter_config.json"))
+    check_checkpoint_dir(args.model, **({"parts": ("tokenizer", "processor")} if lora else {}))
 
 
 def load_records(args):
@@ -118,12 +123,11 @@ def main(argv=None):
     args = parser.parse_args(argv)
     _check_args(parser, args)
     check_before_loading(args)
-    import torch
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     from aokvqa_evaluation import build_eval_dataset, default_num_latents, evaluate_model, format_summary, write_outputs
-    from modeling_mmcoconut import MMCoconutForConditionalGeneration
+    from predict import load_model
     from processing_mmcoconut import load_internvl_processor
 
     accelerator = Accelerator()
@@ -134,10 +138,8 @@ def main(argv=None):
     if args.do_sample:
         set_seed(args.seed, device_specific=True)
 
-    model = MMCoconutForConditionalGeneration.from_pretrained(
-        args.model, dtype=args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
-    )
-    model.to(accelerator.device).eval()
+    # A merged checkpoint or a LoRA adapter directory (its base is loaded and the adapters merged in).
+    model = load_model(args.model, dtype=args.dtype, device=accelerator.device)
     processor = load_internvl_processor(args.model, max_tiles=args.max_tiles)
     num_latents = None
     if args.mode == "coconut":

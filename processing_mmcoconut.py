@@ -21,6 +21,8 @@ from transformers import (
 )
 from transformers.convert_slow_tokenizer import TikTokenConverter
 
+from prompt_format import chat_template, default_latents
+
 # Qwen2's pre-tokenizer: digits are split one by one (not in runs of three as in tiktoken's cl100k).
 QWEN2_SPLIT_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -194,12 +196,31 @@ def check_checkpoint_dir(name_or_path, parts=CHECKPOINT_PARTS):
         raise FileNotFoundError(f"{name_or_path} is not a complete checkpoint: missing {', '.join(missing)}{hint}")
 
 
-def load_internvl_processor(name_or_path, max_tiles=DEFAULT_MAX_TILES):
-    """The published processor of an `-hf` InternVL checkpoint (or one saved by us), tiling capped at `max_tiles`."""
+def load_internvl_processor(name_or_path, max_tiles=None):
+    """The published processor of an `-hf` InternVL checkpoint (or one saved by us).
+
+    `max_tiles=None` keeps the tiling saved with it (a checkpoint trained on 2 tiles keeps 2); a number caps it.
+    """
     check_checkpoint_dir(name_or_path, parts=("tokenizer", "processor"))
     processor = AutoProcessor.from_pretrained(name_or_path)
-    processor.image_processor.max_patches = max_tiles
+    if max_tiles is not None:
+        processor.image_processor.max_patches = max_tiles
     return processor
+
+
+def set_chat_template(processor, config):
+    """Give `processor` the chat template of a checkpoint with `config` (an `MMCoconutConfig`): the training-time
+    prompt, with the checkpoint's default latent span after the assistant header (`prompt_format`)."""
+    processor.chat_template = chat_template(processor.image_token, default_latents(config))
+    return processor
+
+
+def prepare_for_inference(config, generation_config, processor, max_new_tokens):
+    """What a saved checkpoint needs to answer with `apply_chat_template` + `generate` (or `pipeline`): the chat
+    template for its latent stage, and a generation budget (`max_new_tokens`) unless one is already set."""
+    set_chat_template(processor, config)
+    if generation_config.max_new_tokens is None:
+        generation_config.max_new_tokens = max_new_tokens
 
 
 def tiny_internvl_config(
@@ -262,6 +283,8 @@ __all__ = [
     "build_internvl_processor",
     "check_checkpoint_dir",
     "load_internvl_processor",
+    "set_chat_template",
+    "prepare_for_inference",
     "tokens_per_tile",
     "tiny_internvl_config",
 ]

@@ -87,3 +87,38 @@ def no_logged_transformers_deprecation(caplog):
     ]
     if messages:
         pytest.fail(f"transformers logged a deprecation: {messages}")
+
+
+# ---- inference (issue 14) ----
+
+
+@pytest.fixture(scope="session")
+def inference_checkpoint(tiny_checkpoint, tmp_path_factory):
+    """`tiny_checkpoint` (coconut, stage 1, c_thought 2: 2 latents; 4 tiles at most) with what `train.py` adds for
+    inference: the chat template and a generation budget (`prepare_for_inference`). Read-only."""
+    import shutil
+
+    from modeling_mmcoconut import MMCoconutForConditionalGeneration
+    from processing_mmcoconut import load_internvl_processor, prepare_for_inference
+
+    path = tmp_path_factory.mktemp("inference_checkpoint") / "ckpt"
+    shutil.copytree(tiny_checkpoint, path)
+    model = MMCoconutForConditionalGeneration.from_pretrained(path)
+    processor = load_internvl_processor(path)
+    prepare_for_inference(model.config, model.generation_config, processor, max_new_tokens=8)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def question_image(tmp_path_factory):
+    """A 56×28 RGB test image saved as PNG (2 tiles + thumbnail at 28 px); returns its path."""
+    from PIL import Image
+
+    path = tmp_path_factory.mktemp("question_image") / "board.png"
+    image = Image.new("RGB", (56, 28), (255, 255, 255))
+    image.paste((200, 30, 30), (0, 0, 28, 28))
+    image.paste((30, 30, 200), (28, 0, 56, 28))
+    image.save(path)
+    return path

@@ -16,6 +16,9 @@ CLIS = [
     ("path", "analyze_latents.py"),
     ("path", "synthetic_data.py"),
     ("path", "convert_internvl_chat.py"),
+    ("path", "predict.py"),
+    ("path", "app.py"),
+    ("path", "probe_latents.py"),
     ("path", "experiments/learning_curve.py"),
     ("path", "experiments/step_time_by_vocabulary.py"),
     ("module", "benchmarks.bench_train_step"),
@@ -75,7 +78,6 @@ def test_names_the_parsers_hold_equal_their_modules():
     import data_aokvqa
     import data_curriculum
     import evaluate_aokvqa
-    import processing_mmcoconut
     import train
 
     assert train.DATA_SOURCES == (*data_aokvqa.SOURCES, "synthetic")
@@ -83,6 +85,9 @@ def test_names_the_parsers_hold_equal_their_modules():
     assert evaluate_aokvqa.EVAL_MODES == aokvqa_evaluation.EVAL_MODES
     assert evaluate_aokvqa.DEFAULT_MAX_NEW_TOKENS == aokvqa_evaluation.DEFAULT_MAX_NEW_TOKENS
     assert evaluate_aokvqa.HF_AOKVQA_ID == data_aokvqa.HF_AOKVQA_ID
-    assert evaluate_aokvqa.DEFAULT_MAX_TILES == processing_mmcoconut.DEFAULT_MAX_TILES
-    assert analyze_latents.DEFAULT_MAX_TILES == processing_mmcoconut.DEFAULT_MAX_TILES
     assert analyze_latents.DTYPE_NAMES == tuple(analyze_latents.DTYPES)
+    import app
+    import predict
+
+    assert predict.DTYPE_NAMES == tuple(predict.DTYPES)
+    assert (app.QUANTIZATIONS, app.DTYPE_NAMES) == (predict.QUANTIZATIONS, predict.DTYPE_NAMES)

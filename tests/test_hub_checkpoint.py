@@ -21,6 +21,7 @@ def test_saved_checkpoint_carries_remote_code(tmp_path):
     assert config["auto_map"] == {
         "AutoConfig": "configuration_mmcoconut.MMCoconutConfig",
         "AutoModel": "modeling_mmcoconut.MMCoconutForConditionalGeneration",
+        "AutoModelForImageTextToText": "modeling_mmcoconut.MMCoconutForConditionalGeneration",
     }
     assert (tmp_path / "modeling_mmcoconut.py").is_file() and (tmp_path / "configuration_mmcoconut.py").is_file()
 

@@ -1,0 +1,208 @@
+"""A web demo (Gradio): ask a trained model about an image and see where each continuous thought looks.
+
+    python app.py --model outputs/demo                      # serves http://127.0.0.1:7860
+    python app.py --model outputs/demo --screenshot docs/app.png --example-image X --example-question Q
+
+Upload an image, type a question and (optionally) one choice per line: the app shows the answer, the generated
+text, each continuous thought's attention over the image drawn as a heat map on the tiles the model saw, and each
+thought's top tokens through the LM head. Answers come from `predict.predict` (the same prompt, generation and
+parsing as `predict.py`); thoughts from `analyze_latents` (the same computation as `analyze_latents.py`).
+Needs the `app` extra: `pip install -e ".[app]"` (gradio; `--screenshot` also needs a `chromium` binary).
+"""
+
+import argparse
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+# predict.QUANTIZATIONS and predict.DTYPE_NAMES, named here for the help (tests/test_cli.py keeps them equal).
+QUANTIZATIONS = ("none", "torchao-int8", "bnb-8bit", "bnb-4bit")
+DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
+
+
+def build_parser():
+    """The CLI's arguments; needs no torch, so `--help` answers before the imports below."""
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("--model", default="outputs/demo", help="checkpoint or LoRA adapter directory")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--quantization", choices=QUANTIZATIONS, default="none")
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, default="auto")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--screenshot", help="serve on a free loopback port, save a PNG of the page here, exit")
+    parser.add_argument("--example-image", help="pre-filled image (its answer is shown on load)")
+    parser.add_argument("--example-question", default="What colour is the shape to the right of the circle?")
+    parser.add_argument("--example-choices", nargs="*", default=[])
+    return parser
+
+
+if __name__ == "__main__":  # `--help` and usage errors answer here, before the seconds-long imports below
+    build_parser().parse_args()
+
+import numpy as np
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from PIL import Image
+
+import predict
+from analyze_latents import display_token
+from processing_mmcoconut import IMAGENET_MEAN, IMAGENET_STD
+from prompt_format import default_latents
+
+logger = logging.getLogger("app")
+
+TABLE_HEADERS = ["thought", "image share", "top tokens (probability)"]
+
+
+def tile_images(pixel_values):
+    """`(tiles, 3, H, W)` normalised tiles → `(tiles, H, W, 3)` floats in [0, 1], as the model saw them."""
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (pixel_values.float().cpu() * std + mean).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+
+
+def attention_figure(prediction):
+    """A PIL image: one row per thought, one column per tile (the last is the thumbnail), each tile overlaid with
+    that thought's attention on its image tokens (colour scale per thought, from 0 to its largest token)."""
+    tiles = tile_images(prediction.pixel_values)
+    maps = prediction.image_attention  # (K, tiles, side, side)
+    num_thoughts, num_tiles = maps.shape[:2]
+    fig = Figure(figsize=(max(1.6 * num_tiles + 1.2, 3.4), 1.7 * num_thoughts + 0.6), layout="constrained")
+    axes = np.atleast_2d(fig.subplots(num_thoughts, num_tiles, squeeze=False))
+    for k in range(num_thoughts):
+        peak = float(maps[k].max()) or 1.0
+        for t in range(num_tiles):
+            ax = axes[k, t]
+            height, width = tiles[t].shape[:2]
+            ax.imshow(tiles[t])
+            ax.imshow(maps[k, t].numpy() / peak, cmap="inferno", alpha=0.6, vmin=0, vmax=1,
+                      extent=(0, width, height, 0), interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if k == 0:
+                ax.set_title("thumbnail" if t == num_tiles - 1 and num_tiles > 1 else f"tile {t + 1}", fontsize=8)
+        share = prediction.thoughts[k]["attention"]["mean"]["image"]
+        axes[k, 0].set_ylabel(f"thought {k + 1}\nimage {share:.2f}", fontsize=8)
+    fig.suptitle("each thought's attention on the image\n(mean over heads and layers; bright = more)", fontsize=8)
+    FigureCanvasAgg(fig)
+    fig.canvas.draw()
+    return Image.fromarray(np.asarray(fig.canvas.buffer_rgba())[..., :3].copy())
+
+
+def thought_rows(prediction):
+    """Rows for the top-token table: thought, image share, top tokens with probabilities."""
+    return [
+        [
+            thought["index"] + 1,
+            round(thought["attention"]["mean"]["image"], 3),
+            ", ".join(f"{display_token(d['token'])} {d['prob']:.3f}" for d in thought["top_k"]),
+        ]
+        for thought in prediction.thoughts or []
+    ]
+
+
+def answer_question(model, processor, image, question, choices_text="", num_latents=None, top_k=5):
+    """(answer, generated text, heat map image or None, table rows) for the app's inputs; `choices_text` holds
+    one choice per line; `num_latents` None (or empty) keeps the checkpoint's latent span."""
+    if not question or not question.strip():
+        raise ValueError("type a question")
+    choices = [line.strip() for line in (choices_text or "").splitlines() if line.strip()] or None
+    num_latents = None if num_latents in (None, "") else int(num_latents)
+    span = default_latents(model.config) if num_latents is None else num_latents
+    prediction = predict.predict(
+        model, processor, image, question.strip(), choices=choices, num_latents=num_latents,
+        show_thoughts=bool(span), top_k=top_k,
+    )
+    answer = prediction.answer if prediction.answer is not None else f"(unparseable: {prediction.parse_error})"
+    heat_map = attention_figure(prediction) if prediction.image_attention is not None else None
+    return answer, prediction.generated_text, heat_map, thought_rows(prediction)
+
+
+def build_demo(model, processor, model_name, example=None):
+    """The Gradio Blocks app; `example` (image path, question, choices text) pre-fills the inputs and shows its
+    answer (used for the screenshot)."""
+    import gradio as gr
+
+    default = default_latents(model.config)
+    run = lambda image, question, choices, latents: answer_question(  # noqa: E731
+        model, processor, image, question, choices, latents
+    )
+    shown = run(*example, default) if example is not None else (None, None, None, None)
+    with gr.Blocks(title="mmcoconut: continuous thoughts") as demo:
+        gr.Markdown(
+            f"## mmcoconut · `{model_name}`\n"
+            f"Coconut on InternVL: the model thinks in {default if default is not None else 'no'} continuous "
+            f"thought(s) (`<|latent|>`) before it writes. Heat maps show where each thought attends in the image."
+        )
+        with gr.Row():
+            with gr.Column():
+                image = gr.Image(type="filepath", label="image", value=example[0] if example else None)
+                question = gr.Textbox(label="question", value=example[1] if example else "")
+                choices = gr.Textbox(label="choices (optional, one per line)", lines=4,
+                                     value=example[2] if example else "")
+                latents = gr.Number(label="continuous thoughts (empty: the checkpoint's)", value=default,
+                                    precision=0, minimum=0)
+                button = gr.Button("Answer", variant="primary")
+            with gr.Column():
+                answer = gr.Textbox(label="answer", value=shown[0])
+                generated = gr.Textbox(label="generated text", value=shown[1])
+                heat_map = gr.Image(label="where each thought looks", type="pil", value=shown[2])
+                table = gr.Dataframe(headers=TABLE_HEADERS, label="what each thought decodes to", value=shown[3])
+        button.click(run, [image, question, choices, latents], [answer, generated, heat_map, table],
+                     api_name="answer")
+    return demo
+
+
+def free_port(host="127.0.0.1"):
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def take_screenshot(url, path, width=1400, height=1000):
+    """A PNG of `url` from headless Chromium (Debian's `chromium` package)."""
+    binary = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if binary is None:
+        raise FileNotFoundError("--screenshot needs Chromium (apt-get install chromium)")
+    with tempfile.TemporaryDirectory() as profile:
+        command = [
+            binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync",
+            f"--user-data-dir={profile}", "--hide-scrollbars", f"--window-size={width},{height}",
+            "--virtual-time-budget=15000", f"--screenshot={Path(path).resolve()}", url,
+        ]
+        subprocess.run(command, check=True, capture_output=True, timeout=180)
+    logger.info("wrote %s", path)
+
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a local demo
+    model, processor = predict.load(args.model, args.quantization, args.dtype, args.device, attn_implementation="eager")
+    example = None
+    if args.example_image:
+        example = (args.example_image, args.example_question, "\n".join(args.example_choices))
+    demo = build_demo(model, processor, args.model, example)
+    if args.screenshot:
+        port = free_port()
+        demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+        try:
+            take_screenshot(f"http://127.0.0.1:{port}/", args.screenshot)
+        finally:
+            demo.close()
+        return
+    demo.launch(server_name=args.host, server_port=args.port)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

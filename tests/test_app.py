@@ -1,0 +1,68 @@
+"""The Gradio demo, driven as a user's client would: served on a loopback port, called through gradio_client."""
+
+import json
+import os
+import shutil
+
+import pytest
+
+pytest.importorskip("gradio")
+gradio_client = pytest.importorskip("gradio_client")
+
+import app  # noqa: E402
+import predict  # noqa: E402
+from tests.test_predict import QUESTION, _run_predict  # noqa: E402
+
+
+@pytest.fixture
+def served(inference_checkpoint, monkeypatch):
+    monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
+    model, processor = predict.load(inference_checkpoint, attn_implementation="eager")
+    demo = app.build_demo(model, processor, "tiny")
+    port = app.free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        demo.close()
+
+
+def test_app_answers_as_predict_does_and_shows_the_thoughts(served, inference_checkpoint, question_image):
+    client = gradio_client.Client(served, verbose=False)
+    choices = ["red", "blue", "green", "yellow"]
+    answer, generated, heat_map, table = client.predict(
+        gradio_client.handle_file(str(question_image)), QUESTION, "\n".join(choices), None, api_name="/answer"
+    )
+    cli = json.loads(_run_predict(
+        "--model", inference_checkpoint, "--image", question_image, "--question", QUESTION,
+        "--choices", *choices, "--show-thoughts", "--json",
+    ).strip().splitlines()[-1])
+    assert generated == cli["generated_text"]
+    assert answer == (cli["answer"] if cli["answer"] is not None else f"(unparseable: {cli['parse_error']})")
+    assert os.path.isfile(heat_map)  # the heat map comes back as an image file
+    rows = table["data"]
+    assert [row[0] for row in rows] == [1, 2]
+    for row, thought in zip(rows, cli["thoughts"]):
+        assert row[1] == pytest.approx(thought["attention"]["mean"]["image"], abs=1e-3)
+        assert row[2].startswith(app.display_token(thought["top_k"][0]["token"]))
+
+
+def test_app_without_image_and_with_an_explicit_latent_count(served):
+    client = gradio_client.Client(served, verbose=False)
+    answer, generated, heat_map, table = client.predict(None, QUESTION, "", 3, api_name="/answer")
+    assert isinstance(generated, str) and heat_map is None
+    assert [row[0] for row in table["data"]] == [1, 2, 3]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium")
+def test_screenshot_in_headless_chromium(inference_checkpoint, question_image, tmp_path):
+    out = tmp_path / "app.png"
+    app.main(["--model", str(inference_checkpoint), "--screenshot", str(out), "--example-image", str(question_image),
+              "--example-question", QUESTION, "--example-choices", "red", "blue"])
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(out) as image:
+        assert image.size == (1400, 1000)
+        assert len(np.unique(np.asarray(image.convert("L")))) > 50  # a rendered page, not a blank one
