@@ -395,3 +395,28 @@ def test_forward_takes_inputs_embeds_only_to_continue_a_cache():
         assert by_embeds.last_hidden_state.shape == (1, 1, embeds.shape[-1])
         with pytest.raises(ValueError, match="with input_ids or inputs_embeds: give one"):
             model(input_ids=torch.tensor([[7]]), inputs_embeds=embeds, attention_mask=mask, **{CACHE_KWARG: cache})
+
+
+# ---------------------------------------------------------------- the recipe field
+
+
+def test_recipe_supervise_end_latent_reaches_the_data_and_the_checkpoint(tmp_path):
+    import train
+
+    out = tmp_path / "run"
+    trainer = train.main([
+        "recipes/demo.yaml", "--output_dir", str(out), "--synthetic_dir", str(tmp_path / "data"),
+        "--synthetic_train", "8", "--synthetic_val", "4", "--num_train_epochs", "2", "--epochs_per_stage", "1",
+        "--per_device_train_batch_size", "4", "--pad_latent_to_max", "false", "--supervise_end_latent", "true",
+        "--eval_max_new_tokens", "4",
+    ])
+    for dataset in (trainer.train_dataset, trainer.eval_dataset):
+        assert dataset.supervise_end_latent
+        labels = dataset[0]["labels"].tolist()
+        assert labels.count(dataset.end_latent_id) == 1 and labels.count(dataset.latent_token_id) == 1  # stage 1
+    model = MMCoconutForConditionalGeneration.from_pretrained(out)
+    assert model.config.supervise_end_latent and model.config.default_thinking == "adaptive"
+    with pytest.raises(ValueError, match="needs mode='coconut'.*pad_latent_to_max=False"):
+        train.main(["recipes/demo.yaml", "--output_dir", str(tmp_path / "bad"), "--synthetic_dir",
+                    str(tmp_path / "data"), "--synthetic_train", "8", "--synthetic_val", "4",
+                    "--supervise_end_latent", "true"])
