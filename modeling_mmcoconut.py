@@ -366,12 +366,13 @@ class MMCoconutForConditionalGeneration(MMCoconutPreTrainedModel, GenerationMixi
                             logits_to_keep):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("forward with a cache continues the sequence with input_ids or inputs_embeds: give one")
-        new_len = (input_ids if inputs_embeds is None else inputs_embeds).shape[1]
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)  # (B, new_len, H)
+        new_len = inputs_embeds.shape[1]
         if position_ids is None and attention_mask is not None:  # per-sample positions, as in the full forward
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, -new_len:]
         # InternVL's own forward for text, unrolled: the last hidden states are the next continuous thoughts.
         outputs = self.internvl.model.language_model(
-            input_ids=input_ids,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -563,8 +564,8 @@ class MMCoconutForConditionalGeneration(MMCoconutPreTrainedModel, GenerationMixi
         """
         if {"cache", "past_key_values", "inputs_embeds"} & kwargs.keys():
             raise ValueError(
-                "generate() embeds the prompt and builds its KV cache in the latent prefill; it takes no cache or "
-                "inputs_embeds argument"
+                "generate() builds its KV cache from the latent prefill, which embeds the prompt; it takes no cache "
+                "or inputs_embeds argument"
             )
         thinking = self.config.default_thinking if thinking is None else thinking
         if thinking not in THINKING_MODES:
