@@ -13,6 +13,7 @@ import nothing else of this project.
 import contextlib
 import copy
 import logging
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -547,6 +548,7 @@ class MMCoconutForConditionalGeneration(MMCoconutPreTrainedModel, GenerationMixi
                 `<|end-latent|>` from it or `max_thoughts` are reached; `<|end-latent|>` is then the row's next
                 token and decoding goes on. Rows that stop early wait in masked-out columns (attention mask 0,
                 `pad_token_id` in the returned sequences), so a row's answer is exactly the one it would get alone.
+                `max_new_tokens` counts the tokens after `<|end-latent|>`.
                 Default: `config.default_thinking` (adaptive for weights trained with `supervise_end_latent`).
             max_thoughts (`int`, *optional*): adaptive only; the most thoughts a row may think (default:
                 `config.num_inference_latents`, the most the checkpoint was trained with).
@@ -652,7 +654,7 @@ class MMCoconutForConditionalGeneration(MMCoconutPreTrainedModel, GenerationMixi
             raise ValueError("thinking='adaptive' feeds hidden states back as thoughts; a pause_as_thought model has none")
         if max_thoughts is None:
             max_thoughts = config.num_inference_latents
-        if isinstance(max_thoughts, bool) or not isinstance(max_thoughts, int) or max_thoughts < 0:
+        if isinstance(max_thoughts, bool) or not isinstance(max_thoughts, numbers.Integral) or max_thoughts < 0:
             raise ValueError(f"max_thoughts must be an int >= 0, got {max_thoughts!r}")
         if threshold is not None and not 0.0 < threshold <= 1.0:
             raise ValueError(f"end_latent_threshold must be in (0, 1] or None (argmax), got {threshold!r}")
