@@ -596,9 +596,8 @@ class MMCoconutForConditionalGeneration(MMCoconutPreTrainedModel, GenerationMixi
         outputs = super().generate(input_ids, attention_mask=attention_mask, **{CACHE_KWARG: cache}, **kwargs)
         if not isinstance(outputs, ModelOutput):
             return outputs
-        output_class = (
-            MMCoconutGenerateBeamOutput if isinstance(outputs, GenerateBeamDecoderOnlyOutput) else MMCoconutGenerateOutput
-        )
+        beams = isinstance(outputs, GenerateBeamDecoderOnlyOutput)
+        output_class = MMCoconutGenerateBeamOutput if beams else MMCoconutGenerateOutput
         per_prompt = outputs.sequences.shape[0] // input_ids.shape[0]  # num_return_sequences, prompt-major
         return output_class(**outputs, num_thoughts=num_thoughts.repeat_interleave(per_prompt))
 
@@ -651,7 +650,9 @@ class MMCoconutForConditionalGeneration(MMCoconutPreTrainedModel, GenerationMixi
         """
         config = self.config
         if config.pause_as_thought:
-            raise ValueError("thinking='adaptive' feeds hidden states back as thoughts; a pause_as_thought model has none")
+            raise ValueError(
+                "thinking='adaptive' feeds hidden states back as thoughts; a pause_as_thought model has none"
+            )
         if max_thoughts is None:
             max_thoughts = config.num_inference_latents
         if isinstance(max_thoughts, bool) or not isinstance(max_thoughts, numbers.Integral) or max_thoughts < 0:
@@ -678,7 +679,8 @@ class MMCoconutForConditionalGeneration(MMCoconutPreTrainedModel, GenerationMixi
             logits_to_keep=1,
             return_dict=True,
         )
-        cache, logits, thought = prefill.cache, prefill.logits[:, -1], prefill.last_hidden_state[:, -1]  # (B, V), (B, H)
+        cache, logits = prefill.cache, prefill.logits[:, -1]  # (B, V)
+        thought = prefill.last_hidden_state[:, -1]  # (B, H), from <|start-latent|>
         pad_embedding = self.get_input_embeddings()(torch.tensor([pad_token_id], device=device))  # (1, H)
         thinking = torch.ones(batch_size, dtype=torch.bool, device=device)
         num_thoughts = torch.zeros(batch_size, dtype=torch.long, device=device)
@@ -707,7 +709,7 @@ class MMCoconutForConditionalGeneration(MMCoconutPreTrainedModel, GenerationMixi
         return input_ids, attention_mask, cache, num_thoughts
 
     def _predicts_end_latent(self, logits, threshold):
-        """(B,) whether each row's next-token prediction is `<|end-latent|>` (argmax, or its probability >= threshold)."""
+        """(B,) whether each row predicts `<|end-latent|>` next (argmax, or its probability >= threshold)."""
         end_latent_id = self.config.end_latent_id
         if threshold is None:
             return logits.argmax(-1) == end_latent_id

@@ -1,4 +1,4 @@
-"""Adaptive continuous thinking (issue 17): learning to stop (`supervise_end_latent`) and `generate(thinking="adaptive")`.
+"""Adaptive continuous thinking (issue 17): learning to stop (`supervise_end_latent`), `generate(thinking="adaptive")`.
 
 The loss with the stop labels is compared with the naive recompute of `test_modeling_mmcoconut`; batched adaptive
 generation with a per-sample naive reference that recomputes the whole sequence from scratch after each thought.
@@ -21,7 +21,7 @@ from modeling_mmcoconut import (
 from tests.test_curriculum_data import STEPS, ids, record
 from tests.test_generate_conventions import naive_beam_search
 from tests.test_modeling_mmcoconut import assert_matches_naive, naive_greedy, naive_hidden
-from tests.tiny_models import END, EOS, LATENT, PAD, START, collate, make_model, make_sample
+from tests.tiny_models import END, LATENT, PAD, START, collate, make_model, make_sample
 
 # ---------------------------------------------------------------- 1. learning to stop: labels
 
