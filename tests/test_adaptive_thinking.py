@@ -417,3 +417,41 @@ def test_recipe_supervise_end_latent_reaches_the_data_and_the_checkpoint(tmp_pat
         train.main(["recipes/demo.yaml", "--output_dir", str(tmp_path / "bad"), "--synthetic_dir",
                     str(tmp_path / "data"), "--synthetic_train", "8", "--synthetic_val", "4",
                     "--supervise_end_latent", "true"])
+
+
+# ---------------------------------------------------------------- two processes (slow)
+
+
+DISTRIBUTED_ROWS = (0, 2)  # rows of ADAPTIVE_LAYOUT: the planted model stops them after 1 and 4 thoughts
+
+
+def _rank_prompt(rank):
+    samples, _ = adaptive_prompts()
+    batch = collate([samples[DISTRIBUTED_ROWS[rank]]])
+    return {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "num_tiles")}
+
+
+def _adaptive_rank_work(rank):
+    from tests.test_distributed import CallCounter
+
+    model = planted_model()
+    counter = CallCounter(model)
+    out = adaptive_generate(model, _rank_prompt(rank), max_thoughts=4)
+    return {"sequences": out.sequences, "num_thoughts": out.num_thoughts, "calls": counter.take()}
+
+
+@pytest.mark.slow
+def test_ranks_think_in_step_and_each_gets_its_single_process_answer(tmp_path):
+    """Sharded models need every rank to join every thinking step: the rank that stops first runs masked ones."""
+    from tests.test_distributed import spawn_two_ranks
+
+    ranks = spawn_two_ranks(tmp_path, _adaptive_rank_work)
+    assert ranks[0]["calls"] == ranks[1]["calls"]
+    model = planted_model()
+    for rank, result in enumerate(ranks):
+        alone = adaptive_generate(model, _rank_prompt(rank), max_thoughts=4)
+        assert result["num_thoughts"].tolist() == alone.num_thoughts.tolist()
+        assert result["sequences"][0, -5:].tolist() == alone.sequences[0, -5:].tolist()  # <|end-latent|> + answer
+    assert [int(r["num_thoughts"]) for r in ranks] == [1, 4]
+    new = [r["sequences"].shape[1] - _rank_prompt(rank)["input_ids"].shape[1] for rank, r in enumerate(ranks)]
+    assert new == [4 + 1 + 4] * 2  # rank 0 waited in 3 masked thinking columns
