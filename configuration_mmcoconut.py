@@ -31,6 +31,10 @@ class MMCoconutConfig(PretrainedConfig):
         pause_as_thought (`bool`, defaults to False):
             The "pause as thought" ablation: `<|latent|>` tokens keep their learned embedding (no
             continuous thought) and the sequence runs in one pass.
+        supervise_end_latent (`bool`, defaults to False):
+            The weights were trained to stop thinking (the curriculum's `supervise_end_latent`): each
+            thought predicts `<|latent|>` (go on) or `<|end-latent|>` (stop). `generate` then thinks
+            adaptively by default (see `default_thinking`).
 
     Example:
 
@@ -55,6 +59,7 @@ class MMCoconutConfig(PretrainedConfig):
         latent_stage=0,
         training_mode="coconut",
         pause_as_thought=False,
+        supervise_end_latent=False,
         **kwargs,
     ):
         if internvl_config is None:
@@ -69,6 +74,7 @@ class MMCoconutConfig(PretrainedConfig):
         self.latent_stage = latent_stage
         self.training_mode = training_mode
         self.pause_as_thought = pause_as_thought
+        self.supervise_end_latent = supervise_end_latent
         kwargs.setdefault("tie_word_embeddings", internvl_config.tie_word_embeddings)
         # `register_for_auto_class` records one auto class per model (AutoModel, see modeling_mmcoconut); the
         # image-text-to-text pipeline loads through AutoModelForImageTextToText, which needs its own entry.
@@ -83,6 +89,12 @@ class MMCoconutConfig(PretrainedConfig):
         if self.training_mode == "no_thoughts":
             return 0
         return int(self.latent_stage) * int(self.c_thought)
+
+    @property
+    def default_thinking(self):
+        """`generate`'s `thinking` when the caller gives none: `"adaptive"` for weights trained to stop
+        thinking (`supervise_end_latent`), else `"fixed"` (the prompt's latents)."""
+        return "adaptive" if self.supervise_end_latent else "fixed"
 
     @property
     def latent_ids(self):

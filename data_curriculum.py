@@ -7,7 +7,9 @@ Sequence of one sample (InternVL3 chat format, image optional):
     {step}\\n  for each step not replaced                (cot, coconut, pause, no_thoughts)
     Answer: {answer}<|im_end|>
 
-Labels are -100 up to and including `<|end-latent|>` (image, question, thoughts) and the token ids elsewhere.
+Labels are -100 up to and including `<|end-latent|>` (image, question, thoughts) and the token ids elsewhere. With
+`supervise_end_latent` the predictions made from `<|start-latent|>` and from each thought are supervised too: every
+one but the last predicts `<|latent|>` (go on thinking), the last predicts `<|end-latent|>` (stop).
 Images are opened and tiled in `__getitem__`, i.e. in DataLoader workers; no float tiles are stored.
 """
 
@@ -183,6 +185,13 @@ class CurriculumDataset(torch.utils.data.Dataset):
             dataset cannot drop an index it has already announced).
         max_tiles: cap on InternVL tiles per image (the thumbnail comes on top); `None` keeps the processor's
             own `max_patches`.
+        supervise_end_latent: teach the model when to stop thinking (`coconut` mode with `pad_latent_to_max=False`,
+            so that a sample's thought count follows its steps). The prediction made from the last position of the
+            latent span (`<|start-latent|>` when it has no latents) is labelled `<|end-latent|>`, and the ones
+            made from the positions before it `<|latent|>`. Why both: with the stop label alone, predicting
+            `<|end-latent|>` from every thought costs nothing in the loss, so the model would stop at once; the
+            `<|latent|>` labels make the stop a learned contrast between the two. `prompt_features` then ends
+            the prompt at `<|start-latent|>` unless given `num_latents` (for `generate(thinking="adaptive")`).
 
     Example:
 
@@ -206,6 +215,7 @@ class CurriculumDataset(torch.utils.data.Dataset):
         skip_bad_samples=False,
         max_tiles=None,
         seed=0,
+        supervise_end_latent=False,
     ):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -215,6 +225,12 @@ class CurriculumDataset(torch.utils.data.Dataset):
             raise ValueError(f"uniform_prob must be in [0, 1], got {uniform_prob}")
         if max_tiles is not None and max_tiles < 1:
             raise ValueError(f"max_tiles must be >= 1, got {max_tiles}")
+        if supervise_end_latent and (mode != "coconut" or pad_latent_to_max):
+            raise ValueError(
+                "supervise_end_latent teaches when to stop thinking, so it needs mode='coconut' (continuous "
+                "thoughts) and pad_latent_to_max=False (each sample's thought count follows its steps); got "
+                f"mode={mode!r}, pad_latent_to_max={pad_latent_to_max}"
+            )
         self.records = records
         self.processor = processor
         self.mode = mode
@@ -226,6 +242,7 @@ class CurriculumDataset(torch.utils.data.Dataset):
         self.skip_bad_samples = skip_bad_samples
         self.max_tiles = max_tiles
         self.seed = seed
+        self.supervise_end_latent = supervise_end_latent
         self.stage = 0
         self.epoch = 0
         self._resolve_token_ids()
@@ -428,6 +445,13 @@ class CurriculumDataset(torch.utils.data.Dataset):
             return []
         return [self.start_latent_id] + [self.latent_token_id] * n_latents + [self.end_latent_id]
 
+    def _latent_span_labels(self, n_latents, markers):
+        """Labels of `_latent_span`: -100, or with `supervise_end_latent` the shifted targets of the thinking
+        positions (`<|start-latent|>` and every latent): `<|latent|>` for all but the last, then `<|end-latent|>`."""
+        if not (markers and self.supervise_end_latent):
+            return [IGNORE_INDEX] * len(self._latent_span(n_latents, markers))
+        return [IGNORE_INDEX] + [self.latent_token_id] * n_latents + [self.end_latent_id]
+
     def _image(self, entry):
         """(image span ids, pixel_values [tiles, 3, H, W]) from the processor, which expands the placeholder."""
         record = self.records[entry["index"]]
@@ -474,9 +498,10 @@ class CurriculumDataset(torch.utils.data.Dataset):
         stage = self._sample_stage(position, len(entry["steps"]))
         n_skip, n_latents, markers = self._plan(len(entry["steps"]), stage)
         prompt, pixel_values = self._prompt(entry)
-        hidden = prompt + self._latent_span(n_latents, markers)
+        span = self._latent_span(n_latents, markers)
         target = [t for step in entry["steps"][n_skip:] for t in step] + entry["answer"]
-        return self._features(hidden + target, pixel_values, [IGNORE_INDEX] * len(hidden) + target)
+        labels = [IGNORE_INDEX] * len(prompt) + self._latent_span_labels(n_latents, markers) + target
+        return self._features(prompt + span + target, pixel_values, labels)
 
     def num_latents(self, position, stage=None):
         """Latent tokens sample `position` gets at `stage` (default: the current stage), without mixing."""
@@ -485,16 +510,19 @@ class CurriculumDataset(torch.utils.data.Dataset):
 
     def prompt_features(self, position, num_latents=None):
         """Generation input: the prompt and, in latent modes, the latent span with `num_latents` latents
-        (default: `num_latents(position)`); no steps, no answer. Keys: `input_ids`, `num_tiles`, `id` and
-        `pixel_values` for records with an image."""
+        (default: `num_latents(position)`; with `supervise_end_latent` the default is the open span,
+        `<|start-latent|>` alone, for the model to think until it stops); no steps, no answer. Keys: `input_ids`,
+        `num_tiles`, `id` and `pixel_values` for records with an image."""
         entry = self._entries[position]
         markers = self.mode in LATENT_MODES
+        open_span = num_latents is None and self.supervise_end_latent
         if num_latents is None:
             num_latents = self.num_latents(position)
         elif num_latents and not markers:
             raise ValueError(f"mode {self.mode!r} has no latent span; num_latents must be 0 or None")
         prompt, pixel_values = self._prompt(entry)
-        features = self._features(prompt + self._latent_span(num_latents, markers), pixel_values)
+        span = [self.start_latent_id] if open_span else self._latent_span(num_latents, markers)
+        features = self._features(prompt + span, pixel_values)
         features["id"] = entry["id"]
         return features
 

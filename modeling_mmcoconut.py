@@ -13,6 +13,7 @@ import nothing else of this project.
 import contextlib
 import copy
 import logging
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +29,7 @@ from transformers import (
     InternVLForConditionalGeneration,
     PreTrainedModel,
 )
+from transformers.generation.utils import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput
 from transformers.utils import ModelOutput, can_return_tuple
 
 try:  # imported as remote code (a package next to the weights)
@@ -71,6 +73,31 @@ class MMCoconutOutput(ModelOutput):
 
 if not hasattr(MMCoconutOutput, "past_key_values"):  # transformers < 5.24 has no alias of its own
     MMCoconutOutput.past_key_values = property(lambda self: self.cache)
+
+
+THINKING_MODES = ("fixed", "adaptive")
+
+
+@dataclass
+class MMCoconutGenerateOutput(GenerateDecoderOnlyOutput):
+    r"""
+    transformers' `GenerateDecoderOnlyOutput` plus:
+
+    num_thoughts (`torch.LongTensor` of shape `(num_sequences,)`):
+        Continuous thoughts each returned sequence followed (adaptive: the row's own count; fixed: its prompt's
+        `<|latent|>` tokens).
+    """
+
+    num_thoughts: torch.LongTensor | None = None
+
+
+@dataclass
+class MMCoconutGenerateBeamOutput(GenerateBeamDecoderOnlyOutput):
+    r"""
+    transformers' `GenerateBeamDecoderOnlyOutput` plus `num_thoughts` (see `MMCoconutGenerateOutput`).
+    """
+
+    num_thoughts: torch.LongTensor | None = None
 
 
 class MMCoconutPreTrainedModel(PreTrainedModel):
@@ -223,7 +250,7 @@ class MMCoconutForConditionalGeneration(MMCoconutPreTrainedModel, GenerationMixi
     @can_return_tuple
     def forward(
         self,
-        input_ids,
+        input_ids=None,
         attention_mask=None,
         position_ids=None,
         pixel_values=None,
@@ -232,6 +259,7 @@ class MMCoconutForConditionalGeneration(MMCoconutPreTrainedModel, GenerationMixi
         num_tiles=None,
         use_cache=False,
         logits_to_keep=None,
+        inputs_embeds=None,
         **kwargs,
     ):
         r"""
@@ -258,6 +286,9 @@ class MMCoconutForConditionalGeneration(MMCoconutPreTrainedModel, GenerationMixi
                 are: every token, a `<|latent|>` included, gets its learned embedding, because no hidden
                 state of the position before the first one is at hand. Continuous thoughts are filled only
                 in a forward over the whole sequence.
+            inputs_embeds (`torch.FloatTensor` of shape `(batch, new_len, hidden)`, *optional*):
+                Only with a cache, instead of `input_ids`: continue the sequence with these input embeddings
+                (adaptive generation feeds each continuous thought this way).
             return_dict (`bool`, *optional*): `False` returns `MMCoconutOutput.to_tuple()` (`None` fields dropped).
         """
         cache = kwargs.pop(CACHE_KWARG, None)
@@ -269,7 +300,14 @@ class MMCoconutForConditionalGeneration(MMCoconutPreTrainedModel, GenerationMixi
                 raise ValueError(
                     "forward with a cache continues a sequence with text tokens only: no labels or pixel_values"
                 )
-            return self._forward_from_cache(input_ids, attention_mask, position_ids, cache, use_cache, logits_to_keep)
+            return self._forward_from_cache(
+                input_ids, inputs_embeds, attention_mask, position_ids, cache, use_cache, logits_to_keep
+            )
+        if inputs_embeds is not None or input_ids is None:
+            raise ValueError(
+                "forward over a whole sequence takes input_ids (they locate the images and latents); inputs_embeds "
+                "only continue a cached sequence"
+            )
         if labels is not None and logits_to_keep is not None:
             raise ValueError(
                 "logits_to_keep cannot be combined with labels: with labels the logits are those of the "
@@ -327,19 +365,28 @@ class MMCoconutForConditionalGeneration(MMCoconutPreTrainedModel, GenerationMixi
             num_passes=len(boundaries) - 1,
         )
 
-    def _forward_from_cache(self, input_ids, attention_mask, position_ids, cache, use_cache, logits_to_keep):
+    def _forward_from_cache(self, input_ids, inputs_embeds, attention_mask, position_ids, cache, use_cache,
+                            logits_to_keep):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("forward with a cache continues the sequence with input_ids or inputs_embeds: give one")
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)  # (B, new_len, H)
+        new_len = inputs_embeds.shape[1]
         if position_ids is None and attention_mask is not None:  # per-sample positions, as in the full forward
-            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, -input_ids.shape[1] :]
-        outputs = self.internvl(
-            input_ids=input_ids,
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, -new_len:]
+        # InternVL's own forward for text, unrolled: the last hidden states are the next continuous thoughts.
+        outputs = self.internvl.model.language_model(
+            inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
             use_cache=use_cache,
-            logits_to_keep=0 if logits_to_keep is None else logits_to_keep,
-            return_dict=True,
             **{CACHE_KWARG: cache},
         )
-        return MMCoconutOutput(logits=outputs.logits, cache=cache if use_cache else None, num_passes=1)
+        hidden = outputs.last_hidden_state  # (B, new_len, H)
+        logits = self.internvl.lm_head(hidden[:, _kept_positions(logits_to_keep, new_len)])
+        return MMCoconutOutput(
+            logits=logits, cache=cache if use_cache else None, last_hidden_state=hidden, num_passes=1
+        )
 
     def _embed_with_images(self, input_ids, pixel_values, num_tiles):
         """Token embeddings with the projected image features at the image-token positions."""
@@ -472,32 +519,99 @@ class MMCoconutForConditionalGeneration(MMCoconutPreTrainedModel, GenerationMixi
     # ------------------------------------------------------------------ generation
 
     @torch.no_grad()
-    def generate(self, input_ids, attention_mask=None, pixel_values=None, *, num_tiles=None, **kwargs):
+    def generate(
+        self,
+        input_ids,
+        attention_mask=None,
+        pixel_values=None,
+        *,
+        num_tiles=None,
+        thinking=None,
+        max_thoughts=None,
+        end_latent_threshold=None,
+        **kwargs,
+    ):
         """Batched generation with continuous thoughts; returns prompt + new tokens (HF convention).
 
-        Prompts are left-padded. Everything but the last prompt token is prefilled by the latent forward
-        (image features merged, latents filled with thoughts, one KV cache); transformers' own
-        `GenerationMixin.generate` then decodes from that cache on this model, so every option means what it
-        means there: `kwargs` (generation options, a `generation_config=`, `logits_processor`,
-        `stopping_criteria`, `streamer`, `synced_gpus`, ...) override this model's `generation_config`, unset
-        options come from it (the wrapped InternVL's is never read), and beam search and
-        `num_return_sequences` expand the prefilled cache (see `_expand_inputs_for_generation`). A
-        `<|latent|>` the model generates is fed its learned embedding, not a continuous thought (see `forward`'s
-        `cache`), as in the original Coconut.
+        Prompts are left-padded. The latent forward prefills them (image features merged, latents filled with
+        thoughts, one KV cache); transformers' own `GenerationMixin.generate` then decodes from that cache on this
+        model, so every option means what it means there: `kwargs` (generation options, a `generation_config=`,
+        `logits_processor`, `stopping_criteria`, `streamer`, `synced_gpus`, ...) override this model's
+        `generation_config`, unset options come from it (the wrapped InternVL's is never read), and beam search and
+        `num_return_sequences` expand the prefilled cache (see `_expand_inputs_for_generation`). A `<|latent|>` the
+        model generates is fed its learned embedding, not a continuous thought (see `forward`'s `cache`), as in the
+        original Coconut.
+
+        Args:
+            thinking (`str`, *optional*): how many continuous thoughts precede the answer.
+                `"fixed"`: the prompt's `<|latent|>` tokens, its latent span closed by `<|end-latent|>`.
+                `"adaptive"`: every prompt ends with `<|start-latent|>`; each row feeds its last hidden state back
+                as its next input, one thought per step over the shared KV cache, until the model predicts
+                `<|end-latent|>` from it or `max_thoughts` are reached; `<|end-latent|>` is then the row's next
+                token and decoding goes on. Rows that stop early wait in masked-out columns (attention mask 0,
+                `pad_token_id` in the returned sequences), so a row's answer is exactly the one it would get alone.
+                `max_new_tokens` counts the tokens after `<|end-latent|>`.
+                Default: `config.default_thinking` (adaptive for weights trained with `supervise_end_latent`).
+            max_thoughts (`int`, *optional*): adaptive only; the most thoughts a row may think (default:
+                `config.num_inference_latents`, the most the checkpoint was trained with).
+            end_latent_threshold (`float`, *optional*): adaptive only; `None` stops a row where the argmax over the
+                vocabulary is `<|end-latent|>`, a float where its probability is at least this. The stop decision
+                reads the raw logits: sampling options and logits processors shape the decoded tokens only.
+
+        Returns:
+            Like `GenerationMixin.generate`: the sequences (prompt + new tokens), or with
+            `return_dict_in_generate=True` a `MMCoconutGenerateOutput` (`MMCoconutGenerateBeamOutput` for beam
+            search) that adds `num_thoughts`, the thoughts each returned sequence followed, `(num_sequences,)`.
+            In adaptive mode the new tokens of a row are `<|latent|>` × its thoughts, `pad_token_id` up to the
+            batch's longest thinking, `<|end-latent|>`, then the decoded answer; so from plain sequences a row's
+            thoughts are its `<|latent|>` tokens before the first `<|end-latent|>` after the prompt.
         """
-        if {"cache", "past_key_values"} & kwargs.keys():
-            raise ValueError("generate() builds its KV cache from the latent prefill; it takes no cache argument")
+        if {"cache", "past_key_values", "inputs_embeds"} & kwargs.keys():
+            raise ValueError(
+                "generate() builds its KV cache from the latent prefill, which embeds the prompt; it takes no cache "
+                "or inputs_embeds argument"
+            )
+        thinking = self.config.default_thinking if thinking is None else thinking
+        if thinking not in THINKING_MODES:
+            raise ValueError(f"thinking must be one of {THINKING_MODES}, got {thinking!r}")
+        if thinking == "fixed" and (max_thoughts is not None or end_latent_threshold is not None):
+            raise ValueError("max_thoughts and end_latent_threshold apply to thinking='adaptive' only")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if not bool(attention_mask[:, -1].all()):
             raise ValueError("generate() needs left-padded prompts: some prompt ends with padding")
+        if kwargs.get("synced_gpus") is None:
+            # Every rank runs every decoding step until all have finished: sharded models (FSDP, ZeRO-3) need it,
+            # and it keeps ranks in step with the prefill's agreed pass count. The caller's value wins.
+            kwargs["synced_gpus"] = _world_size() > 1
+        if thinking == "adaptive":
+            input_ids, attention_mask, cache, num_thoughts = self._think(
+                input_ids, attention_mask, pixel_values, num_tiles, max_thoughts, end_latent_threshold,
+                self._thinking_pad_id(kwargs), kwargs["synced_gpus"],
+            )
+        else:
+            cache = self._prefill_fixed(input_ids, attention_mask, pixel_values, num_tiles)
+            if self.config.pause_as_thought:
+                num_thoughts = torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
+            else:
+                num_thoughts = ((input_ids == self.config.latent_token_id) & attention_mask.bool()).sum(-1)
+        outputs = super().generate(input_ids, attention_mask=attention_mask, **{CACHE_KWARG: cache}, **kwargs)
+        if not isinstance(outputs, ModelOutput):
+            return outputs
+        beams = isinstance(outputs, GenerateBeamDecoderOnlyOutput)
+        output_class = MMCoconutGenerateBeamOutput if beams else MMCoconutGenerateOutput
+        per_prompt = outputs.sequences.shape[0] // input_ids.shape[0]  # num_return_sequences, prompt-major
+        return output_class(**outputs, num_thoughts=num_thoughts.repeat_interleave(per_prompt))
+
+    def _prefill_fixed(self, input_ids, attention_mask, pixel_values, num_tiles):
+        """The KV cache of all but the last prompt token, its latents filled with thoughts."""
         if bool((input_ids[:, -1] == self.config.latent_token_id).any()):
             raise ValueError(
                 "A prompt ends with <|latent|>; close the latent span with <|end-latent|> before generating"
             )
         if input_ids.shape[1] > 1:
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
-            cache = self(
+            return self(
                 input_ids=input_ids[:, :-1],
                 attention_mask=attention_mask[:, :-1],
                 position_ids=position_ids[:, :-1],
@@ -507,15 +621,101 @@ class MMCoconutForConditionalGeneration(MMCoconutPreTrainedModel, GenerationMixi
                 logits_to_keep=1,
                 return_dict=True,
             ).cache
-        elif pixel_values is not None:
+        if pixel_values is not None:
             raise ValueError("A one-token prompt has no image tokens, but pixel_values were given")
-        else:  # a one-token prompt leaves nothing to prefill: transformers runs that token into an empty cache
-            cache = self._assemble_cache([])
-        if kwargs.get("synced_gpus") is None:
-            # Every rank runs every decoding step until all have finished: sharded models (FSDP, ZeRO-3) need it,
-            # and it keeps ranks in step with the prefill's agreed pass count. The caller's value wins.
-            kwargs["synced_gpus"] = _world_size() > 1
-        return super().generate(input_ids, attention_mask=attention_mask, **{CACHE_KWARG: cache}, **kwargs)
+        # A one-token prompt leaves nothing to prefill: transformers runs that token into an empty cache.
+        return self._assemble_cache([])
+
+    def _thinking_pad_id(self, kwargs):
+        """The token written into the thinking columns of rows that stopped early (masked out, so any id would
+        do; the pad token keeps the returned sequences readable): the caller's, else our generation config's."""
+        pad_token_id = kwargs.get("pad_token_id")
+        if pad_token_id is None and kwargs.get("generation_config") is not None:
+            pad_token_id = kwargs["generation_config"].pad_token_id
+        if pad_token_id is None:
+            pad_token_id = self.generation_config.pad_token_id
+        if pad_token_id is None:
+            raise ValueError(
+                "thinking='adaptive' writes pad_token_id into the thinking columns of rows that stop early; set "
+                "pad_token_id (in the call or in model.generation_config)"
+            )
+        return pad_token_id
+
+    def _think(self, input_ids, attention_mask, pixel_values, num_tiles, max_thoughts, threshold, pad_token_id,
+               synced_gpus):
+        """Adaptive thinking: prefill the prompts, then one continuous thought per step for the rows that go on.
+
+        Returns (the prompts + one column per step + `<|end-latent|>`, their attention mask, the KV cache of all
+        but that last token, thoughts per row). A row's thinking columns hold `<|latent|>` while it thinks and
+        `pad_token_id` (attention mask 0) after it stopped, so every row advances one column per step; its later
+        tokens never see the masked columns, and positions count the attended tokens only.
+        """
+        config = self.config
+        if config.pause_as_thought:
+            raise ValueError(
+                "thinking='adaptive' feeds hidden states back as thoughts; a pause_as_thought model has none"
+            )
+        if max_thoughts is None:
+            max_thoughts = config.num_inference_latents
+        if isinstance(max_thoughts, bool) or not isinstance(max_thoughts, numbers.Integral) or max_thoughts < 0:
+            raise ValueError(f"max_thoughts must be an int >= 0, got {max_thoughts!r}")
+        if threshold is not None and not 0.0 < threshold <= 1.0:
+            raise ValueError(f"end_latent_threshold must be in (0, 1] or None (argmax), got {threshold!r}")
+        open_span = input_ids[:, -1] == config.start_latent_id
+        if not bool(open_span.all()):
+            row = int((~open_span).nonzero()[0])
+            raise ValueError(
+                f"thinking='adaptive' needs every prompt to end with <|start-latent|> (the model decides how long to "
+                f"think); prompt {row} ends with token {int(input_ids[row, -1])}. Prompts with a closed latent span "
+                "need thinking='fixed'."
+            )
+        batch_size, device = input_ids.shape[0], input_ids.device
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+        prefill = self(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            pixel_values=pixel_values,
+            num_tiles=num_tiles,
+            use_cache=True,
+            logits_to_keep=1,
+            return_dict=True,
+        )
+        cache, logits = prefill.cache, prefill.logits[:, -1]  # (B, V)
+        thought = prefill.last_hidden_state[:, -1]  # (B, H), from <|start-latent|>
+        pad_embedding = self.get_input_embeddings()(torch.tensor([pad_token_id], device=device))  # (1, H)
+        thinking = torch.ones(batch_size, dtype=torch.bool, device=device)
+        num_thoughts = torch.zeros(batch_size, dtype=torch.long, device=device)
+        columns = []
+        for _ in range(max_thoughts):
+            thinking &= ~self._predicts_end_latent(logits, threshold)
+            any_thinking = int(thinking.any())
+            # Sharded models need every rank to run the same steps: a rank whose rows all stopped runs masked ones.
+            if not (_agree_across_ranks(any_thinking, device) if synced_gpus else any_thinking):
+                break
+            attention_mask = torch.cat([attention_mask, thinking[:, None].to(attention_mask.dtype)], dim=1)
+            embeds = torch.where(thinking[:, None], thought.to(pad_embedding.dtype), pad_embedding)  # (B, H)
+            step = self(
+                inputs_embeds=embeds[:, None],
+                attention_mask=attention_mask,
+                use_cache=True,
+                return_dict=True,
+                **{CACHE_KWARG: cache},
+            )
+            logits, thought = step.logits[:, -1], step.last_hidden_state[:, -1]
+            num_thoughts += thinking
+            columns.append(torch.where(thinking, config.latent_token_id, pad_token_id))
+        end = torch.full((batch_size, 1), config.end_latent_id, dtype=input_ids.dtype, device=device)
+        input_ids = torch.cat([input_ids, *(column[:, None].to(input_ids.dtype) for column in columns), end], dim=1)
+        attention_mask = torch.cat([attention_mask, torch.ones_like(end, dtype=attention_mask.dtype)], dim=1)
+        return input_ids, attention_mask, cache, num_thoughts
+
+    def _predicts_end_latent(self, logits, threshold):
+        """(B,) whether each row predicts `<|end-latent|>` next (argmax, or its probability >= threshold)."""
+        end_latent_id = self.config.end_latent_id
+        if threshold is None:
+            return logits.argmax(-1) == end_latent_id
+        return logits.float().softmax(-1)[:, end_latent_id] >= threshold
 
     def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
         # transformers repeats each prompt `expand_size` times (beams, num_return_sequences) before its prefill;
@@ -587,4 +787,12 @@ AutoModelForImageTextToText.register(MMCoconutConfig, MMCoconutForConditionalGen
 MMCoconutConfig.register_for_auto_class()
 MMCoconutForConditionalGeneration.register_for_auto_class("AutoModel")
 
-__all__ = ["CACHE_KWARG", "MMCoconutForConditionalGeneration", "MMCoconutPreTrainedModel", "MMCoconutOutput"]
+__all__ = [
+    "CACHE_KWARG",
+    "THINKING_MODES",
+    "MMCoconutForConditionalGeneration",
+    "MMCoconutPreTrainedModel",
+    "MMCoconutOutput",
+    "MMCoconutGenerateOutput",
+    "MMCoconutGenerateBeamOutput",
+]

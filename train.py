@@ -138,6 +138,12 @@ class CurriculumArguments:
         default=True, metadata={"help": "Give every sample stage·c_thought latents even with fewer steps."}
     )
     uniform_prob: float = field(default=0.0, metadata={"help": "Probability of a sample at a random stage."})
+    supervise_end_latent: bool = field(
+        default=False,
+        metadata={"help": "Teach when to stop thinking: each thought predicts <|latent|> (go on) or <|end-latent|> "
+                          "(stop); needs mode coconut and pad_latent_to_max false. The checkpoint then generates "
+                          "with thinking='adaptive' by default."},
+    )
     reset_optimizer: bool = field(default=True, metadata={"help": "Clear optimizer state at each new stage."})
 
 
@@ -591,6 +597,7 @@ def build_model_and_processor(model_args, data_args, curriculum_args, train_reco
     model.config.c_thought = curriculum_args.c_thought
     model.config.training_mode = curriculum_args.mode
     model.config.pause_as_thought = curriculum_args.mode == "pause"
+    model.config.supervise_end_latent = curriculum_args.supervise_end_latent
     if model_args.freeze_vision_tower:
         model.internvl.model.vision_tower.requires_grad_(False)
     if model_args.use_lora:
@@ -686,6 +693,7 @@ def main(argv=None):
         c_thought=curriculum_args.c_thought,
         max_latent_stage=curriculum_args.max_latent_stage,
         pad_latent_to_max=curriculum_args.pad_latent_to_max,
+        supervise_end_latent=curriculum_args.supervise_end_latent,
         max_length=data_args.max_length,
         skip_bad_samples=data_args.skip_bad_samples,
         max_tiles=data_args.max_tiles,
