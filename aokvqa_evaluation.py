@@ -74,7 +74,7 @@ def default_num_latents(config):
     return config.num_inference_latents
 
 
-def build_eval_dataset(records, processor, mode, config, max_tiles=None, skip_bad_samples=False):
+def build_eval_dataset(records, processor, mode, config, max_tiles=None, skip_bad_samples=False, thinking=None):
     """A `CurriculumDataset` whose `prompt_dataset` gives the prompts of evaluation `mode`.
 
     Args:
@@ -84,9 +84,12 @@ def build_eval_dataset(records, processor, mode, config, max_tiles=None, skip_ba
         config: the model's `MMCoconutConfig` (for `c_thought` and `latent_stage`).
         max_tiles: cap on InternVL tiles per image; None keeps the processor's own.
         skip_bad_samples: skip (count, log) records with unreadable images instead of raising.
+        thinking: `fixed` or `adaptive` (mode coconut; None: `config.default_thinking`). Adaptive prompts end at
+            `<|start-latent|>`, and the model decides how many thoughts follow.
     """
     if mode not in EVAL_MODES:
         raise ValueError(f"mode must be one of {EVAL_MODES}, got {mode!r}")
+    adaptive = mode == "coconut" and (thinking or config.default_thinking) == "adaptive"
     return CurriculumDataset(
         records,
         processor,
@@ -95,6 +98,7 @@ def build_eval_dataset(records, processor, mode, config, max_tiles=None, skip_ba
         max_latent_stage=config.latent_stage,
         max_tiles=max_tiles,
         skip_bad_samples=skip_bad_samples,
+        supervise_end_latent=adaptive,  # the open span `<|start-latent|>` as each prompt's end
     )
 
 
@@ -142,10 +146,14 @@ def _prompt_text(tokenizer, ids, image_token_id, image_token):
     return re.sub(re.escape(image_token), lambda _: f"{image_token}×{next(counts)}", text)
 
 
-def _sample_record(dataset, position, prompt_ids, new_ids, eos_ids, latent_token_id):
+def _sample_record(dataset, position, prompt_ids, new_ids, eos_ids, latent_token_id, thoughts):
     """One question's result dict (see `generate_answers`)."""
     reference = dataset.reference(position)
     tokenizer = dataset.tokenizer
+    if prompt_ids[-1] == dataset.start_latent_id:
+        # Adaptive thinking: the new columns are the thoughts, masked columns of rows that stopped earlier and
+        # <|end-latent|>; the answer starts after it.
+        new_ids = new_ids[new_ids.index(dataset.end_latent_id) + 1 :]
     answer_ids, num_generated, stopped = _until_eos(new_ids, eos_ids)
     generated_text = tokenizer.decode(answer_ids, skip_special_tokens=False)
     parsed = parse_answer(generated_text, reference["choices"])
@@ -162,6 +170,7 @@ def _sample_record(dataset, position, prompt_ids, new_ids, eos_ids, latent_token
         "num_generated_tokens": num_generated,
         "stopped_at_eos": stopped,
         "num_latents": prompt_ids.count(latent_token_id),
+        "thoughts": thoughts,
     }
 
 
@@ -170,6 +179,9 @@ def generate_answers(
     dataset,
     *,
     num_latents=None,
+    thinking=None,
+    max_thoughts=None,
+    end_latent_threshold=None,
     batch_size=8,
     max_new_tokens=256,
     do_sample=False,
@@ -188,6 +200,8 @@ def generate_answers(
         num_latents: latents in every prompt of a latent mode; None lays each sample out at the dataset's current
             stage (as in training). Must be None or 0 for `cot` / `no_cot` datasets.
         batch_size: prompts per `generate` call (per process).
+        thinking, max_thoughts, end_latent_threshold: `model.generate`'s thinking options (None: the model's
+            defaults, i.e. adaptive thinking for checkpoints trained with `supervise_end_latent`).
         max_new_tokens, do_sample, temperature, top_p: passed to `model.generate`.
         accelerator: an `accelerate.Accelerator` to shard the questions across its processes; every rank gets the
             same number of batches (short ranks repeat a question, dropped afterwards), and the results are
@@ -200,7 +214,9 @@ def generate_answers(
         `<IMG_CONTEXT>×N`), `generated_text` (up to, without, the first EOS), `parsed_letter` (None when
         unparseable), `parse_error`, `prediction` (`multiple_choice` and `direct_answer`, None when unparseable),
         `correct` (None when the record has no answer), `num_generated_tokens` (up to and including the first
-        EOS; padding after it is not counted), `stopped_at_eos` and `num_latents`.
+        EOS; padding after it is not counted; thoughts not included), `stopped_at_eos`, `num_latents` (in the
+        prompt) and `thoughts` (the continuous thoughts the answer followed: the prompt's latents, or the number
+        adaptive thinking chose).
     """
     if len(dataset) == 0:
         raise ValueError("the evaluation dataset is empty; nothing to generate")
@@ -236,6 +252,8 @@ def generate_answers(
         collate_fn=collator,
         num_workers=num_workers,
     )
+    options = {"thinking": thinking, "max_thoughts": max_thoughts, "end_latent_threshold": end_latent_threshold}
+    thinking_options = {name: value for name, value in options.items() if value is not None}
     is_main = accelerator is None or accelerator.is_main_process
     was_training = model.training
     model.eval()
@@ -258,14 +276,17 @@ def generate_answers(
                 do_sample=do_sample,
                 temperature=temperature,
                 top_p=top_p,
+                return_dict_in_generate=True,
+                **thinking_options,
             )
-            new_tokens = output[:, input_ids.shape[1] :].tolist()
+            new_tokens = output.sequences[:, input_ids.shape[1] :].tolist()
+            thoughts = output.num_thoughts.tolist()
             prompt_width = input_ids.shape[1]
             for row in range(input_ids.shape[0]):
                 if seen < num_real:
                     prompt_ids = input_ids[row, prompt_width - int(attention_mask[row].sum()) :].tolist()
                     record = _sample_record(
-                        dataset, positions[seen], prompt_ids, new_tokens[row], eos_ids, latent_token_id
+                        dataset, positions[seen], prompt_ids, new_tokens[row], eos_ids, latent_token_id, thoughts[row]
                     )
                     local.append((positions[seen], record))
                 seen += 1
@@ -358,6 +379,7 @@ def evaluate_model(model, dataset, **generation_kwargs):
     metrics.update(
         num_without_eos=sum(not sample["stopped_at_eos"] for sample in samples),
         mean_generated_tokens=sum(sample["num_generated_tokens"] for sample in samples) / len(samples),
+        mean_thoughts=sum(sample["thoughts"] for sample in samples) / len(samples),
         samples_per_second=len(samples) / seconds,
         seconds=seconds,
     )
@@ -450,9 +472,10 @@ def format_summary(metrics, title="A-OKVQA evaluation"):
         ("unparseable answers", metrics.get("num_unparseable")),
         ("answers without EOS", metrics.get("num_without_eos")),
         ("mean generated tokens", metrics.get("mean_generated_tokens")),
+        ("mean thoughts", metrics.get("mean_thoughts")),
         ("samples / s", metrics.get("samples_per_second")),
     ]
-    for key in ("split", "mode", "num_latents", "model"):
+    for key in ("split", "mode", "thinking", "num_latents", "model"):
         if key in metrics:
             rows.insert(0, (key, metrics[key]))
     cells = [(name, _format_value(value)) for name, value in rows]

@@ -42,8 +42,17 @@ def build_parser():
     parser.add_argument("--mode", choices=EVAL_MODES, default="coconut")
     parser.add_argument(
         "--num-latents", type=int, default=None,
-        help="latents in coconut prompts (default: the checkpoint's latent_stage × c_thought)",
+        help="latents in coconut prompts (default: the checkpoint's latent_stage × c_thought); implies --thinking fixed",
     )
+    parser.add_argument(
+        "--thinking", choices=("fixed", "adaptive"), default=None,
+        help="coconut: fixed latents in the prompt, or the model decides when to stop thinking (default: adaptive "
+             "for checkpoints trained with supervise_end_latent, else fixed)",
+    )
+    parser.add_argument("--max-thoughts", type=int, default=None,
+                        help="adaptive thinking: thoughts at most (default: the checkpoint's latent_stage × c_thought)")
+    parser.add_argument("--end-latent-threshold", type=float, default=None,
+                        help="adaptive thinking: stop when P(<|end-latent|>) >= this (default: when it is the argmax)")
     parser.add_argument("--batch-size", type=int, default=8, help="prompts per generate call, per process")
     parser.add_argument(
         "--max-new-tokens", type=int, default=None,
@@ -79,6 +88,14 @@ def _check_args(parser, args):
         parser.error("give exactly one data source: --hf-dataset, --aokvqa-dir + --coco-dir, or --data-file")
     if args.num_latents is not None and args.mode != "coconut":
         parser.error(f"--num-latents applies to --mode coconut only, not {args.mode}")
+    if args.thinking is not None and args.mode != "coconut":
+        parser.error(f"--thinking applies to --mode coconut only, not {args.mode}")
+    if args.num_latents is not None and args.thinking == "adaptive":
+        parser.error("--num-latents fixes the number of thoughts; it cannot be combined with --thinking adaptive")
+    if (args.max_thoughts is not None or args.end_latent_threshold is not None) and args.thinking == "fixed":
+        parser.error("--max-thoughts and --end-latent-threshold apply to --thinking adaptive")
+    if args.max_thoughts is not None and args.max_thoughts < 0:
+        parser.error("--max-thoughts must be >= 0")
     for name in ("num_latents", "limit"):
         if getattr(args, name) is not None and getattr(args, name) < 0:
             parser.error(f"--{name.replace('_', '-')} must be >= 0")
@@ -141,24 +158,36 @@ def main(argv=None):
     # A merged checkpoint or a LoRA adapter directory (its base is loaded and the adapters merged in).
     model = load_model(args.model, dtype=args.dtype, device=accelerator.device)
     processor = load_internvl_processor(args.model, max_tiles=args.max_tiles)
-    num_latents = None
+    num_latents, thinking = None, None
     if args.mode == "coconut":
-        num_latents = args.num_latents if args.num_latents is not None else default_num_latents(model.config)
-        logger.info(
-            "coconut: %d latents per question (checkpoint latent_stage=%d, c_thought=%d)",
-            num_latents, model.config.latent_stage, model.config.c_thought,
-        )
+        thinking = "fixed" if args.num_latents is not None else args.thinking or model.config.default_thinking
+        if (args.max_thoughts is not None or args.end_latent_threshold is not None) and thinking == "fixed":
+            raise SystemExit("--max-thoughts and --end-latent-threshold apply to adaptive thinking; this checkpoint "
+                             "thinks a fixed number of thoughts by default (pass --thinking adaptive)")
+        if thinking == "fixed":
+            num_latents = args.num_latents if args.num_latents is not None else default_num_latents(model.config)
+            logger.info(
+                "coconut: %d latents per question (checkpoint latent_stage=%d, c_thought=%d)",
+                num_latents, model.config.latent_stage, model.config.c_thought,
+            )
+        else:
+            logger.info("coconut: adaptive thinking, at most %s thoughts",
+                        args.max_thoughts if args.max_thoughts is not None else default_num_latents(model.config))
     max_new_tokens = args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS[args.mode]
 
     records = load_records(args)
     dataset = build_eval_dataset(
-        records, processor, args.mode, model.config, max_tiles=args.max_tiles, skip_bad_samples=args.skip_bad_samples
+        records, processor, args.mode, model.config, max_tiles=args.max_tiles, skip_bad_samples=args.skip_bad_samples,
+        thinking=thinking,
     )
     logger.info("%d questions (%s split), %d process(es)", len(dataset), args.split, accelerator.num_processes)
     result = evaluate_model(
         model,
         dataset,
         num_latents=num_latents,
+        thinking=thinking,
+        max_thoughts=args.max_thoughts,
+        end_latent_threshold=args.end_latent_threshold,
         batch_size=args.batch_size,
         max_new_tokens=max_new_tokens,
         do_sample=args.do_sample,
@@ -171,7 +200,10 @@ def main(argv=None):
         "model": args.model,
         "split": args.split,
         "mode": args.mode,
+        "thinking": thinking,
         "num_latents": num_latents,
+        "max_thoughts": args.max_thoughts,
+        "end_latent_threshold": args.end_latent_threshold,
         "max_new_tokens": max_new_tokens,
         "do_sample": args.do_sample,
         "temperature": args.temperature if args.do_sample else None,

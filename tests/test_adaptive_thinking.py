@@ -404,7 +404,7 @@ def test_recipe_supervise_end_latent_reaches_the_data_and_the_checkpoint(tmp_pat
     trainer = train.main([
         "recipes/demo.yaml", "--output_dir", str(out), "--synthetic_dir", str(tmp_path / "data"),
         "--synthetic_train", "8", "--synthetic_val", "4", "--num_train_epochs", "2", "--epochs_per_stage", "1",
-        "--per_device_train_batch_size", "4", "--pad_latent_to_max", "false", "--supervise_end_latent", "true",
+        "--first_stage_epochs", "1", "--per_device_train_batch_size", "4", "--pad_latent_to_max", "false", "--supervise_end_latent", "true",
         "--eval_max_new_tokens", "4",
     ])
     for dataset in (trainer.train_dataset, trainer.eval_dataset):

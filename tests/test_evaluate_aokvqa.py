@@ -75,6 +75,39 @@ def test_cli_end_to_end(tiny_checkpoint, synthetic_aokvqa, tmp_path, mode, sourc
         )
     # coconut defaults to the checkpoint's latent_stage × c_thought latents; the other modes have none.
     assert {s["num_latents"] for s in samples} == {LATENT_STAGE * C_THOUGHT if mode == "coconut" else 0}
+    assert [s["thoughts"] for s in samples] == [s["num_latents"] for s in samples]
+    assert metrics["mean_thoughts"] == (LATENT_STAGE * C_THOUGHT if mode == "coconut" else 0)
+    assert metrics["thinking"] == ("fixed" if mode == "coconut" else None)
+
+
+def test_adaptive_thinking_logs_the_thoughts_each_question_used(tiny_checkpoint, synthetic_aokvqa, tmp_path, capsys):
+    # The threshold on P(<|end-latent|>) decides: 1.0 is never reached (every question thinks the 3 thoughts
+    # allowed), a tiny one at once (0 thoughts). Rows stopping at different steps are tested on generate itself
+    # (tests/test_adaptive_thinking.py); here the CLI's per-sample counts, their mean and the answer after
+    # <|end-latent|>.
+    model = MMCoconutForConditionalGeneration.from_pretrained(tiny_checkpoint).eval()
+    data_file = synthetic_aokvqa["canonical_dir"] / "val.jsonl"
+    args = ["--model", str(tiny_checkpoint), "--data-file", str(data_file), "--split", "val", "--batch-size", "3",
+            "--max-new-tokens", "4", "--thinking", "adaptive", "--max-thoughts", "3", "--output-dir"]
+    metrics = evaluate_aokvqa.main([*args, str(tmp_path / "never"), "--end-latent-threshold", "1.0"])
+    _, samples, saved = _read_outputs(tmp_path / "never", "val")
+    assert metrics["thinking"] == "adaptive" and metrics["max_thoughts"] == 3 and saved == json.loads(json.dumps(metrics))
+    assert [s["thoughts"] for s in samples] == [3, 3, 3] and metrics["mean_thoughts"] == 3  # P < 1: never stops early
+    assert all(s["prompt"].endswith("<|start-latent|>") and s["num_latents"] == 0 for s in samples)
+    assert "mean thoughts" in capsys.readouterr().out
+
+    # Direct generate on the same prompts: the per-question counts the CLI logged are the model's own.
+    processor = load_internvl_processor(tiny_checkpoint)
+    dataset = build_eval_dataset(load_canonical(data_file), processor, "coconut", model.config, thinking="adaptive")
+    threshold = 1e-12
+    results = generate_answers(model, dataset, thinking="adaptive", max_thoughts=3, end_latent_threshold=threshold,
+                               max_new_tokens=4, batch_size=3, show_progress=False)
+    cli = evaluate_aokvqa.main([*args, str(tmp_path / "some"), "--end-latent-threshold", str(threshold)])
+    _, samples, _ = _read_outputs(tmp_path / "some", "val")
+    assert [r["thoughts"] for r in results] == [0, 0, 0]
+    assert [s["thoughts"] for s in samples] == [r["thoughts"] for r in results]
+    assert cli["mean_thoughts"] == pytest.approx(sum(r["thoughts"] for r in results) / 3)
+    assert all(r["num_generated_tokens"] <= 4 for r in results)  # thoughts and <|end-latent|> are not counted
 
 
 @pytest.fixture(scope="module")
@@ -109,14 +142,19 @@ class StubModel(torch.nn.Module):
         self.config = SimpleNamespace(latent_token_id=latent_token_id)
         self.generation_config = SimpleNamespace(eos_token_id=eos_token_id, pad_token_id=pad_token_id)
 
-    def generate(self, input_ids, attention_mask, max_new_tokens, **kwargs):
+    def generate(self, input_ids, attention_mask, max_new_tokens, return_dict_in_generate=False, **kwargs):
         rows = [
             self.replies[tuple(ids[mask.bool()].tolist())][:max_new_tokens]
             for ids, mask in zip(input_ids, attention_mask)
         ]
         width = max(len(row) for row in rows)
         new = torch.tensor([row + [self.generation_config.pad_token_id] * (width - len(row)) for row in rows])
-        return torch.cat([input_ids, new], dim=1)
+        sequences = torch.cat([input_ids, new], dim=1)
+        if not return_dict_in_generate:
+            return sequences
+        # As the model's output: the thoughts each answer followed, here the latents in its prompt.
+        num_thoughts = ((input_ids == self.config.latent_token_id) & attention_mask.bool()).sum(-1)
+        return SimpleNamespace(sequences=sequences, num_thoughts=num_thoughts)
 
 
 def _stub(dataset, texts):
@@ -193,6 +231,9 @@ def test_shards_are_equal_length_and_cover_every_sample_once(num_samples, world_
         (["--mode", "cot", "--num-latents", "2", "--data-file", "x.jsonl"], "coconut only"),
         (["--data-file", "x.jsonl", "--hf-dataset", "y"], "exactly one data source"),
         (["--aokvqa-dir", "a"], "go together"),
+        (["--thinking", "adaptive", "--num-latents", "2", "--data-file", "x.jsonl"], "cannot be combined"),
+        (["--mode", "cot", "--thinking", "adaptive", "--data-file", "x.jsonl"], "coconut only"),
+        (["--thinking", "fixed", "--max-thoughts", "2", "--data-file", "x.jsonl"], "apply to --thinking adaptive"),
     ],
 )
 def test_cli_rejects_conflicting_options(extra, message, capsys):
