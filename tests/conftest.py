@@ -122,3 +122,24 @@ def question_image(tmp_path_factory):
     image.paste((30, 30, 200), (28, 0, 56, 28))
     image.save(path)
     return path
+
+
+# ---- checks before loading (issue 16) ----
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Make every model or data load fail, so a test shows that its check came first."""
+    import analyze_latents
+    import evaluate_aokvqa
+    import train
+    from modeling_mmcoconut import MMCoconutForConditionalGeneration
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model or data was loaded before the check")
+
+    monkeypatch.setattr(train, "build_model_and_processor", refuse)
+    monkeypatch.setattr(train, "load_records", refuse)
+    monkeypatch.setattr(MMCoconutForConditionalGeneration, "from_pretrained", refuse)
+    monkeypatch.setattr(evaluate_aokvqa, "load_records", refuse)
+    monkeypatch.setattr(analyze_latents, "load_canonical", refuse)

@@ -21,25 +21,10 @@ import train
 from aokvqa_evaluation import format_summary
 from data_aokvqa import load_canonical
 from data_curriculum import CurriculumDataset
-from modeling_mmcoconut import MMCoconutForConditionalGeneration
 from processing_mmcoconut import check_checkpoint_dir, load_internvl_processor
 
 DEMO = str(Path("recipes/demo.yaml").resolve())
 CHOICES = ["green", "red", "blue", "yellow"]
-
-
-@pytest.fixture
-def no_loading(monkeypatch):
-    """Make every model or data load fail, so a test shows that its check came first."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model or data was loaded before the check")
-
-    monkeypatch.setattr(train, "build_model_and_processor", refuse)
-    monkeypatch.setattr(train, "load_records", refuse)
-    monkeypatch.setattr(MMCoconutForConditionalGeneration, "from_pretrained", refuse)
-    monkeypatch.setattr(evaluate_aokvqa, "load_records", refuse)
-    monkeypatch.setattr(analyze_latents, "load_canonical", refuse)
 
 
 def record(rid, image=None, steps=("One.", "Two."), answer="B. red", **extra):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_hub_checkpoint import PROJECT_MODULES
+from tests.test_hub_checkpoint import without_the_project
 
 OTHER_PYTHON = os.environ.get("MMCOCONUT_OTHER_PYTHON")
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,20 +38,15 @@ json.dump({"tokens": tokens.tolist(), "transformers": transformers.__version__},
 """
 
 # Loads it with only transformers (every project module blocked) and generates the same batch.
-LOAD = f"""
-import importlib.abc, json, sys, torch, transformers
-BLOCKED = {PROJECT_MODULES!r}
-class Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name in BLOCKED:
-            raise ModuleNotFoundError(f"No module named {{name!r}} (blocked by the test)")
-sys.meta_path.insert(0, Block())
+LOAD = without_the_project() + """
+import json, torch, transformers
 from transformers import AutoModel
 out = sys.argv[1]
 model = AutoModel.from_pretrained(out + "/ckpt", trust_remote_code=True).eval()
 assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
 tokens = model.generate(**torch.load(out + "/batch.pt"), max_new_tokens=6)
-json.dump({{"tokens": tokens.tolist(), "transformers": transformers.__version__}}, open(out + "/loaded.json", "w"))
+assert not any(name in sys.modules for name in BLOCKED)
+json.dump({"tokens": tokens.tolist(), "transformers": transformers.__version__}, open(out + "/loaded.json", "w"))
 """
 
 

@@ -15,6 +15,23 @@ PROJECT_MODULES = [
 ]
 
 
+def without_the_project(extra=()):
+    """Python source that makes every project module (and `extra`) unimportable, as where only transformers is
+    installed; a script that starts with it can check `BLOCKED` against `sys.modules` at the end."""
+    return textwrap.dedent(f"""
+        import importlib.abc, sys
+        BLOCKED = {[*PROJECT_MODULES, *extra]!r}
+
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name in BLOCKED:
+                    raise ModuleNotFoundError(f"No module named {{name!r}} (blocked by the test)")
+                return None
+
+        sys.meta_path.insert(0, Block())
+    """)
+
+
 def test_saved_checkpoint_carries_remote_code(tmp_path):
     make_model().save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
@@ -33,17 +50,7 @@ def test_remote_code_loads_without_the_project(tmp_path):
     torch.save({k: v for k, v in batch.items()}, tmp_path / "batch.pt")
     with torch.no_grad():
         torch.save(model(**batch).logits, tmp_path / "expected.pt")
-    script = textwrap.dedent(f"""
-        import importlib.abc, sys
-        BLOCKED = {PROJECT_MODULES!r}
-
-        class Block(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path=None, target=None):
-                if name in BLOCKED:
-                    raise ModuleNotFoundError(f"No module named {{name!r}} (blocked by the test)")
-                return None
-
-        sys.meta_path.insert(0, Block())
+    script = without_the_project() + textwrap.dedent(f"""
         import torch
         from transformers import AutoModel
         model = AutoModel.from_pretrained({str(tmp_path / "ckpt")!r}, trust_remote_code=True).eval()

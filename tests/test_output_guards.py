@@ -7,22 +7,8 @@ import pytest
 
 import evaluate_aokvqa
 import train
-from modeling_mmcoconut import MMCoconutForConditionalGeneration
 
 DEMO = str(Path("recipes/demo.yaml").resolve())
-
-
-@pytest.fixture
-def no_loading(monkeypatch):
-    """Make every model or data load fail, so a test shows that a check came first."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model or data was loaded before the check")
-
-    monkeypatch.setattr(train, "build_model_and_processor", refuse)
-    monkeypatch.setattr(train, "load_records", refuse)
-    monkeypatch.setattr(MMCoconutForConditionalGeneration, "from_pretrained", refuse)
-    monkeypatch.setattr(evaluate_aokvqa, "load_records", refuse)
 
 
 def _previous_run(out):

@@ -18,7 +18,7 @@ from analyze_latents import analyze
 from modeling_mmcoconut import MMCoconutForConditionalGeneration
 from processing_mmcoconut import load_internvl_processor
 from prompt_format import messages_for
-from tests.test_hub_checkpoint import PROJECT_MODULES
+from tests.test_hub_checkpoint import without_the_project
 
 ROOT = Path(__file__).resolve().parents[1]
 QUESTION = "What colour is the left square?"
@@ -68,18 +68,8 @@ def test_pipeline_chat_template_and_predict_give_the_same_answer(inference_check
 
 def test_auto_classes_and_pipeline_as_remote_code_without_the_project(inference_checkpoint, question_image, tmp_path):
     new_ids, _ = _generate_by_hand(inference_checkpoint, Image.open(question_image).convert("RGB"), QUESTION)
-    blocked = PROJECT_MODULES + ["prompt_format", "predict", "analyze_latents", "aokvqa_evaluation"]
-    script = textwrap.dedent(f"""
-        import importlib.abc, sys
-        BLOCKED = {blocked!r}
-
-        class Block(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path=None, target=None):
-                if name in BLOCKED:
-                    raise ModuleNotFoundError(f"No module named {{name!r}} (blocked by the test)")
-                return None
-
-        sys.meta_path.insert(0, Block())
+    blocked = ["prompt_format", "predict", "analyze_latents", "aokvqa_evaluation"]
+    script = without_the_project(blocked) + textwrap.dedent(f"""
         import torch
         from PIL import Image
         from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
@@ -183,7 +173,10 @@ def test_train_saves_chat_template_and_budget(lora_run):
     assert "<|start-latent|>" in processor.chat_template
     merged = MMCoconutForConditionalGeneration.from_pretrained(out / "merged")
     assert merged.generation_config.max_new_tokens == 8  # the base's budget is kept (a fresh model gets the eval one)
-    assert load_internvl_processor(out / "merged").image_processor.max_patches == 2  # the recipe's max_tiles
+    import train
+
+    recipe_tiles = train.read_recipe("recipes/demo.yaml")["max_tiles"]
+    assert load_internvl_processor(out / "merged").image_processor.max_patches == recipe_tiles  # not the base's
 
 
 def test_predict_on_a_lora_adapter_directory_equals_the_merged_model(lora_run):
