@@ -5,7 +5,6 @@ real vocabulary (151,674 ids + the three latent tokens) and the real 256 image t
 the LM head and the image prefix are where the cost of a Coconut step is.
 """
 
-import argparse
 import ctypes
 import hashlib
 import json

@@ -157,8 +157,8 @@ def planted_model():
             if weight.dim() == 2 and "embed" not in name:
                 weight.mul_(6.0)
         drift = []
-        for ids, _, pixels in samples:
-            seq = torch.tensor([ids + [LATENT] * 4])
+        for prompt, _, pixels in samples:
+            seq = torch.tensor([prompt + [LATENT] * 4])
             hidden = naive_hidden(model, seq, torch.ones_like(seq), pixels)[0]
             drift.append(hidden[-1] - hidden[-5])  # last thought minus <|start-latent|>
         drift = torch.stack(drift).mean(0)
