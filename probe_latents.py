@@ -7,7 +7,9 @@
 it. This fits a linear probe, the field's standard test, from hidden states to the colour reached after each hop
 of a `colour_chain` / `colour_chain_depth` question (read from the record's steps, `ColourChainTask.parse_step`).
 
-The prompts are laid out as at evaluation (`... <|start-latent|> <|latent|>×K <|end-latent|>`). Probed states:
+The prompts are laid out as at evaluation (`... <|start-latent|> <|latent|>×K <|end-latent|>`), K the same for every
+record, or its own step count (`--num-latents steps`, the default for checkpoints trained to stop thinking, which
+think that many thoughts for it). Probed states:
 `prompt` (the last hidden state before `<|start-latent|>`: what the model holds before thinking, the baseline),
 `thought k` (the vector placed at latent k, i.e. the last hidden state of the position before it, as in
 `analyze_latents`) and `last latent` (the last latent's output, from which `<|end-latent|>` is predicted).
@@ -93,7 +95,32 @@ def hop_targets(records):
 
 
 def collect_states(model, processor, records, num_latents, batch_size=8, max_tiles=None):
-    """`(N, num_latents + 2, H)` float32 states per record: `prompt`, `thought 1..K`, `last latent` (see module doc)."""
+    """`(N, K + 2, H)` float32 states per record: `prompt`, `thought 1..K`, `last latent` (see module doc).
+
+    `num_latents` is the latents of every prompt (K), or one count per record (K is the largest; a record with
+    fewer thoughts has NaN in the columns of the thoughts it does not have, and its `last latent` in the last
+    column), e.g. its step count, the thoughts an adaptive checkpoint was trained to think for it."""
+    import torch
+
+    counts = [num_latents] * len(records) if isinstance(num_latents, int) else list(num_latents)
+    if len(counts) != len(records):
+        raise ValueError(f"{len(counts)} latent counts for {len(records)} records")
+    if min(counts) < 1:
+        raise ValueError(f"every prompt needs at least one latent to probe, got a count of {min(counts)}")
+    width = max(counts) + 2
+    states = None
+    for count in sorted(set(counts)):  # one layout per count: the positions of a batch's thoughts line up
+        indices = [i for i, c in enumerate(counts) if c == count]
+        group = _states_at(model, processor, [records[i] for i in indices], count, batch_size, max_tiles)
+        if states is None:
+            states = torch.full((len(records), width, group.shape[-1]), float("nan"))
+        states[indices, : count + 1] = group[:, :-1]
+        states[indices, -1] = group[:, -1]
+    return states
+
+
+def _states_at(model, processor, records, num_latents, batch_size, max_tiles):
+    """`collect_states` for prompts with `num_latents` latents each: `(N, num_latents + 2, H)`."""
     import torch
 
     from analyze_latents import latent_positions, prompt_batches
@@ -129,7 +156,9 @@ def probe_table(states, targets, names, test_fraction=0.5, seed=0, l2=1e-2, min_
     for s, name in enumerate(names):
         per_hop = []
         for hop in range(max_hops):
-            have = [i for i, chain in enumerate(targets) if len(chain) > hop]
+            # the records that have the hop and this state (a record with fewer thoughts has NaN in the others)
+            present = ~torch.isnan(states[:, s]).any(-1)
+            have = [i for i, chain in enumerate(targets) if len(chain) > hop and present[i]]
             if len(have) < min_samples:
                 per_hop.append(None)
                 continue
@@ -175,6 +204,15 @@ def plot_probe(table, path, title):
     FigureCanvasAgg(fig).print_png(str(path))
 
 
+def _latent_count(text):
+    if text == "steps":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'steps', got {text!r}") from None
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
@@ -183,8 +221,12 @@ def build_parser():
     parser.add_argument("--data-file", required=True, help="canonical colour_chain records, JSON or JSONL")
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--limit", type=int, default=None, help="probe the first N records (default: all)")
-    parser.add_argument("--num-latents", type=int, default=None,
-                        help="latents per prompt (default: the checkpoint's latent_stage × c_thought)")
+    parser.add_argument(
+        "--num-latents", type=_latent_count, default=None,
+        help="latents per prompt: N, or `steps` (each record's step count × c_thought, the thoughts a checkpoint "
+             "trained with supervise_end_latent thinks for it). Default: `steps` for such checkpoints, else the "
+             "checkpoint's latent_stage × c_thought",
+    )
     parser.add_argument("--test-fraction", type=float, default=0.5, help="held-out share of the questions")
     parser.add_argument("--l2", type=float, default=1e-2, help="L2 penalty on the probe's weights")
     parser.add_argument("--seed", type=int, default=0, help="seed of the train / held-out split")
@@ -212,11 +254,18 @@ def main(argv=None):
         load_internvl_processor(args.model) if args.max_tiles is None
         else load_internvl_processor(args.model, max_tiles=args.max_tiles)
     )
-    num_latents = default_num_latents(model.config) if args.num_latents is None else args.num_latents
-    if num_latents < 1:
+    num_latents = args.num_latents
+    if num_latents is None:
+        num_latents = "steps" if model.config.default_thinking == "adaptive" else default_num_latents(model.config)
+    if num_latents == "steps":
+        counts = [len(record["steps"]) * model.config.c_thought for record in records]
+    elif num_latents < 1:
         parser.error(f"the checkpoint prompts with {num_latents} latents; pass --num-latents >= 1")
-    states = collect_states(model, processor, records, num_latents, args.batch_size, args.max_tiles)
-    table = probe_table(states, targets, state_names(num_latents), args.test_fraction, args.seed, args.l2)
+    else:
+        counts = num_latents
+    states = collect_states(model, processor, records, counts, args.batch_size, args.max_tiles)
+    names = state_names(states.shape[1] - 2)
+    table = probe_table(states, targets, names, args.test_fraction, args.seed, args.l2)
     results = {
         "model": str(args.model), "data_file": str(args.data_file), "num_records": len(records),
         "num_latents": num_latents, "test_fraction": args.test_fraction, "l2": args.l2, "seed": args.seed, **table,

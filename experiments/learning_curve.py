@@ -274,6 +274,25 @@ def check_reused_run(row, settings, start_row, path):
         )
 
 
+def finished_run(out, name, settings, start_from, force=False):
+    """(the recorded row of run `name` to reuse, or None to train it; the row of the run it continues from, or None).
+
+    A run continues from a finished run only; a finished run is reused unless `force`, after `check_reused_run`."""
+    start_row = None
+    if start_from is not None:
+        start_path = Path(out) / "runs" / start_from / "results.json"
+        if not start_path.is_file():
+            raise FileNotFoundError(f"{name} continues from {start_path.parent}, which has not been trained; run it first")
+        start_row = json.loads(start_path.read_text())
+    result_path = Path(out) / "runs" / name / "results.json"
+    if force or not result_path.is_file():
+        return None, start_row
+    logger.info("%s: done before, reading %s", name, result_path)
+    row = json.loads(result_path.read_text())
+    check_reused_run(row, settings, start_row, result_path)
+    return row, start_row
+
+
 def format_table(rows):
     header = (
         "| method | trained as | image | epochs × questions | latents | MC accuracy | mean generated tokens "
@@ -328,18 +347,8 @@ def main(argv=None):
             "recipe": str(args.recipe), "train_mode": mode, "data": data_key, "start_from": start_from,
             "first_stage": first_stage, "epochs": epochs, "train_questions": samples, "extra_train_flags": extra_flags,
         }
-        start_row = None
-        if start_from is not None:
-            start_path = out / "runs" / start_from / "results.json"
-            if not start_path.is_file():
-                raise FileNotFoundError(
-                    f"{name} continues from {start_path.parent}, which has not been trained; run it first"
-                )
-            start_row = json.loads(start_path.read_text())
-        if result_path.is_file() and not args.force:
-            logger.info("%s: done before, reading %s", name, result_path)
-            row = json.loads(result_path.read_text())
-            check_reused_run(row, settings, start_row, result_path)
+        row, start_row = finished_run(out, name, settings, start_from, args.force)
+        if row is not None:
             rows.append(row)
             continue
         start_dir = init if start_from is None else out / "runs" / start_from
@@ -396,7 +405,7 @@ def main(argv=None):
 
 
 __all__ = [
-    "build_parser", "write_data", "write_initial_model", "plan_runs", "train_run", "evaluate_run", "check_reused_run",
+    "build_parser", "write_data", "write_initial_model", "plan_runs", "train_run", "evaluate_run", "check_reused_run", "finished_run",
     "format_table", "main",
 ]
 

@@ -20,6 +20,7 @@ CLIS = [
     ("path", "app.py"),
     ("path", "probe_latents.py"),
     ("path", "experiments/learning_curve.py"),
+    ("path", "experiments/adaptive_thinking.py"),
     ("path", "experiments/step_time_by_vocabulary.py"),
     ("module", "benchmarks.bench_train_step"),
     ("module", "benchmarks.bench_generate"),

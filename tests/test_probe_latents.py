@@ -78,3 +78,55 @@ def test_cli_on_variable_depth_questions(tiny_checkpoint, tmp_path):
     hop1 = saved["rows"][0]["per_hop"][0]
     assert hop1["n_train"] + hop1["n_test"] == 48 and 0 <= hop1["accuracy"] <= 1
     Image.open(tmp_path / "probe" / "probe_accuracy.png").verify()
+
+
+def test_per_record_thought_counts_line_up_with_one_count_at_a_time(tiny_checkpoint, tmp_path):
+    # An adaptive checkpoint thinks one thought per hop: each record's states equal those of its own layout,
+    # the thoughts it does not have are NaN, and its last latent sits in the last column.
+    from analyze_latents import load_model
+    from data_aokvqa import load_canonical
+    from processing_mmcoconut import load_internvl_processor
+    from synthetic_data import write_synthetic_aokvqa
+
+    paths = write_synthetic_aokvqa(tmp_path / "data", n_train=0, n_val=6, seed=1, task="colour_chain_depth")
+    records = load_canonical(paths["canonical_dir"] / "val.jsonl")
+    model, processor = load_model(tiny_checkpoint), load_internvl_processor(tiny_checkpoint)
+    counts = [len(record["steps"]) for record in records]
+    assert len(set(counts)) > 1, counts
+    states = probe_latents.collect_states(model, processor, records, counts, batch_size=4)
+    assert states.shape[:2] == (6, max(counts) + 2)
+    for i, count in enumerate(counts):
+        alone = probe_latents.collect_states(model, processor, [records[i]], count)[0]
+        torch.testing.assert_close(states[i, : count + 1], alone[:-1], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(states[i, -1], alone[-1], rtol=1e-4, atol=1e-5)
+        assert torch.isnan(states[i, count + 1 : -1]).all()
+    with pytest.raises(ValueError, match="at least one latent"):
+        probe_latents.collect_states(model, processor, records, [0] * 6)
+
+
+def test_a_state_is_probed_only_on_the_records_that_have_it():
+    # Thought 2 exists only for the two-hop records (NaN elsewhere): its probe sees those alone.
+    colours = ["green", "blue", "yellow", "purple"]
+    g = torch.Generator().manual_seed(4)
+    hop1 = torch.randint(0, 4, (200,), generator=g)
+    states = planted(200, 8, [None, hop1, hop1])
+    states[:80, 2] = float("nan")
+    targets = [[colours[a]] if i < 80 else [colours[a], "red"] for i, a in enumerate(hop1.tolist())]
+    table = probe_table(states, targets, ["prompt", "thought 1", "thought 2"])
+    thought1, thought2 = (table["rows"][s]["per_hop"][0] for s in (1, 2))
+    assert thought1["n_train"] + thought1["n_test"] == 200 and thought2["n_train"] + thought2["n_test"] == 120
+    assert thought2["accuracy"] > 0.9
+
+
+def test_cli_lays_out_one_thought_per_step_on_request(tiny_checkpoint, tmp_path):
+    from synthetic_data import write_synthetic_aokvqa
+
+    paths = write_synthetic_aokvqa(tmp_path / "data", n_train=0, n_val=40, seed=0, task="colour_chain_depth")
+    results = probe_latents.main([
+        "--model", str(tiny_checkpoint), "--data-file", str(paths["canonical_dir"] / "val.jsonl"),
+        "--output-dir", str(tmp_path / "probe"), "--num-latents", "steps", "--batch-size", "20",
+    ])
+    # c_thought 2: a 4-hop question gets 8 latents
+    assert results["num_latents"] == "steps" and len(results["rows"]) == 8 + 2
+    with pytest.raises(SystemExit):
+        probe_latents.main(["--model", "m", "--data-file", "d", "--output-dir", "o", "--num-latents", "many"])
