@@ -88,7 +88,7 @@ import probe_latents  # noqa: E402
 import train  # noqa: E402
 from aokvqa_evaluation import build_eval_dataset, default_num_latents, evaluate_model  # noqa: E402
 from data_aokvqa import load_canonical  # noqa: E402
-from learning_curve import finished_run, train_run, write_data, write_initial_model  # noqa: E402
+from learning_curve import finished_run, parse_experiment_args, train_run, write_data, write_initial_model  # noqa: E402
 from modeling_mmcoconut import MMCoconutForConditionalGeneration  # noqa: E402
 from processing_mmcoconut import load_internvl_processor  # noqa: E402
 
@@ -245,10 +245,7 @@ def thoughts_table(per_hop, max_thoughts):
 
 def main(argv=None):
     parser = build_parser()
-    args, extra_flags = parser.parse_known_args(argv)
-    if extra_flags and extra_flags[0] == "--":
-        extra_flags = extra_flags[1:]
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    args, extra_flags = parse_experiment_args(parser, argv)
 
     out = Path(args.out)
     hops = TASKS[TASK]().hops
@@ -326,7 +323,7 @@ def main(argv=None):
             per_hop_table(main_rows),
             f"## Thoughts the adaptive model chose (adaptive_{hops}, at most {hops}), questions per hop count",
             thoughts_table(finals[f"adaptive_{hops}"]["eval"]["per_hop"], hops),
-            f"## Test-time scaling: MC accuracy per hop count when forced to think N thoughts",
+            "## Test-time scaling: MC accuracy per hop count when forced to think N thoughts",
             scaling_table(scaling),
             f"Adaptive free to think up to {args.max_forced}, thoughts chosen per hop count:",
             thoughts_table(adaptive_free, args.max_forced),

@@ -311,12 +311,18 @@ def format_table(rows):
     return "\n".join(lines)
 
 
-def main(argv=None):
-    parser = build_parser()
+def parse_experiment_args(parser, argv=None):
+    """(the experiment's arguments, the extra `train.py` flags after them, without a leading `--`); sets up logging."""
     args, extra_flags = parser.parse_known_args(argv)
     if extra_flags and extra_flags[0] == "--":
         extra_flags = extra_flags[1:]
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    return args, extra_flags
+
+
+def main(argv=None):
+    parser = build_parser()
+    args, extra_flags = parse_experiment_args(parser, argv)
 
     out = Path(args.out)
     hops = getattr(TASKS[args.task](), "hops", None)
@@ -405,7 +411,7 @@ def main(argv=None):
 
 
 __all__ = [
-    "build_parser", "write_data", "write_initial_model", "plan_runs", "train_run", "evaluate_run", "check_reused_run", "finished_run",
+    "build_parser", "write_data", "write_initial_model", "plan_runs", "train_run", "evaluate_run", "check_reused_run", "finished_run", "parse_experiment_args",
     "format_table", "main",
 ]
 
