@@ -301,7 +301,9 @@ class CurriculumTrainer(Trainer):
             accelerator=self.accelerator,
             num_workers=self.args.dataloader_num_workers,
             show_progress=False,
-            **self.generation_eval_kwargs,
+            # Greedy unless the kwargs say otherwise: checkpoint selection must not follow sampling noise, nor a
+            # sampling generation_config the starting weights brought.
+            **{"do_sample": False, **self.generation_eval_kwargs},
         )
         for key, value in result.metrics.items():
             if isinstance(value, (int, float)):
