@@ -352,6 +352,35 @@ def format_stage_table(log_history, chance=None):
     return "\n".join(lines)
 
 
+def _thinking_usage(config, load_path):
+    """The card's "continuous thoughts at inference" cell and its usage snippet + text, for a checkpoint that thinks
+    the prompt's fixed latents or (trained with `supervise_end_latent`) decides itself when to stop."""
+    num_latents = config.num_inference_latents
+    load = f"""from transformers import AutoModel, AutoProcessor
+model = AutoModel.from_pretrained("{load_path}", trust_remote_code=True)
+processor = AutoProcessor.from_pretrained("{load_path}")"""
+    if config.default_thinking != "adaptive":
+        return num_latents, f"""```python
+{load}
+```
+Prompts end with `<|start-latent|>` + {num_latents} x `<|latent|>` + `<|end-latent|>`; `model.generate`
+fills the thoughts and decodes the remaining steps and the `Answer:` line."""
+    return f"adaptive, at most {num_latents}", f"""```python
+{load}
+messages = [{{"role": "user", "content": [{{"type": "image"}}, {{"type": "text", "text": question}}]}}]
+prompt = processor.apply_chat_template(messages, add_generation_prompt=True, num_latents=0)
+prompt = prompt.removesuffix("<|end-latent|>")  # open the latent span: the model decides how long to think
+inputs = processor(images=[image], text=prompt, return_tensors="pt")
+out = model.generate(**inputs, return_dict_in_generate=True)
+out.num_thoughts  # the continuous thoughts each answer followed
+```
+The model thinks adaptively (trained with `supervise_end_latent`): prompts end with `<|start-latent|>`,
+and `model.generate` feeds continuous thoughts back one at a time until the model predicts `<|end-latent|>`,
+up to `max_thoughts` (default {num_latents}: latent_stage {config.latent_stage} x c_thought {config.c_thought}),
+then decodes the remaining steps and the `Answer:` line. To force a count, prompt with `num_latents=N` (the
+span `<|start-latent|>` + N x `<|latent|>` + `<|end-latent|>`) and pass `thinking="fixed"` to `generate`."""
+
+
 def render_model_card(trainer, model_name):
     config = trainer.model.config
     info = trainer.model_card_info
@@ -361,10 +390,10 @@ def render_model_card(trainer, model_name):
     metrics = {k: v for k, v in (evals[-1] if evals else {}).items() if k.startswith("eval_")}
     stage = config.latent_stage
     c_thought = config.c_thought
-    num_latents = config.num_inference_latents
     recipe = info.get("recipe", "")
     # The path a reader can load: the Hub repo when pushed, else the directory itself (the merged export for LoRA).
     load_path = info.get("hub_model_id") or info.get("load_path") or str(Path(trainer.args.output_dir))
+    thoughts, usage = _thinking_usage(config, load_path)
     metric_lines = "\n".join(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items())
     stage_table = format_stage_table(trainer.state.log_history)
     stage_section = f"\nPer curriculum stage (its last evaluation):\n\n{stage_table}\n" if stage_table else ""
@@ -392,7 +421,7 @@ continuous latent space (Coconut, "Chain of Continuous Thought").
 | mode | `{info.get("mode", "coconut")}` |
 | final curriculum stage | {stage} |
 | c_thought | {c_thought} |
-| continuous thoughts at inference | {num_latents} |
+| continuous thoughts at inference | {thoughts} |
 | epochs | {round(trainer.state.epoch or 0, 2):g} |
 
 ## Metrics
@@ -403,13 +432,7 @@ continuous latent space (Coconut, "Chain of Continuous Thought").
 {stage_section}
 ## Use
 {lora_note}
-```python
-from transformers import AutoModel, AutoProcessor
-model = AutoModel.from_pretrained("{load_path}", trust_remote_code=True)
-processor = AutoProcessor.from_pretrained("{load_path}")
-```
-Prompts end with `<|start-latent|>` + {num_latents} x `<|latent|>` + `<|end-latent|>`; `model.generate`
-fills the thoughts and decodes the remaining steps and the `Answer:` line.
+{usage}
 
 ## Training recipe
 
