@@ -16,6 +16,9 @@ from pathlib import Path
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import unwrap_peft_model
+
+from processing_mmcoconut import prepare_for_inference
 
 logger = logging.getLogger(__name__)
 
@@ -166,7 +169,8 @@ class CurriculumTrainer(Trainer):
 
     Needs a training dataset with a `stage` attribute and `set_stage(stage)` (the curriculum data
     of `data_curriculum.py`) whose length does not depend on the stage. Logs the stage, latents per
-    sample and tokens/s with the loss.
+    sample and tokens/s with the loss. Every save, `checkpoint-N` included, is ready for inference (see
+    `save_model`); `inference_max_new_tokens` is the generation budget it records unless the model has one.
 
     Example:
 
@@ -184,10 +188,12 @@ class CurriculumTrainer(Trainer):
         schedule: CurriculumSchedule,
         generation_eval_kwargs: dict | None = None,
         model_card_info: dict | None = None,
+        inference_max_new_tokens: int | None = None,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
         self.generation_eval_kwargs = generation_eval_kwargs
+        self.inference_max_new_tokens = inference_max_new_tokens
         self.model_card_info = model_card_info or {}
         if self.args.dataloader_persistent_workers and self.args.dataloader_num_workers > 0:
             raise ValueError(
@@ -312,6 +318,21 @@ class CurriculumTrainer(Trainer):
             latents = [sample["num_latents"] for sample in result.samples]
             output.metrics[f"{metric_key_prefix}_mean_latents"] = sum(latents) / len(latents)
         return output
+
+    def save_model(self, output_dir=None, _internal_call=False):
+        """`Trainer.save_model` (also what writes each `checkpoint-N`), ready for inference as the final directory:
+        the processor gets the chat template of the current stage and the generation config a budget
+        (`prepare_for_inference`); with LoRA the run's config goes beside the adapters, which alone do not record
+        the stage, c_thought or mode."""
+        wrapped = self.accelerator.unwrap_model(self.model)
+        model = unwrap_peft_model(wrapped)
+        if self.processing_class is not None:
+            prepare_for_inference(
+                model.config, model.generation_config, self.processing_class, self.inference_max_new_tokens
+            )
+        super().save_model(output_dir, _internal_call=_internal_call)
+        if model is not wrapped and self.args.should_save:
+            model.config.save_pretrained(output_dir or self.args.output_dir)
 
     def create_model_card(self, model_name=None, **kwargs):
         """Write `README.md` in the output directory: base model, curriculum, final stage, metrics, recipe."""

@@ -13,8 +13,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from transformers import GenerationConfig
 
 import train
+from configuration_mmcoconut import MMCoconutConfig
 from modeling_mmcoconut import MMCoconutForConditionalGeneration
 from processing_mmcoconut import load_internvl_processor
 from trainer_curriculum import render_model_card
@@ -88,6 +90,34 @@ def test_training_logs_never_average_over_a_stage_boundary(tmp_path):
     logs = [(entry["step"], entry["stage"], entry["latents_per_sample"])
             for entry in trainer.state.log_history if "loss" in entry]
     assert logs == [(2, 0, 0), (3, 1, 1), (4, 1, 1), (6, 2, 2)]
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_intermediate_checkpoints_are_ready_for_inference_as_the_final_save(tmp_path, lora):
+    """checkpoint-2 (end of stage 0) gets what the final directory (stage 1) gets: its stage's chat template, the
+    generation budget, and with LoRA the run's config beside the adapters."""
+    from prompt_format import chat_template, default_latents
+
+    out = tmp_path / "run"
+    train.main([
+        "recipes/demo.yaml", "--output_dir", str(out), "--synthetic_dir", str(tmp_path / "data"),
+        "--synthetic_train", "8", "--num_train_epochs", "2", "--first_stage_epochs", "1", "--epochs_per_stage", "1",
+        "--per_device_train_batch_size", "4", "--eval_strategy", "no", "--eval_accuracy", "false",
+        "--save_strategy", "steps", "--save_steps", "2", "--save_total_limit", "3", "--eval_max_new_tokens", "7",
+        "--use_lora", str(lora).lower(),
+    ])
+    checkpoint = out / "checkpoint-2"
+    assert (checkpoint / "config.json").is_file()
+    configs = {path: MMCoconutConfig.from_pretrained(path) for path in (checkpoint, out)}
+    assert (configs[checkpoint].latent_stage, configs[out].latent_stage) == (0, 1)
+    assert configs[checkpoint].latent_ids == configs[out].latent_ids != (None, None, None)  # the run's config
+    for path, config in configs.items():
+        processor = load_internvl_processor(path)
+        assert processor.chat_template == chat_template(processor.image_token, default_latents(config)), path
+    assert chat_template("<IMG_CONTEXT>", 0) != chat_template("<IMG_CONTEXT>", 1)  # the stages' templates differ
+    if not lora:  # LoRA directories hold adapters only (no generation config); merged/ is the full model
+        budgets = [GenerationConfig.from_pretrained(path).max_new_tokens for path in (checkpoint, out)]
+        assert budgets == [7, 7]
 
 
 def test_demo_card_says_random_init_and_loads_from_its_real_path(tmp_path):
