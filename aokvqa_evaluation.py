@@ -3,7 +3,8 @@
 Used by `evaluate_aokvqa.py` (the CLI) and by validation during training. One evaluation is:
 
 1. `build_eval_dataset`: canonical records → a `CurriculumDataset` laid out for an evaluation mode;
-2. `generate_answers`: batched greedy (or sampled) generation on left-padded prompts, sharded across
+2. `generate_answers`: batched generation on left-padded prompts (decoding as the model's generation_config
+   says, unless the caller sets `do_sample`, `temperature`, `top_p`), sharded across
    processes under `accelerate launch`, parsed into one dict per question (gathered on every rank);
 3. `score`: the A-OKVQA `evaluate` metric (`metrics/aokvqa`) on those dicts;
 4. `write_outputs`: `predictions_{split}.json`, `samples_{split}.jsonl` and `metrics_{split}.json`, never over
@@ -38,6 +39,7 @@ from pathlib import Path
 import evaluate
 import torch
 from tqdm.auto import tqdm
+from transformers import GenerationConfig
 
 from answer_parsing import direct_answer_from, parse_answer
 from data_collator import MMCoconutCollator
@@ -100,6 +102,21 @@ def build_eval_dataset(records, processor, mode, config, max_tiles=None, skip_ba
         skip_bad_samples=skip_bad_samples,
         supervise_end_latent=adaptive,  # the open span `<|start-latent|>` as each prompt's end
     )
+
+
+def decoding_settings(generation_config, do_sample=None, temperature=None, top_p=None):
+    """The decoding `generate` runs with, to record beside the results: each option given (not None), else
+    `generation_config`'s (a checkpoint's saved settings), else transformers' default. `temperature`, `top_p` and
+    `top_k` (the generation config's; evaluation sets none) are None under greedy decoding, which ignores them."""
+    defaults = GenerationConfig._get_default_generation_params()  # what generate fills in for options still unset
+    settings = {}
+    for name, value in {"do_sample": do_sample, "temperature": temperature, "top_p": top_p, "top_k": None}.items():
+        if value is None:
+            value = getattr(generation_config, name)
+        settings[name] = defaults[name] if value is None else value
+    if not settings["do_sample"]:
+        settings.update(temperature=None, top_p=None, top_k=None)
+    return settings
 
 
 def _shard(num_samples, rank, world_size):
@@ -184,9 +201,9 @@ def generate_answers(
     end_latent_threshold=None,
     batch_size=8,
     max_new_tokens=256,
-    do_sample=False,
-    temperature=1.0,
-    top_p=1.0,
+    do_sample=None,
+    temperature=None,
+    top_p=None,
     accelerator=None,
     num_workers=0,
     show_progress=True,
@@ -202,7 +219,9 @@ def generate_answers(
         batch_size: prompts per `generate` call (per process).
         thinking, max_thoughts, end_latent_threshold: `model.generate`'s thinking options (None: the model's
             defaults, i.e. adaptive thinking for checkpoints trained with `supervise_end_latent`).
-        max_new_tokens, do_sample, temperature, top_p: passed to `model.generate`.
+        max_new_tokens: passed to `model.generate`.
+        do_sample, temperature, top_p: passed to `model.generate` when given; None keeps the model's
+            `generation_config` (a checkpoint's saved settings; see `decoding_settings`).
         accelerator: an `accelerate.Accelerator` to shard the questions across its processes; every rank gets the
             same number of batches (short ranks repeat a question, dropped afterwards), and the results are
             gathered on every rank. None runs everything in this process.
@@ -252,8 +271,12 @@ def generate_answers(
         collate_fn=collator,
         num_workers=num_workers,
     )
-    options = {"thinking": thinking, "max_thoughts": max_thoughts, "end_latent_threshold": end_latent_threshold}
-    thinking_options = {name: value for name, value in options.items() if value is not None}
+    options = {
+        "thinking": thinking, "max_thoughts": max_thoughts, "end_latent_threshold": end_latent_threshold,
+        "do_sample": do_sample, "temperature": temperature, "top_p": top_p,
+    }
+    # Options left None are not passed, so the model's generation_config decides them, as in `generate`.
+    given_options = {name: value for name, value in options.items() if value is not None}
     is_main = accelerator is None or accelerator.is_main_process
     was_training = model.training
     model.eval()
@@ -273,11 +296,8 @@ def generate_answers(
                 pixel_values=pixel_values,
                 num_tiles=batch["num_tiles"].to(device),
                 max_new_tokens=max_new_tokens,
-                do_sample=do_sample,
-                temperature=temperature,
-                top_p=top_p,
                 return_dict_in_generate=True,
-                **thinking_options,
+                **given_options,
             )
             new_tokens = output.sequences[:, input_ids.shape[1] :].tolist()
             thoughts = output.num_thoughts.tolist()
@@ -461,6 +481,15 @@ def _skipped_cell(metrics):
     return f"{metrics['num_skipped']} ({details})" if details else metrics["num_skipped"]
 
 
+def _decoding_cell(metrics):
+    """`greedy`, or `sampled (temperature 0.7, top_p 0.9, top_k 50)` (see `decoding_settings`)."""
+    if "do_sample" not in metrics:
+        return None
+    if not metrics["do_sample"]:
+        return "greedy"
+    return "sampled (" + ", ".join(f"{name} {metrics[name]}" for name in ("temperature", "top_p", "top_k")) + ")"
+
+
 def format_summary(metrics, title="A-OKVQA evaluation"):
     """A two-column text table of the main numbers (accuracies in percent)."""
     rows = [
@@ -474,6 +503,8 @@ def format_summary(metrics, title="A-OKVQA evaluation"):
         ("mean generated tokens", metrics.get("mean_generated_tokens")),
         ("mean thoughts", metrics.get("mean_thoughts")),
         ("samples / s", metrics.get("samples_per_second")),
+        ("decoding", _decoding_cell(metrics)),
+        ("max new tokens", metrics.get("max_new_tokens")),
     ]
     for key in ("split", "mode", "thinking", "num_latents", "model"):
         if key in metrics:
@@ -494,6 +525,7 @@ __all__ = [
     "UNPARSEABLE_PREDICTION",
     "EvaluationResult",
     "default_num_latents",
+    "decoding_settings",
     "build_eval_dataset",
     "generate_answers",
     "score",

@@ -96,6 +96,13 @@ class MMCoconutConfig(PretrainedConfig):
         thinking (`supervise_end_latent`), else `"fixed"` (the prompt's latents)."""
         return "adaptive" if self.supervise_end_latent else "fixed"
 
+    def get_text_config(self, decoder=None, encoder=None):
+        """The wrapped InternVL's text config (its Qwen2 language model). transformers reads the language model's
+        settings through this method (`vocab_size` in `compute_transition_scores` and `resize_token_embeddings`,
+        `num_hidden_layers` and the layer types for caches, the special token ids the Trainer aligns), and
+        this config holds none of them itself."""
+        return self.internvl_config.get_text_config(decoder=decoder, encoder=encoder)
+
     @property
     def latent_ids(self):
         """`(start_latent_id, end_latent_id, latent_token_id)`."""

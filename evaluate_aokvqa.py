@@ -56,11 +56,16 @@ def build_parser():
     parser.add_argument("--batch-size", type=int, default=8, help="prompts per generate call, per process")
     parser.add_argument(
         "--max-new-tokens", type=int, default=None,
-        help=f"generation budget (default per mode: {DEFAULT_MAX_NEW_TOKENS})",
+        help="generation budget (default: the checkpoint's generation_config, else per mode: "
+             f"{DEFAULT_MAX_NEW_TOKENS})",
     )
-    parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top-p", type=float, default=1.0)
+    # Decoding options left unset keep the checkpoint's saved generation_config (greedy unless it says otherwise).
+    parser.add_argument("--do-sample", action=argparse.BooleanOptionalAction, default=None,
+                        help="sample (--no-do-sample: greedy decoding) (default: the checkpoint's generation_config)")
+    parser.add_argument("--temperature", type=float, default=None,
+                        help="sampling temperature (default: the checkpoint's generation_config)")
+    parser.add_argument("--top-p", type=float, default=None,
+                        help="nucleus sampling (default: the checkpoint's generation_config)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (offset per process)")
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N questions")
     parser.add_argument("--output-dir", required=True)
@@ -143,7 +148,14 @@ def main(argv=None):
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    from aokvqa_evaluation import build_eval_dataset, default_num_latents, evaluate_model, format_summary, write_outputs
+    from aokvqa_evaluation import (
+        build_eval_dataset,
+        decoding_settings,
+        default_num_latents,
+        evaluate_model,
+        format_summary,
+        write_outputs,
+    )
     from predict import load_model
     from processing_mmcoconut import load_internvl_processor
 
@@ -152,11 +164,14 @@ def main(argv=None):
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         level=logging.INFO if accelerator.is_main_process else logging.WARNING,
     )
-    if args.do_sample:
-        set_seed(args.seed, device_specific=True)
 
     # A merged checkpoint or a LoRA adapter directory (its base is loaded and the adapters merged in).
     model = load_model(args.model, dtype=args.dtype, device=accelerator.device)
+    decoding = decoding_settings(
+        model.generation_config, do_sample=args.do_sample, temperature=args.temperature, top_p=args.top_p
+    )
+    if decoding["do_sample"]:
+        set_seed(args.seed, device_specific=True)
     processor = load_internvl_processor(args.model, max_tiles=args.max_tiles)
     num_latents, thinking = None, None
     if args.mode == "coconut":
@@ -173,7 +188,7 @@ def main(argv=None):
         else:
             logger.info("coconut: adaptive thinking, at most %s thoughts",
                         args.max_thoughts if args.max_thoughts is not None else default_num_latents(model.config))
-    max_new_tokens = args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS[args.mode]
+    max_new_tokens = args.max_new_tokens or model.generation_config.max_new_tokens or DEFAULT_MAX_NEW_TOKENS[args.mode]
 
     records = load_records(args)
     dataset = build_eval_dataset(
@@ -205,9 +220,7 @@ def main(argv=None):
         "max_thoughts": args.max_thoughts,
         "end_latent_threshold": args.end_latent_threshold,
         "max_new_tokens": max_new_tokens,
-        "do_sample": args.do_sample,
-        "temperature": args.temperature if args.do_sample else None,
-        "top_p": args.top_p if args.do_sample else None,
+        **decoding,
         "num_skipped": sum(dataset.skipped.values()),
         "skipped": dict(dataset.skipped),
         "skipped_ids": dict(dataset.skipped_ids),

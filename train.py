@@ -670,7 +670,6 @@ def main(argv=None):
 
     from data_collator import MMCoconutCollator
     from data_curriculum import CurriculumDataset
-    from processing_mmcoconut import prepare_for_inference
     from trainer_curriculum import CurriculumSchedule, CurriculumTrainer
 
     logging.basicConfig(
@@ -722,17 +721,12 @@ def main(argv=None):
         schedule=schedule,
         generation_eval_kwargs={"max_new_tokens": eval_args.eval_max_new_tokens} if eval_args.eval_accuracy else None,
         model_card_info=model_card_info(model_args, data_args, curriculum_args, training_args),
+        inference_max_new_tokens=eval_args.eval_max_new_tokens,
     )
     check_distributed_setup(trainer)
     trainer.train(resume_from_checkpoint=resume_from_checkpoint)
-    # What inference reads from the checkpoint: the chat template of the final stage and a generation budget.
-    inner = model.get_base_model() if model_args.use_lora else model
-    prepare_for_inference(inner.config, inner.generation_config, processor, eval_args.eval_max_new_tokens)
-    trainer.save_model(training_args.output_dir)  # with LoRA: the adapters
-    if trainer.is_world_process_zero():
-        processor.save_pretrained(training_args.output_dir)
-        if model_args.use_lora:  # the adapters alone do not record the final stage, c_thought or mode
-            inner.config.save_pretrained(training_args.output_dir)
+    # With LoRA: the adapters and the run's config; as every checkpoint, with the chat template and the budget.
+    trainer.save_model(training_args.output_dir)
     if eval_dataset is not None:
         trainer.save_metrics("eval", final_eval_metrics(trainer))
     trainer.create_model_card()

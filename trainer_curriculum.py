@@ -16,6 +16,9 @@ from pathlib import Path
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import unwrap_peft_model
+
+from processing_mmcoconut import prepare_for_inference
 
 logger = logging.getLogger(__name__)
 
@@ -166,7 +169,8 @@ class CurriculumTrainer(Trainer):
 
     Needs a training dataset with a `stage` attribute and `set_stage(stage)` (the curriculum data
     of `data_curriculum.py`) whose length does not depend on the stage. Logs the stage, latents per
-    sample and tokens/s with the loss.
+    sample and tokens/s with the loss. Every save, `checkpoint-N` included, is ready for inference (see
+    `save_model`); `inference_max_new_tokens` is the generation budget it records unless the model has one.
 
     Example:
 
@@ -184,10 +188,12 @@ class CurriculumTrainer(Trainer):
         schedule: CurriculumSchedule,
         generation_eval_kwargs: dict | None = None,
         model_card_info: dict | None = None,
+        inference_max_new_tokens: int | None = None,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
         self.generation_eval_kwargs = generation_eval_kwargs
+        self.inference_max_new_tokens = inference_max_new_tokens
         self.model_card_info = model_card_info or {}
         if self.args.dataloader_persistent_workers and self.args.dataloader_num_workers > 0:
             raise ValueError(
@@ -301,7 +307,9 @@ class CurriculumTrainer(Trainer):
             accelerator=self.accelerator,
             num_workers=self.args.dataloader_num_workers,
             show_progress=False,
-            **self.generation_eval_kwargs,
+            # Greedy unless the kwargs say otherwise: checkpoint selection must not follow sampling noise, nor a
+            # sampling generation_config the starting weights brought.
+            **{"do_sample": False, **self.generation_eval_kwargs},
         )
         for key, value in result.metrics.items():
             if isinstance(value, (int, float)):
@@ -310,6 +318,21 @@ class CurriculumTrainer(Trainer):
             latents = [sample["num_latents"] for sample in result.samples]
             output.metrics[f"{metric_key_prefix}_mean_latents"] = sum(latents) / len(latents)
         return output
+
+    def save_model(self, output_dir=None, _internal_call=False):
+        """`Trainer.save_model` (also what writes each `checkpoint-N`), ready for inference as the final directory:
+        the processor gets the chat template of the current stage and the generation config a budget
+        (`prepare_for_inference`); with LoRA the run's config goes beside the adapters, which alone do not record
+        the stage, c_thought or mode."""
+        wrapped = self.accelerator.unwrap_model(self.model)
+        model = unwrap_peft_model(wrapped)
+        if self.processing_class is not None:
+            prepare_for_inference(
+                model.config, model.generation_config, self.processing_class, self.inference_max_new_tokens
+            )
+        super().save_model(output_dir, _internal_call=_internal_call)
+        if model is not wrapped and self.args.should_save:
+            model.config.save_pretrained(output_dir or self.args.output_dir)
 
     def create_model_card(self, model_name=None, **kwargs):
         """Write `README.md` in the output directory: base model, curriculum, final stage, metrics, recipe."""
@@ -350,6 +373,35 @@ def format_stage_table(log_history, chance=None):
     return "\n".join(lines)
 
 
+def _thinking_usage(config, load_path):
+    """The card's "continuous thoughts at inference" cell and its usage snippet + text, for a checkpoint that thinks
+    the prompt's fixed latents or (trained with `supervise_end_latent`) decides itself when to stop."""
+    num_latents = config.num_inference_latents
+    load = f"""from transformers import AutoModel, AutoProcessor
+model = AutoModel.from_pretrained("{load_path}", trust_remote_code=True)
+processor = AutoProcessor.from_pretrained("{load_path}")"""
+    if config.default_thinking != "adaptive":
+        return num_latents, f"""```python
+{load}
+```
+Prompts end with `<|start-latent|>` + {num_latents} x `<|latent|>` + `<|end-latent|>`; `model.generate`
+fills the thoughts and decodes the remaining steps and the `Answer:` line."""
+    return f"adaptive, at most {num_latents}", f"""```python
+{load}
+messages = [{{"role": "user", "content": [{{"type": "image"}}, {{"type": "text", "text": question}}]}}]
+prompt = processor.apply_chat_template(messages, add_generation_prompt=True, num_latents=0)
+prompt = prompt.removesuffix("<|end-latent|>")  # open the latent span: the model decides how long to think
+inputs = processor(images=[image], text=prompt, return_tensors="pt")
+out = model.generate(**inputs, return_dict_in_generate=True)
+out.num_thoughts  # the continuous thoughts each answer followed
+```
+The model thinks adaptively (trained with `supervise_end_latent`): prompts end with `<|start-latent|>`,
+and `model.generate` feeds continuous thoughts back one at a time until the model predicts `<|end-latent|>`,
+up to `max_thoughts` (default {num_latents}: latent_stage {config.latent_stage} x c_thought {config.c_thought}),
+then decodes the remaining steps and the `Answer:` line. To force a count, prompt with `num_latents=N` (the
+span `<|start-latent|>` + N x `<|latent|>` + `<|end-latent|>`) and pass `thinking="fixed"` to `generate`."""
+
+
 def render_model_card(trainer, model_name):
     config = trainer.model.config
     info = trainer.model_card_info
@@ -359,10 +411,10 @@ def render_model_card(trainer, model_name):
     metrics = {k: v for k, v in (evals[-1] if evals else {}).items() if k.startswith("eval_")}
     stage = config.latent_stage
     c_thought = config.c_thought
-    num_latents = config.num_inference_latents
     recipe = info.get("recipe", "")
     # The path a reader can load: the Hub repo when pushed, else the directory itself (the merged export for LoRA).
     load_path = info.get("hub_model_id") or info.get("load_path") or str(Path(trainer.args.output_dir))
+    thoughts, usage = _thinking_usage(config, load_path)
     metric_lines = "\n".join(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items())
     stage_table = format_stage_table(trainer.state.log_history)
     stage_section = f"\nPer curriculum stage (its last evaluation):\n\n{stage_table}\n" if stage_table else ""
@@ -390,7 +442,7 @@ continuous latent space (Coconut, "Chain of Continuous Thought").
 | mode | `{info.get("mode", "coconut")}` |
 | final curriculum stage | {stage} |
 | c_thought | {c_thought} |
-| continuous thoughts at inference | {num_latents} |
+| continuous thoughts at inference | {thoughts} |
 | epochs | {round(trainer.state.epoch or 0, 2):g} |
 
 ## Metrics
@@ -401,13 +453,7 @@ continuous latent space (Coconut, "Chain of Continuous Thought").
 {stage_section}
 ## Use
 {lora_note}
-```python
-from transformers import AutoModel, AutoProcessor
-model = AutoModel.from_pretrained("{load_path}", trust_remote_code=True)
-processor = AutoProcessor.from_pretrained("{load_path}")
-```
-Prompts end with `<|start-latent|>` + {num_latents} x `<|latent|>` + `<|end-latent|>`; `model.generate`
-fills the thoughts and decodes the remaining steps and the `Answer:` line.
+{usage}
 
 ## Training recipe
 

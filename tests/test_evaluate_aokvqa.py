@@ -4,6 +4,7 @@ and exact correct / wrong / unparseable accounting with a stub model."""
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from transformers import GenerationConfig, TrainingArguments
 
+import aokvqa_evaluation
 import evaluate_aokvqa
 from aokvqa_evaluation import (
     UNPARSEABLE_PREDICTION,
@@ -24,6 +27,7 @@ from aokvqa_evaluation import (
 from data_aokvqa import load_canonical
 from modeling_mmcoconut import MMCoconutForConditionalGeneration
 from processing_mmcoconut import load_internvl_processor
+from trainer_curriculum import CurriculumSchedule, CurriculumTrainer
 
 C_THOUGHT, LATENT_STAGE = 2, 1
 
@@ -108,6 +112,81 @@ def test_adaptive_thinking_logs_the_thoughts_each_question_used(tiny_checkpoint,
     assert [s["thoughts"] for s in samples] == [r["thoughts"] for r in results]
     assert cli["mean_thoughts"] == pytest.approx(sum(r["thoughts"] for r in results) / 3)
     assert all(r["num_generated_tokens"] <= 4 for r in results)  # thoughts and <|end-latent|> are not counted
+
+
+@pytest.fixture(scope="module")
+def sampling_checkpoint(tiny_checkpoint, tmp_path_factory):
+    """`tiny_checkpoint` whose saved generation_config samples at temperature 50 (over 151k tokens: far from the
+    greedy answers) and allows 3 new tokens."""
+    path = tmp_path_factory.mktemp("sampling_checkpoint") / "ckpt"
+    shutil.copytree(tiny_checkpoint, path)
+    generation_config = GenerationConfig.from_pretrained(path)
+    generation_config.update(do_sample=True, temperature=50.0, top_k=0, max_new_tokens=3)
+    generation_config.save_pretrained(path)
+    return path
+
+
+DECODING_KEYS = ("do_sample", "temperature", "top_p", "top_k", "max_new_tokens")
+
+
+def test_cli_decodes_as_the_checkpoint_says_unless_a_flag_overrides(sampling_checkpoint, synthetic_aokvqa, tmp_path,
+                                                                    capsys):
+    data_file = synthetic_aokvqa["canonical_dir"] / "val.jsonl"
+
+    def run(name, *flags):
+        out = tmp_path / name
+        metrics = evaluate_aokvqa.main(["--model", str(sampling_checkpoint), "--data-file", str(data_file),
+                                        "--split", "val", "--mode", "vanilla", "--output-dir", str(out), *flags])
+        table = capsys.readouterr().out
+        return {key: metrics.get(key) for key in DECODING_KEYS}, _read_outputs(out, "val")[1], table
+
+    saved, sampled, table = run("saved")
+    assert saved == {"do_sample": True, "temperature": 50.0, "top_p": 1.0, "top_k": 0, "max_new_tokens": 3}
+    assert "| decoding" in table and "sampled (temperature 50.0, top_p 1.0, top_k 0)" in table
+    greedy_settings, greedy, table = run("greedy", "--no-do-sample")
+    assert greedy_settings == {"do_sample": False, "temperature": None, "top_p": None, "top_k": None,
+                               "max_new_tokens": 3}
+    assert any(line.startswith("| decoding") and line.endswith(" greedy |") for line in table.splitlines())
+    # The saved settings were used, not only recorded: the checkpoint's budget, and sampled answers.
+    assert [s["num_generated_tokens"] for s in greedy] == [3, 3, 3]
+    assert all(s["num_generated_tokens"] <= 3 for s in sampled)
+    assert [s["generated_text"] for s in sampled] != [s["generated_text"] for s in greedy]
+
+    given, _, _ = run("given", "--do-sample", "--temperature", "0.5", "--top-p", "0.9", "--max-new-tokens", "5")
+    assert given == {"do_sample": True, "temperature": 0.5, "top_p": 0.9, "top_k": 0, "max_new_tokens": 5}
+
+
+def test_generate_answers_keeps_the_checkpoints_decoding_and_validation_stays_greedy(
+    sampling_checkpoint, synthetic_aokvqa, tmp_path, monkeypatch
+):
+    model = MMCoconutForConditionalGeneration.from_pretrained(sampling_checkpoint).eval()
+    processor = load_internvl_processor(sampling_checkpoint, max_tiles=4)
+    records = load_canonical(synthetic_aokvqa["canonical_dir"] / "val.jsonl")
+    dataset = build_eval_dataset(records, processor, "vanilla", model.config, max_tiles=4)
+
+    def answers(**kwargs):
+        torch.manual_seed(0)
+        samples = generate_answers(model, dataset, max_new_tokens=3, show_progress=False, **kwargs)
+        return [s["generated_text"] for s in samples]
+
+    greedy = answers(do_sample=False)
+    assert answers() != greedy  # the checkpoint samples
+
+    # Validation during training decodes greedily whatever the weights' generation_config says.
+    evaluated = []
+    original = aokvqa_evaluation.evaluate_model
+
+    def recording(*args, **kwargs):
+        evaluated.append(original(*args, **kwargs))
+        return evaluated[-1]
+
+    monkeypatch.setattr(aokvqa_evaluation, "evaluate_model", recording)
+    trainer = CurriculumTrainer(
+        model=model, args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none"),
+        eval_dataset=dataset, schedule=CurriculumSchedule(), generation_eval_kwargs={"max_new_tokens": 3},
+    )
+    trainer._add_eval_metrics(SimpleNamespace(metrics={}), "eval")
+    assert [s["generated_text"] for s in evaluated[0].samples] == greedy
 
 
 @pytest.fixture(scope="module")

@@ -393,6 +393,28 @@ def test_streamer_and_scores():
     assert getattr(out, CACHE_KWARG).get_seq_length() == width + 2
 
 
+def test_compute_transition_scores_after_greedy_decoding_and_beam_search():
+    """transformers reads the vocabulary size from `config.get_text_config()`, the wrapped InternVL's text config."""
+    _, inputs = prompt_batch([(1, 2), (0, 1)])
+    model = make_model(seed=1)
+    width, steps = inputs["input_ids"].shape[1], 4
+    greedy = model.generate(**inputs, max_new_tokens=steps, eos_token_id=None, return_dict_in_generate=True,
+                            output_scores=True)
+    scores = model.compute_transition_scores(greedy.sequences, greedy.scores, normalize_logits=True)
+    chosen = greedy.sequences[:, width:]
+    expected = torch.stack(greedy.scores, dim=1).log_softmax(-1).gather(-1, chosen[..., None])[..., 0]
+    assert scores.shape == (2, steps) and torch.isfinite(scores).all()
+    torch.testing.assert_close(scores, expected)
+
+    beams = model.generate(**inputs, num_beams=2, max_new_tokens=steps, eos_token_id=None, length_penalty=0.0,
+                           return_dict_in_generate=True, output_scores=True)
+    scores = model.compute_transition_scores(beams.sequences, beams.scores, beams.beam_indices,
+                                             normalize_logits=False)
+    assert scores.shape == (2, steps) and torch.isfinite(scores).all()
+    # Without a length penalty a beam's score is the sum of its tokens' log-probabilities.
+    torch.testing.assert_close(scores.sum(-1), beams.sequences_scores)
+
+
 def test_generate_rejects_prompts_ending_in_a_latent():
     with pytest.raises(ValueError, match="ends with <\\|latent\\|>"):
         make_model().generate(input_ids=torch.tensor([[4, 5, LATENT]]), max_new_tokens=2)

@@ -2,18 +2,24 @@
 
 import json
 import os
+import re
+import shutil
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+from transformers import GenerationConfig
 
 import train
+from configuration_mmcoconut import MMCoconutConfig
 from modeling_mmcoconut import MMCoconutForConditionalGeneration
 from processing_mmcoconut import load_internvl_processor
+from trainer_curriculum import render_model_card
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPES = sorted(p.name for p in Path("recipes").glob("*.yaml"))
@@ -86,6 +92,34 @@ def test_training_logs_never_average_over_a_stage_boundary(tmp_path):
     assert logs == [(2, 0, 0), (3, 1, 1), (4, 1, 1), (6, 2, 2)]
 
 
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_intermediate_checkpoints_are_ready_for_inference_as_the_final_save(tmp_path, lora):
+    """checkpoint-2 (end of stage 0) gets what the final directory (stage 1) gets: its stage's chat template, the
+    generation budget, and with LoRA the run's config beside the adapters."""
+    from prompt_format import chat_template, default_latents
+
+    out = tmp_path / "run"
+    train.main([
+        "recipes/demo.yaml", "--output_dir", str(out), "--synthetic_dir", str(tmp_path / "data"),
+        "--synthetic_train", "8", "--num_train_epochs", "2", "--first_stage_epochs", "1", "--epochs_per_stage", "1",
+        "--per_device_train_batch_size", "4", "--eval_strategy", "no", "--eval_accuracy", "false",
+        "--save_strategy", "steps", "--save_steps", "2", "--save_total_limit", "3", "--eval_max_new_tokens", "7",
+        "--use_lora", str(lora).lower(),
+    ])
+    checkpoint = out / "checkpoint-2"
+    assert (checkpoint / "config.json").is_file()
+    configs = {path: MMCoconutConfig.from_pretrained(path) for path in (checkpoint, out)}
+    assert (configs[checkpoint].latent_stage, configs[out].latent_stage) == (0, 1)
+    assert configs[checkpoint].latent_ids == configs[out].latent_ids != (None, None, None)  # the run's config
+    for path, config in configs.items():
+        processor = load_internvl_processor(path)
+        assert processor.chat_template == chat_template(processor.image_token, default_latents(config)), path
+    assert chat_template("<IMG_CONTEXT>", 0) != chat_template("<IMG_CONTEXT>", 1)  # the stages' templates differ
+    if not lora:  # LoRA directories hold adapters only (no generation config); merged/ is the full model
+        budgets = [GenerationConfig.from_pretrained(path).max_new_tokens for path in (checkpoint, out)]
+        assert budgets == [7, 7]
+
+
 def test_demo_card_says_random_init_and_loads_from_its_real_path(tmp_path):
     out = tmp_path / "demo"
     trainer = train.main([
@@ -101,6 +135,46 @@ def test_demo_card_says_random_init_and_loads_from_its_real_path(tmp_path):
     assert "PEFT adapters" in card
     MMCoconutForConditionalGeneration.from_pretrained(merged)  # what the card points at loads
     assert trainer.model_card_info["lora"]
+
+
+def card_for(checkpoint, config):
+    """`render_model_card` for a run that saved `checkpoint`, without training one."""
+    trainer = SimpleNamespace(
+        model=SimpleNamespace(config=config), model_card_info={"mode": "coconut", "load_path": str(checkpoint)},
+        state=SimpleNamespace(log_history=[], epoch=3), args=SimpleNamespace(output_dir=str(checkpoint)),
+    )
+    return render_model_card(trainer, "run")
+
+
+def test_model_card_of_an_adaptive_checkpoint_says_the_model_decides_and_its_snippet_runs(
+    inference_checkpoint, question_image, tmp_path
+):
+    fixed = MMCoconutForConditionalGeneration.from_pretrained(inference_checkpoint).config  # stage 1, c_thought 2
+    card = card_for(inference_checkpoint, fixed)
+    assert "| continuous thoughts at inference | 2 |" in card
+    assert "Prompts end with `<|start-latent|>` + 2 x `<|latent|>` + `<|end-latent|>`" in card
+    assert "adaptive" not in card
+
+    path = tmp_path / "adaptive"
+    shutil.copytree(inference_checkpoint, path)
+    model = MMCoconutForConditionalGeneration.from_pretrained(path)
+    model.config.supervise_end_latent = True  # as train.py records it
+    model.save_pretrained(path)
+    card = card_for(path, model.config)
+    assert "| continuous thoughts at inference | adaptive, at most 2 |" in card
+    assert "thinks adaptively" in card and "prompts end with `<|start-latent|>`" in card
+    assert "`max_thoughts` (default 2: latent_stage 1 x c_thought 2)" in card
+    assert 'thinking="fixed"' in card and "num_latents=N" in card
+    assert "+ 2 x `<|latent|>`" not in card
+
+    # The card's snippet answers as written, thinking as the model decides.
+    snippet = re.search(r"```python\n(.*?)```", card, re.DOTALL).group(1)
+    from PIL import Image
+
+    scope = {"question": "Which colour is on the left?", "image": Image.open(question_image)}
+    exec(snippet, scope)
+    assert scope["prompt"].endswith("<|start-latent|>")
+    assert scope["out"].num_thoughts.shape == (1,) and 0 <= int(scope["out"].num_thoughts[0]) <= 2
 
 
 def test_model_card_names_the_hub_base_model():
