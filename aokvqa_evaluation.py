@@ -163,14 +163,20 @@ def _prompt_text(tokenizer, ids, image_token_id, image_token):
     return re.sub(re.escape(image_token), lambda _: f"{image_token}×{next(counts)}", text)
 
 
+def after_thinking(prompt_ids, new_ids, start_latent_id, end_latent_id):
+    """The new tokens after the thinking: all of them, or after an open-span prompt (adaptive thinking: the new
+    columns are the thoughts, the masked columns of rows that stopped earlier and `<|end-latent|>`) those after
+    that `<|end-latent|>`."""
+    if prompt_ids[-1] != start_latent_id:
+        return new_ids
+    return new_ids[new_ids.index(end_latent_id) + 1 :]
+
+
 def _sample_record(dataset, position, prompt_ids, new_ids, eos_ids, latent_token_id, thoughts):
     """One question's result dict (see `generate_answers`)."""
     reference = dataset.reference(position)
     tokenizer = dataset.tokenizer
-    if prompt_ids[-1] == dataset.start_latent_id:
-        # Adaptive thinking: the new columns are the thoughts, masked columns of rows that stopped earlier and
-        # <|end-latent|>; the answer starts after it.
-        new_ids = new_ids[new_ids.index(dataset.end_latent_id) + 1 :]
+    new_ids = after_thinking(prompt_ids, new_ids, dataset.start_latent_id, dataset.end_latent_id)
     answer_ids, num_generated, stopped = _until_eos(new_ids, eos_ids)
     generated_text = tokenizer.decode(answer_ids, skip_special_tokens=False)
     parsed = parse_answer(generated_text, reference["choices"])

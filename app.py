@@ -109,6 +109,14 @@ def thought_rows(prediction):
     ]
 
 
+def thinking_text(config):
+    """How the checkpoint thinks, for the app's header: `3 continuous thought(s)`, `no ...`, or adaptively."""
+    default = default_latents(config)
+    if default is not None and config.default_thinking == "adaptive":
+        return f"as many continuous thoughts as it decides, at most {default},"
+    return f"{default if default is not None else 'no'} continuous thought(s)"
+
+
 def answer_question(model, processor, image, question, choices_text="", num_latents=None, top_k=5):
     """(answer, generated text, heat map image or None, table rows) for the app's inputs; `choices_text` holds
     one choice per line; `num_latents` None (or empty) keeps the checkpoint's latent span."""
@@ -131,7 +139,8 @@ def build_demo(model, processor, model_name, example=None):
     answer (used for the screenshot)."""
     import gradio as gr
 
-    default = default_latents(model.config)
+    # Empty: the checkpoint's own count, or for a checkpoint that thinks adaptively, the model decides.
+    default = None if model.config.default_thinking == "adaptive" else default_latents(model.config)
     run = lambda image, question, choices, latents: answer_question(  # noqa: E731
         model, processor, image, question, choices, latents
     )
@@ -139,8 +148,8 @@ def build_demo(model, processor, model_name, example=None):
     with gr.Blocks(title="mmcoconut: continuous thoughts") as demo:
         gr.Markdown(
             f"## mmcoconut · `{model_name}`\n"
-            f"Coconut on InternVL: the model thinks in {default if default is not None else 'no'} continuous "
-            f"thought(s) (`<|latent|>`) before it writes. Heat maps show where each thought attends in the image."
+            f"Coconut on InternVL: the model thinks in {thinking_text(model.config)} (`<|latent|>`) before it "
+            "writes. Heat maps show where each thought attends in the image."
         )
         with gr.Row():
             with gr.Column():
@@ -148,8 +157,8 @@ def build_demo(model, processor, model_name, example=None):
                 question = gr.Textbox(label="question", value=example[1] if example else "")
                 choices = gr.Textbox(label="choices (optional, one per line)", lines=4,
                                      value=example[2] if example else "")
-                latents = gr.Number(label="continuous thoughts (empty: the checkpoint's)", value=default,
-                                    precision=0, minimum=0)
+                latents = gr.Number(label="continuous thoughts (empty: the checkpoint's, or its own choice)",
+                                    value=default, precision=0, minimum=0)
                 button = gr.Button("Answer", variant="primary")
             with gr.Column():
                 answer = gr.Textbox(label="answer", value=shown[0])

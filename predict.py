@@ -7,7 +7,8 @@
 With `--choices` the question is shown to the model with the choices rendered `A. ..` to `D. ..` (as A-OKVQA
 training does) and the answer is a letter and its text; without, it is the free text of the model's `Answer:` line.
 The prompt is the checkpoint's chat template (`prompt_format`: the training-time layout, with the checkpoint's
-latent span unless `--num-latents` says otherwise). `--model` may be a merged checkpoint or a LoRA adapter directory
+latent span unless `--num-latents` says otherwise; a checkpoint trained with `supervise_end_latent` decides how many
+thoughts to think, and `--num-latents N` forces N). `--model` may be a merged checkpoint or a LoRA adapter directory
 (its base is loaded and the adapters merged in). `--show-thoughts` decodes each continuous thought through the LM
 head and measures where it attends (`analyze_latents`).
 """
@@ -37,7 +38,8 @@ def build_parser():
     parser.add_argument("--question", required=True)
     parser.add_argument("--choices", nargs="+", help="answer choices: the answer is then a letter and its text")
     parser.add_argument("--num-latents", type=int, default=None,
-                        help="latents in the prompt (default: the checkpoint's, latent_stage × c_thought)")
+                        help="latents in the prompt (default: the checkpoint's, latent_stage × c_thought; a "
+                             "checkpoint trained with supervise_end_latent decides, up to that many)")
     parser.add_argument("--show-thoughts", action="store_true",
                         help="print what each continuous thought decodes to and where it attends")
     parser.add_argument("--top-k", type=int, default=5, help="decoded tokens shown per thought")
@@ -56,7 +58,7 @@ if __name__ == "__main__":  # `--help` and usage errors answer here, before the 
 import torch  # noqa: E402
 
 from analyze_latents import ATTENTION_CATEGORIES, analyze_batch, special_token_ids, thought_entry
-from aokvqa_evaluation import _eos_ids, _until_eos
+from aokvqa_evaluation import _eos_ids, _until_eos, after_thinking
 from answer_parsing import parse_answer, read_answer_line
 from configuration_mmcoconut import MMCoconutConfig
 from data_aokvqa import CHOICE_LETTERS, render_choices
@@ -80,7 +82,10 @@ class Prediction:
         answer: `"B. umbrella"` with choices, the free text of the `Answer:` line without; None when unparseable.
         letter: the chosen letter (None without choices or when unparseable).
         parse_error: why the completion gave no answer, else None.
-        num_latents: `<|latent|>` tokens in the prompt (None: the prompt had no latent span).
+        num_latents: the continuous thoughts the answer followed: the prompt's `<|latent|>` tokens, or with
+            `adaptive` as many as the model chose (None: the prompt had no latent span).
+        adaptive: the model decided how many thoughts to think (a checkpoint trained to stop thinking, prompted
+            with the open span and no `num_latents`).
         thoughts: with `show_thoughts`, one `analyze_latents.thought_entry` dict per thought (`top_k` decodings,
             `attention` shares per category), else None.
         image_attention: with `show_thoughts` and an image, `(K, tiles, side, side)`: each thought's attention on
@@ -94,6 +99,7 @@ class Prediction:
     letter: str | None
     parse_error: str | None
     num_latents: int | None
+    adaptive: bool = False
     thoughts: list | None = None
     image_attention: torch.Tensor | None = field(default=None, repr=False)
     pixel_values: torch.Tensor | None = field(default=None, repr=False)
@@ -243,18 +249,21 @@ def predict(model, processor, image, question, choices=None, num_latents=None, m
         question = render_choices(question, choices)
     if image is not None:
         image = load_image(image, "the question")
-    inputs = build_inputs(processor, image, question, num_latents)
-    device = next(model.parameters()).device
-    dtype = model.dtype
-    inputs = {k: v.to(device, dtype) if k == "pixel_values" else v.to(device) for k, v in inputs.items()}
+    inputs = _on(build_inputs(processor, image, question, num_latents), model)
     # Unset options come from the checkpoint's generation_config (its max_new_tokens); only a given budget overrides.
     budget = {} if max_new_tokens is None else {"max_new_tokens": max_new_tokens}
-    output = model.generate(**inputs, do_sample=False, **budget)
+    # A given count is a closed span of that many latents, even for a checkpoint that thinks adaptively.
+    thinking = {} if num_latents is None else {"thinking": "fixed"}
+    output = model.generate(**inputs, do_sample=False, return_dict_in_generate=True, **budget, **thinking)
+    config = model.config
     prompt_ids = inputs["input_ids"][0].tolist()
-    new_ids, _, _ = _until_eos(output[0, len(prompt_ids) :].tolist(), _eos_ids(model))
+    adaptive = prompt_ids[-1] == config.start_latent_id
+    new_ids = after_thinking(
+        prompt_ids, output.sequences[0, len(prompt_ids) :].tolist(), config.start_latent_id, config.end_latent_id
+    )
+    new_ids, _, _ = _until_eos(new_ids, _eos_ids(model))
     generated_text = processor.tokenizer.decode(new_ids, skip_special_tokens=False)
 
-    config = model.config
     if choices:
         parsed = parse_answer(generated_text, choices)
         answer = None if parsed.letter is None else f"{parsed.letter}. {parsed.choice_text}"
@@ -269,12 +278,27 @@ def predict(model, processor, image, question, choices=None, num_latents=None, m
         answer=answer,
         letter=letter,
         parse_error=parse_error,
-        num_latents=prompt_ids.count(config.latent_token_id) if has_span else None,
+        num_latents=int(output.num_thoughts[0]) if has_span else None,
+        adaptive=adaptive,
         pixel_values=inputs.get("pixel_values"),
     )
-    if show_thoughts:
+    if show_thoughts and adaptive:
+        # The thoughts of adaptive thinking are those of the closed span with as many latents: each is the
+        # hidden state before it, whatever comes after (no thoughts chosen: nothing to show).
+        if prediction.num_latents:
+            inputs = build_inputs(processor, image, question, prediction.num_latents)
+            _add_thoughts(model, processor, _on(inputs, model), prediction, top_k)
+        else:
+            prediction.thoughts = []
+    elif show_thoughts:
         _add_thoughts(model, processor, inputs, prediction, top_k)
     return prediction
+
+
+def _on(inputs, model):
+    """`inputs` on the model's device, `pixel_values` in its dtype."""
+    device = next(model.parameters()).device
+    return {k: v.to(device, model.dtype) if k == "pixel_values" else v.to(device) for k, v in inputs.items()}
 
 
 def _add_thoughts(model, processor, inputs, prediction, top_k):
@@ -312,7 +336,8 @@ def format_prediction(prediction):
     answer = prediction.answer if prediction.answer is not None else f"(unparseable: {prediction.parse_error})"
     lines = [f"answer: {answer}", f"generated: {prediction.generated_text!r}"]
     if prediction.num_latents is not None:
-        lines.append(f"latents: {prediction.num_latents}")
+        chosen = " (adaptive: the model stopped thinking there)" if prediction.adaptive else ""
+        lines.append(f"latents: {prediction.num_latents}{chosen}")
     for thought in prediction.thoughts or []:
         tokens = ", ".join(f"{d['token']!r} {d['prob']:.3f}" for d in thought["top_k"])
         shares = " ".join(f"{c} {thought['attention']['mean'][c]:.2f}" for c in ATTENTION_CATEGORIES)
@@ -338,7 +363,9 @@ def main(argv=None):
         max_new_tokens=args.max_new_tokens, show_thoughts=args.show_thoughts, top_k=args.top_k,
     )
     if args.json:
-        fields = ("question", "generated_text", "answer", "letter", "parse_error", "num_latents", "thoughts")
+        fields = (
+            "question", "generated_text", "answer", "letter", "parse_error", "num_latents", "adaptive", "thoughts"
+        )
         print(json.dumps({name: getattr(prediction, name) for name in fields}, ensure_ascii=False))
     else:
         print(format_prediction(prediction))

@@ -210,8 +210,11 @@ def load_internvl_processor(name_or_path, max_tiles=None):
 
 def set_chat_template(processor, config):
     """Give `processor` the chat template of a checkpoint with `config` (an `MMCoconutConfig`): the training-time
-    prompt, with the checkpoint's default latent span after the assistant header (`prompt_format`)."""
-    processor.chat_template = chat_template(processor.image_token, default_latents(config))
+    prompt, with the checkpoint's default latent span after the assistant header (`prompt_format`): closed for fixed
+    thinking, open (`<|start-latent|>` alone) for a checkpoint that thinks adaptively (`config.default_thinking`)."""
+    latents = default_latents(config)
+    open_span = latents is not None and config.default_thinking == "adaptive"
+    processor.chat_template = chat_template(processor.image_token, latents, open_span=open_span)
     return processor
 
 

@@ -2,7 +2,9 @@
 
     <|im_start|>user\\n <IMG_CONTEXT>\\n {question}<|im_end|>\\n<|im_start|>assistant\\n  [<|start-latent|> <|latent|>×n <|end-latent|>]
 
-(the processor expands `<IMG_CONTEXT>` into `<img>` + `<IMG_CONTEXT>`×(tokens per tile · tiles) + `</img>`).
+(the processor expands `<IMG_CONTEXT>` into `<img>` + `<IMG_CONTEXT>`×(tokens per tile · tiles) + `</img>`; a
+checkpoint that thinks adaptively is prompted with the open span, `<|start-latent|>` alone, and decides how many
+thoughts follow).
 `CurriculumDataset` builds its prompts with `user_prompt`; `chat_template` writes the same strings into a Jinja
 template, so `processor.apply_chat_template` gives the training-time token ids (tests compare them).
 """
@@ -40,15 +42,18 @@ def default_latents(config):
     return config.num_inference_latents
 
 
-def chat_template(image_token, num_latents=None):
+def chat_template(image_token, num_latents=None, open_span=False):
     """A Jinja chat template that renders `user_prompt` (+ `latent_span` on the generation prompt).
 
     `num_latents` is the default baked into the template (None: no latent span); a caller overrides it with
-    `processor.apply_chat_template(..., num_latents=N)`. User content is a string or a list of `{"type": "image"}`
-    and `{"type": "text", "text": ...}` items, rendered in order; earlier assistant turns are their text.
+    `processor.apply_chat_template(..., num_latents=N)`. With `open_span` (a checkpoint that thinks adaptively) the
+    default generation prompt ends with `<|start-latent|>` alone, for the model to decide how many thoughts follow;
+    `num_latents=N` still gives the closed span of N latents (generate it with `thinking="fixed"`). User content is
+    a string or a list of `{"type": "image"}` and `{"type": "text", "text": ...}` items, rendered in order; earlier
+    assistant turns are their text.
     """
     literal = json.dumps  # a JSON string is a valid Jinja string literal, escapes included
-    default = "none" if num_latents is None else str(int(num_latents))
+    default = "'open'" if open_span else "none" if num_latents is None else str(int(num_latents))
     return (
         "{%- set n = num_latents if num_latents is defined and num_latents is not none else " + default + " -%}"
         "{%- for message in messages -%}"
@@ -68,8 +73,8 @@ def chat_template(image_token, num_latents=None):
         "{%- endif -%}{%- endfor -%}"
         "{%- if add_generation_prompt -%}{{ " + literal(ASSISTANT_HEADER) + " }}"
         "{%- if n is not none -%}{{ " + literal(START_LATENT_TOKEN) + " }}"
-        "{%- for _ in range(n) -%}{{ " + literal(LATENT_TOKEN) + " }}{%- endfor -%}"
-        "{{ " + literal(END_LATENT_TOKEN) + " }}{%- endif -%}{%- endif -%}"
+        "{%- if n != 'open' -%}{%- for _ in range(n) -%}{{ " + literal(LATENT_TOKEN) + " }}{%- endfor -%}"
+        "{{ " + literal(END_LATENT_TOKEN) + " }}{%- endif -%}{%- endif -%}{%- endif -%}"
     )
 
 

@@ -15,7 +15,7 @@ from PIL import Image
 
 import predict
 from analyze_latents import analyze
-from modeling_mmcoconut import MMCoconutForConditionalGeneration
+from modeling_mmcoconut import MMCoconutForConditionalGeneration, MMCoconutGenerateOutput
 from processing_mmcoconut import load_internvl_processor
 from prompt_format import messages_for
 from tests.test_hub_checkpoint import without_the_project
@@ -99,8 +99,12 @@ def _fake_generate(model, tokenizer, completion):
     """Make `model.generate` append `completion` (a random tiny model never writes an answer line)."""
     ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
 
-    def generate(input_ids, **kwargs):
-        return torch.cat([input_ids, torch.tensor([ids])], dim=1)
+    def generate(input_ids, return_dict_in_generate=False, **kwargs):
+        sequences = torch.cat([input_ids, torch.tensor([ids])], dim=1)
+        if not return_dict_in_generate:
+            return sequences
+        num_thoughts = (input_ids == model.config.latent_token_id).sum(-1)  # a fixed prompt's latents
+        return MMCoconutGenerateOutput(sequences=sequences, num_thoughts=num_thoughts)
 
     model.generate = generate
 
@@ -145,6 +149,83 @@ def test_num_latents_option(inference_checkpoint, question_image):
     assert predict.predict(model, processor, None, QUESTION, num_latents=0).num_latents == 0
     with pytest.raises(ValueError, match="no <\\|latent\\|> tokens"):
         predict.predict(model, processor, question_image, QUESTION, num_latents=0, show_thoughts=True)
+
+
+# ---- a checkpoint trained to stop thinking (supervise_end_latent) ----
+
+
+@pytest.fixture(scope="module")
+def adaptive_checkpoint(inference_checkpoint, tmp_path_factory):
+    """`inference_checkpoint` marked as trained with `supervise_end_latent` (adaptive thinking, at most 2 thoughts),
+    with the chat template `train.py` gives such a checkpoint."""
+    from processing_mmcoconut import prepare_for_inference
+
+    path = tmp_path_factory.mktemp("adaptive_checkpoint") / "ckpt"
+    shutil.copytree(inference_checkpoint, path)
+    model = MMCoconutForConditionalGeneration.from_pretrained(path)
+    model.config.supervise_end_latent = True
+    processor = load_internvl_processor(path)
+    prepare_for_inference(model.config, model.generation_config, processor, max_new_tokens=8)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+def _evaluate_one(checkpoint, image, **options):
+    """The sample `aokvqa_evaluation` writes for one question (its own prompt layout and generate call)."""
+    from aokvqa_evaluation import build_eval_dataset, generate_answers
+
+    model = MMCoconutForConditionalGeneration.from_pretrained(checkpoint)
+    processor = load_internvl_processor(checkpoint)
+    record = {"id": "q", "image": str(image), "question": QUESTION, "choices": ["red", "blue", "green", "white"],
+              "correct_choice_idx": 0, "answer": "A. red", "steps": []}
+    thinking = "fixed" if "num_latents" in options else None
+    dataset = build_eval_dataset([record], processor, "coconut", model.config, thinking=thinking)
+    with torch.no_grad():
+        return generate_answers(model, dataset, thinking=thinking, max_new_tokens=8, show_progress=False, **options)[0]
+
+
+def test_an_adaptive_checkpoint_answers_from_its_chat_template(adaptive_checkpoint, question_image):
+    """The saved template ends the prompt with <|start-latent|> (the evaluation's adaptive prompt), and
+    predict, the pipeline, apply_chat_template + generate and the evaluation give the same answer and thoughts."""
+    from transformers import pipeline
+
+    image = Image.open(question_image).convert("RGB")
+    processor = load_internvl_processor(adaptive_checkpoint)
+    inputs = processor.apply_chat_template(messages_for(QUESTION, image), add_generation_prompt=True, tokenize=True,
+                                           return_dict=True, return_tensors="pt")
+    evaluation = _evaluate_one(adaptive_checkpoint, question_image)
+    assert processor.tokenizer.decode(inputs["input_ids"][0, -1:]) == "<|start-latent|>"
+
+    model, processor = predict.load(adaptive_checkpoint)
+    prediction = predict.predict(model, processor, question_image, QUESTION)
+    assert prediction.adaptive and prediction.num_latents == evaluation["thoughts"]
+    assert prediction.generated_text == evaluation["generated_text"]
+
+    new_ids, tokenizer = _generate_by_hand(adaptive_checkpoint, image, QUESTION)
+    pipe = pipeline("image-text-to-text", model=str(adaptive_checkpoint), trust_remote_code=True)
+    answer = pipe(text=messages_for(QUESTION, image), return_full_text=False)
+    assert answer[0]["generated_text"] == tokenizer.decode(new_ids, skip_special_tokens=True)
+    assert tokenizer.decode(new_ids[new_ids.index(model.config.end_latent_id) + 1 :], skip_special_tokens=True) == \
+        tokenizer.decode(tokenizer(prediction.generated_text, add_special_tokens=False)["input_ids"],
+                         skip_special_tokens=True)
+
+
+def test_a_forced_count_on_an_adaptive_checkpoint_is_a_fixed_prompt(adaptive_checkpoint, question_image):
+    model, processor = predict.load(adaptive_checkpoint, attn_implementation="eager")
+    forced = predict.predict(model, processor, question_image, QUESTION, num_latents=3)
+    assert not forced.adaptive and forced.num_latents == 3
+    assert forced.generated_text == _evaluate_one(adaptive_checkpoint, question_image, num_latents=3)["generated_text"]
+    assert "latents: 3\n" in predict.format_prediction(forced) + "\n"
+
+    # The thoughts shown for adaptive thinking are those of the closed span with as many latents.
+    chosen = predict.predict(model, processor, question_image, QUESTION, show_thoughts=True, top_k=3)
+    assert chosen.adaptive and len(chosen.thoughts) == chosen.num_latents >= 1
+    record = {"id": "q", "image": str(question_image), "question": QUESTION, "steps": [], "answer": None}
+    reference = analyze(model, processor, [record], num_latents=chosen.num_latents, top_k=3)["samples"][0]["thoughts"]
+    assert [[d["token_id"] for d in t["top_k"]] for t in chosen.thoughts] == \
+        [[d["token_id"] for d in t["top_k"]] for t in reference]
+    assert "(adaptive: the model stopped thinking there)" in predict.format_prediction(chosen)
 
 
 # ---- checkpoints from train.py: full and LoRA ----
