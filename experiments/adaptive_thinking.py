@@ -63,8 +63,8 @@ def build_parser():
     parser.add_argument("--n-val", type=int, default=1000, help="validation questions (about a quarter per hop count)")
     parser.add_argument("--seed", type=int, default=0, help="data seed")
     parser.add_argument("--cot-epochs", type=int, default=10, help="epochs of the CoT run (stage 0)")
-    parser.add_argument("--stage-epochs", type=int, default=1, help="epochs of each Coconut stage but the last")
-    parser.add_argument("--final-stage-epochs", type=int, default=4, help="epochs of the last Coconut stage")
+    parser.add_argument("--stage-epochs", type=int, default=2, help="epochs of each Coconut stage but the last")
+    parser.add_argument("--final-stage-epochs", type=int, default=6, help="epochs of the last Coconut stage")
     parser.add_argument(
         "--tokenizer", default="task", choices=("task", "internvl"),
         help="task: a small BPE trained on the training split (default); internvl: the real 151,674-id vocabulary",
