@@ -47,7 +47,8 @@ def test_by_hops_groups_by_the_question_hop_count():
 def test_toy_run_trains_both_branches_and_reads_them_back(tmp_path):
     out = tmp_path / "adaptive"
     argv = [
-        "--out", str(out), "--n-train", "8", "--n-val", "6", "--cot-epochs", "1", "--task-vocab-size", "320",
+        "--out", str(out), "--n-train", "8", "--n-val", "6", "--cot-epochs", "1", "--stage-epochs", "1",
+        "--task-vocab-size", "320",
         "--only", "cot", "adaptive_1", "adaptive_2", "--",
         "--per_device_train_batch_size", "4", "--logging_steps", "100",
     ]
@@ -77,7 +78,8 @@ def test_toy_run_trains_both_branches_and_reads_them_back(tmp_path):
 def test_the_whole_experiment_at_toy_size(tmp_path):
     out = tmp_path / "adaptive"
     summary = adaptive_thinking.main([
-        "--out", str(out), "--n-train", "8", "--n-val", "48", "--cot-epochs", "1", "--final-stage-epochs", "1",
+        "--out", str(out), "--n-train", "8", "--n-val", "48", "--cot-epochs", "1", "--stage-epochs", "1",
+        "--final-stage-epochs", "1",
         "--task-vocab-size", "320", "--max-forced", "2", "--", "--per_device_train_batch_size", "4",
     ])
     assert set(summary["scaling"]) == {"fixed_4", "adaptive_4"}
