@@ -278,7 +278,10 @@ def predict(model, processor, image, question, choices=None, num_latents=None, m
         answer=answer,
         letter=letter,
         parse_error=parse_error,
-        num_latents=int(output.num_thoughts[0]) if has_span else None,
+        # adaptive: the thoughts the model chose; fixed: the prompt's latents (also for `pause` checkpoints, whose
+        # latents are tokens, not thoughts, and which generate reports as 0 thoughts)
+        num_latents=(int(output.num_thoughts[0]) if adaptive else prompt_ids.count(config.latent_token_id))
+        if has_span else None,
         adaptive=adaptive,
         pixel_values=inputs.get("pixel_values"),
     )

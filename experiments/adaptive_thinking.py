@@ -182,18 +182,25 @@ def probe(evaluator, l2):
 # ---------------------------------------------------------------------------------------------- tables
 
 
+def chose_hops(per_hop):
+    """Questions answered after exactly as many thoughts as they have hops."""
+    return sum(metrics["thoughts_used"].get(key, 0) for key, metrics in per_hop.items() if key != "all")
+
+
 def _hop_keys(per_hop):
     return [key for key in per_hop if key != "all"] + ["all"]
 
 
 def _cell(metrics):
-    return f"{100 * metrics['mc_accuracy']:.1f}% · {metrics['mean_thoughts']:.2f} · {metrics['mean_generated_tokens']:.1f}"
+    accuracy, thoughts, tokens = metrics["mc_accuracy"], metrics["mean_thoughts"], metrics["mean_generated_tokens"]
+    return f"{100 * accuracy:.1f}% · {thoughts:.2f} · {tokens:.1f}"
 
 
 def per_hop_table(rows):
     """`rows`: [(label, per_hop)]; each cell is accuracy · mean thoughts · mean generated tokens."""
     keys = _hop_keys(rows[0][1])
-    header = "| method | " + " | ".join("all" if k == "all" else f"{k} hop{'s' if k != '1' else ''}" for k in keys) + " |"
+    names = ["all" if k == "all" else f"{k} hop{'s' if k != '1' else ''}" for k in keys]
+    header = "| method | " + " | ".join(names) + " |"
     lines = [header, "|---" * (len(keys) + 1) + "|"]
     lines += [f"| {label} | " + " | ".join(_cell(per_hop[k]) for k in keys) + " |" for label, per_hop in rows]
     return "\n".join(lines)
@@ -201,7 +208,8 @@ def per_hop_table(rows):
 
 def curriculum_table(rows):
     lines = [
-        "| run | stage | epochs × questions | MC accuracy | mean thoughts | mean generated tokens | train s | eval s |",
+        "| run | stage | epochs × questions | MC accuracy | mean thoughts | mean generated tokens "
+        "| train s | eval s |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
@@ -283,7 +291,8 @@ def main(argv=None):
         )
         evaluation = Evaluator(run_dir, val_records, args.eval_batch_size)(mode)
         row = {
-            "name": name, "run_id": uuid.uuid4().hex, "start_run_id": None if start_row is None else start_row["run_id"],
+            "name": name, "run_id": uuid.uuid4().hex,
+            "start_run_id": None if start_row is None else start_row["run_id"],
             "settings": settings, "branch": branch, "stage": stage, "epochs": epochs, "train_questions": args.n_train,
             "train_seconds": train_seconds, "eval": evaluation,
         }
@@ -329,19 +338,21 @@ def main(argv=None):
             thoughts_table(adaptive_free, args.max_forced),
             f"## Linear probes, fixed_{hops} (every question gets {hops} thoughts)",
             "```\n" + probe_latents.format_table(probes["fixed"]) + "\n```",
-            f"## Linear probes, adaptive_{hops} (a question gets one thought per hop)",
+            f"## Linear probes, adaptive_{hops} (a question gets one thought per hop; the model itself chose that "
+            f"count for {chose_hops(finals[f'adaptive_{hops}']['eval']['per_hop'])} of {len(val_records)} questions)",
             "```\n" + probe_latents.format_table(probes["adaptive"]) + "\n```",
         ]
     summary["wall_seconds_this_invocation"] = time.perf_counter() - started
-    (out / "results.json").write_text(json.dumps(summary, indent=1))
     text = "\n\n".join(sections) + "\n"
-    (out / "results.md").write_text(text)
+    if not args.only:  # a partial invocation (possibly one of two in parallel) leaves the full results alone
+        (out / "results.json").write_text(json.dumps(summary, indent=1))
+        (out / "results.md").write_text(text)
     print(text)
     return summary
 
 
 __all__ = ["plan_runs", "by_hops", "Evaluator", "test_time_scaling", "probe", "per_hop_table", "curriculum_table",
-           "scaling_table", "thoughts_table", "main"]
+           "scaling_table", "thoughts_table", "chose_hops", "main"]
 
 if __name__ == "__main__":
     main()

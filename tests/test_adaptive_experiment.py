@@ -38,13 +38,14 @@ def test_by_hops_groups_by_the_question_hop_count():
                           "thoughts_used": {"1": 1, "2": 1}}
     assert table["3"]["mc_accuracy"] == 0.5  # an unscored (None) answer is not a correct one
     assert table["all"]["n"] == 4 and table["all"]["thoughts_used"] == {"1": 1, "2": 1, "3": 2}
+    assert adaptive_thinking.chose_hops(table) == 3  # b thought 2 thoughts on a 1-hop question
 
     rendered = adaptive_thinking.per_hop_table([("adaptive", table)])
     assert "| 1 hop | 3 hops | all |" in rendered and "| adaptive | 50.0% · 1.50 · 7.0 |" in rendered
     assert "| 3 | 0 | 0 | 0 | 2 |" in adaptive_thinking.thoughts_table(table, 3)
 
 
-def test_toy_run_trains_both_branches_and_reads_them_back(tmp_path):
+def test_toy_run_trains_both_branches_and_reads_them_back(tmp_path, capsys):
     out = tmp_path / "adaptive"
     argv = [
         "--out", str(out), "--n-train", "8", "--n-val", "6", "--cot-epochs", "1", "--stage-epochs", "1",
@@ -64,8 +65,9 @@ def test_toy_run_trains_both_branches_and_reads_them_back(tmp_path):
             assert per_hop["all"]["mean_thoughts"] == 0
         else:  # adaptive thinking stops by itself or at the checkpoint's latent_stage × c_thought
             assert all(int(n) <= row["stage"] for n in per_hop["all"]["thoughts_used"])
-    assert "| adaptive_2 | 2 | 1 × 8 |" in (out / "results.md").read_text()
-    assert json.loads((out / "results.json").read_text())["runs"] == summary["runs"]
+    assert "| adaptive_2 | 2 | 1 × 8 |" in capsys.readouterr().out
+    # only a full invocation writes the results files (two --only halves may run side by side)
+    assert not (out / "results.md").exists() and not (out / "results.json").exists()
     # read back, not redone; another setting is refused
     assert adaptive_thinking.main(argv)["runs"] == summary["runs"]
     with pytest.raises(ValueError, match="other settings"):
@@ -92,4 +94,7 @@ def test_the_whole_experiment_at_toy_size(tmp_path):
     assert rows["thought 1"][0]["n_train"] + rows["thought 1"][0]["n_test"] == 48
     for name in ("results.md", "probe_fixed.png", "probe_adaptive.png"):
         assert (out / name).is_file()
+    assert json.loads((out / "results.json").read_text())["runs"] == summary["runs"]
+    chose = adaptive_thinking.chose_hops(summary["runs"][-1]["eval"]["per_hop"])  # adaptive_4
+    assert f"count for {chose} of 48 questions" in (out / "results.md").read_text()
     assert "Test-time scaling" in (out / "results.md").read_text()

@@ -348,3 +348,11 @@ def test_evaluate_cli_keeps_the_checkpoint_tiling_by_default(inference_checkpoin
                           "--output-dir", str(tmp_path / "eval")])
     sample = json.loads((tmp_path / "eval" / "samples_val.jsonl").read_text())
     assert "<IMG_CONTEXT>×12" in sample["prompt"]
+
+
+def test_a_pause_checkpoint_reports_its_prompt_latents(inference_checkpoint, question_image):
+    # generate counts no thoughts for pause tokens (they are tokens, not thoughts); predict still reports the span.
+    model, processor = predict.load(inference_checkpoint)
+    model.config.pause_as_thought = True
+    prediction = predict.predict(model, processor, question_image, QUESTION)
+    assert prediction.num_latents == 2 and not prediction.adaptive
