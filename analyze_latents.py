@@ -25,6 +25,8 @@ import logging
 import sys
 from pathlib import Path
 
+from cli_help import DefaultsHelpFormatter
+
 # The keys of DTYPES below (tests/test_cli.py keeps them equal).
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
@@ -32,7 +34,7 @@ DTYPE_NAMES = ("float32", "bfloat16", "float16")
 def build_parser():
     """The CLI's arguments; needs no torch, so `--help` answers before the imports below."""
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter
     )
     parser.add_argument("--model", required=True, help="checkpoint directory (model + processor)")
     parser.add_argument("--data-file", required=True, help="canonical records, JSON or JSONL")

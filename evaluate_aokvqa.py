@@ -14,6 +14,8 @@ import logging
 import os
 import sys
 
+from cli_help import DefaultsHelpFormatter
+
 logger = logging.getLogger("evaluate_aokvqa")
 
 # torch and the project's modules are imported after the arguments are parsed, so that `--help` answers at once.
@@ -28,7 +30,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 def build_parser():
     """The CLI's argument parser."""
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter
     )
     parser.add_argument("--model", required=True, help="checkpoint directory or Hub id (model + processor)")
     parser.add_argument("--split", default="val", help="train, val or test (a label only with --data-file)")

@@ -22,6 +22,8 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cli_help import DefaultsHelpFormatter
+
 # `torchao-int8`: int8 weight-only (torchao through transformers' TorchAoConfig), runs on CPU and GPU.
 # `bnb-8bit` / `bnb-4bit`: bitsandbytes LLM.int8() / NF4, CUDA only.
 QUANTIZATIONS = ("none", "torchao-int8", "bnb-8bit", "bnb-4bit")
@@ -31,7 +33,7 @@ DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")  # the keys of DTYPES b
 def build_parser():
     """The CLI's arguments; needs no torch, so `--help` answers before the imports below."""
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter
     )
     parser.add_argument("--model", required=True, help="checkpoint directory, Hub id or LoRA adapter directory")
     parser.add_argument("--image", help="image file (omit for a text-only question)")

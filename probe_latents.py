@@ -26,6 +26,8 @@ import logging
 import sys
 from pathlib import Path
 
+from cli_help import DefaultsHelpFormatter
+
 logger = logging.getLogger("probe_latents")
 
 
@@ -215,7 +217,7 @@ def _latent_count(text):
 
 def build_parser():
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter
     )
     parser.add_argument("--model", required=True, help="checkpoint directory (model + processor)")
     parser.add_argument("--data-file", required=True, help="canonical colour_chain records, JSON or JSONL")

@@ -18,13 +18,14 @@ import argparse
 import time
 
 from benchmarks.cli import add_common_args
+from cli_help import DefaultsHelpFormatter
 
 
 def build_parser():
     """The benchmark's flags; needs no torch, so `--help` answers before the imports below."""
     parser = add_common_args(
         argparse.ArgumentParser(
-            description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+            description=__doc__.split("\n")[0], formatter_class=DefaultsHelpFormatter
         )
     )
     parser.add_argument("--new-tokens", type=int, default=64, help="new tokens per prompt")

@@ -16,13 +16,14 @@ latents are token embeddings.
 import argparse
 
 from benchmarks.cli import add_common_args
+from cli_help import DefaultsHelpFormatter
 
 
 def build_parser():
     """The benchmark's flags; needs no torch, so `--help` answers before the imports below."""
     parser = add_common_args(
         argparse.ArgumentParser(
-            description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+            description=__doc__.split("\n")[0], formatter_class=DefaultsHelpFormatter
         )
     )
     return parser

@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the project's top-level modules, when run as `python experiments/...`
 sys.path.insert(0, str(ROOT / "experiments"))
 
+from cli_help import DefaultsHelpFormatter  # noqa: E402  (argparse only)
 from synthetic_data import TASKS  # noqa: E402  (light: PIL only)
 
 DEFAULT_RECIPE = ROOT / "recipes" / "experiment_colour_chain.yaml"
@@ -55,7 +56,7 @@ MAX_NEW_TOKENS = 64
 def build_parser():
     """The CLI's arguments; needs no torch, so `--help` answers before the imports below."""
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter
     )
     parser.add_argument("--out", default="outputs/adaptive", help="output directory")
     parser.add_argument("--recipe", default=str(DEFAULT_RECIPE), help="train.py recipe the runs share")

@@ -38,6 +38,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the project's top-level modules, when run as `python experiments/...`
 
+from cli_help import DefaultsHelpFormatter  # noqa: E402  (argparse only)
 from synthetic_data import TASKS, write_synthetic_aokvqa  # noqa: E402  (light: PIL only)
 
 DEFAULT_RECIPE = ROOT / "recipes" / "experiment_colour_chain.yaml"
@@ -46,7 +47,7 @@ DEFAULT_RECIPE = ROOT / "recipes" / "experiment_colour_chain.yaml"
 def build_parser():
     """The CLI's arguments; needs no torch, so `--help` answers before the imports below."""
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter
     )
     parser.add_argument("--out", default="outputs/experiment", help="output directory")
     parser.add_argument("--recipe", default=str(DEFAULT_RECIPE), help="train.py recipe the runs share")

@@ -13,12 +13,17 @@ import sys
 import time
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # the project's top-level modules, when run as `python experiments/...`
+sys.path.insert(0, str(ROOT / "experiments"))
+
+from cli_help import DefaultsHelpFormatter  # noqa: E402  (argparse only)
 
 
 def build_parser():
     """The CLI's arguments; needs no torch, so `--help` answers before the imports below."""
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter
     )
     parser.add_argument("--train-file", default="outputs/experiment/data/canonical/train.jsonl")
     parser.add_argument("--task-vocab-size", type=int, default=512)
@@ -34,10 +39,6 @@ if __name__ == "__main__":  # `--help` and usage errors answer here, before the 
 
 import torch  # noqa: E402
 from transformers import InternVLForConditionalGeneration  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "experiments"))
 
 import train  # noqa: E402
 from data_aokvqa import load_canonical  # noqa: E402

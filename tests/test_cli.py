@@ -1,6 +1,7 @@
 """Quick CLIs: every command-line tool answers `--help` without importing torch, and shows its defaults; the
 values the parsers name without importing their modules stay equal to those modules' own."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -49,6 +50,8 @@ def test_help_answers_without_heavy_imports_and_shows_defaults(kind, target):
     assert probe[:2] == ["PROBE", "0"], proc.stderr[-2000:]
     assert probe[2] == "-", f"--help imported {probe[2]}"
     assert "(default:" in proc.stdout, proc.stdout[:2000]
+    # an option whose help states its default is not followed by argparse's "(default: None)" as well
+    assert not re.search(r"\(default: [^)]*\)\s*\(default:", " ".join(proc.stdout.split())), proc.stdout[:3000]
 
 
 def test_train_help_lists_every_recipe_field_with_its_default():

@@ -1,0 +1,13 @@
+"""The command-line tools' help formatter (argparse only, so `--help` answers before any heavy import)."""
+
+import argparse
+
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows every option's default, except where the help text states the default itself (`(default: the
+    checkpoint's ...)` for an option whose value None means "what the checkpoint says")."""
+
+    def _get_help_string(self, action):
+        if "(default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
