@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 
-from cli_help import DefaultsHelpFormatter
+from mmcoconut.cli.help import DefaultsHelpFormatter
 
 logger = logging.getLogger("evaluate_aokvqa")
 
@@ -115,8 +115,8 @@ def _check_args(parser, args):
 
 def check_before_loading(args):
     """What can fail without the model: earlier results in the way, an incomplete checkpoint directory."""
-    from aokvqa_evaluation import check_outputs_free
-    from processing_mmcoconut import check_checkpoint_dir
+    from mmcoconut.evaluation.aokvqa import check_outputs_free
+    from mmcoconut.processing import check_checkpoint_dir
 
     check_outputs_free(args.output_dir, args.split, args.overwrite)
     # A LoRA adapter directory has no weights of its own: `load_model` finds the base it names (or says why not).
@@ -127,7 +127,7 @@ def check_before_loading(args):
 def load_records(args):
     """Canonical records of the chosen source and split, cut to `--limit`. Evaluation keeps records without
     rationales (they are only needed to train)."""
-    import data_aokvqa
+    from mmcoconut.data import aokvqa as data_aokvqa
 
     if args.hf_dataset is not None:
         source, path = "aokvqa_hf", None
@@ -150,7 +150,7 @@ def main(argv=None):
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    from aokvqa_evaluation import (
+    from mmcoconut.evaluation.aokvqa import (
         build_eval_dataset,
         decoding_settings,
         default_num_latents,
@@ -158,8 +158,8 @@ def main(argv=None):
         format_summary,
         write_outputs,
     )
-    from predict import load_model
-    from processing_mmcoconut import load_internvl_processor
+    from mmcoconut.inference import load_model
+    from mmcoconut.processing import load_internvl_processor
 
     accelerator = Accelerator()
     logging.basicConfig(

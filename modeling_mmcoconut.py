@@ -27,6 +27,7 @@ from transformers import (
     DynamicCache,
     GenerationMixin,
     InternVLForConditionalGeneration,
+    PretrainedConfig,
     PreTrainedModel,
 )
 from transformers.generation.utils import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput
@@ -122,7 +123,7 @@ class MMCoconutForConditionalGeneration(MMCoconutPreTrainedModel, GenerationMixi
     Example:
 
     ```python
-    >>> from processing_mmcoconut import build_internvl_tokenizer, tiny_internvl_config
+    >>> from mmcoconut.processing import build_internvl_tokenizer, tiny_internvl_config
     >>> from transformers import InternVLForConditionalGeneration
     >>> tokenizer = build_internvl_tokenizer()
     >>> internvl = InternVLForConditionalGeneration(tiny_internvl_config())
@@ -169,7 +170,8 @@ class MMCoconutForConditionalGeneration(MMCoconutPreTrainedModel, GenerationMixi
         inside the trained embedding distribution with the same norm scale as real tokens (random rows
         from the initialiser are far smaller than trained ones), and the three markers start distinct
         from each other, unlike copying one token into all three. Original-format checkpoints
-        (`model_type: internvl_chat`, as `OpenGVLab/InternVL3-1B-Pretrained`) are converted on load.
+        (`model_type: internvl_chat`, as `OpenGVLab/InternVL3-1B-Pretrained`) are converted by
+        `mmcoconut.inference.loading.load_base_internvl`; pass its model here.
         """
         if isinstance(internvl_or_path, InternVLForConditionalGeneration):
             internvl = internvl_or_path
@@ -767,16 +769,20 @@ def _agree_across_ranks(value, device):
 
 
 def _load_internvl(name_or_path, dtype=None, **load_kwargs):
-    """A native InternVL from an `-hf` checkpoint, or converted from OpenGVLab's original format."""
-    # Inside `try` so that transformers' remote-code import check does not require this project module.
-    try:
-        from convert_internvl_chat import is_internvl_chat_checkpoint, load_internvl_chat
-    except ImportError as error:
-        raise ImportError(
-            "from_internvl with a path needs mmcoconut's convert_internvl_chat module (install mmcoconut)"
-        ) from error
-    if is_internvl_chat_checkpoint(name_or_path):
-        return load_internvl_chat(name_or_path, dtype=dtype, **load_kwargs)
+    """A native InternVL from an `-hf` checkpoint path or Hub id.
+
+    OpenGVLab's original format (`model_type: internvl_chat`) needs the mmcoconut package's converter, which this
+    file (remote code: it imports nothing but the configuration) cannot call: that is the loader's job.
+    """
+    config_dict, _ = PretrainedConfig.get_config_dict(name_or_path, **{
+        key: load_kwargs[key] for key in ("revision", "token", "cache_dir", "local_files_only") if key in load_kwargs
+    })
+    if config_dict.get("model_type") == "internvl_chat":
+        raise ValueError(
+            f"{name_or_path} is in OpenGVLab's original internvl_chat format; load it with "
+            "`mmcoconut.inference.loading.load_base_internvl(path)` (which converts it) and pass the model to "
+            "from_internvl, or convert it once with `mmcoconut-convert SOURCE DESTINATION`"
+        )
     return InternVLForConditionalGeneration.from_pretrained(name_or_path, dtype=dtype, **load_kwargs)
 
 

@@ -293,8 +293,8 @@ def check_args(model_args, data_args, curriculum_args, eval_args, training_args)
     Raises one ValueError listing every problem; an incomplete checkpoint directory is a FileNotFoundError
     naming the missing files.
     """
-    import data_aokvqa
-    from processing_mmcoconut import CHECKPOINT_PARTS, check_checkpoint_dir
+    from mmcoconut.data import aokvqa as data_aokvqa
+    from mmcoconut.processing import CHECKPOINT_PARTS, check_checkpoint_dir
     from trainer_curriculum import SCHEDULES
 
     problems = []
@@ -358,7 +358,7 @@ def check_args(model_args, data_args, curriculum_args, eval_args, training_args)
     if m.load_model_path:
         check_checkpoint_dir(m.load_model_path)
     elif m.tiny_internvl is None and Path(m.model_name_or_path).is_dir():
-        from convert_internvl_chat import is_internvl_chat_checkpoint
+        from mmcoconut.conversion import is_internvl_chat_checkpoint
 
         base = Path(m.model_name_or_path)
         # Original-format checkpoints need no processor files: their processor is built from the config.
@@ -487,7 +487,7 @@ def check_distributed_setup(trainer):
 
 def load_records(data_args, split_name):
     """Canonical records of the training (`split_name="train"`) or validation split."""
-    import data_aokvqa
+    from mmcoconut.data import aokvqa as data_aokvqa
 
     train = split_name == "train"
     limit = data_args.max_train_samples if train else data_args.max_eval_samples
@@ -512,7 +512,7 @@ def load_records(data_args, split_name):
 
 def ensure_synthetic_data(data_args):
     """Generate the synthetic set once (deterministic), recorded by a manifest of its arguments."""
-    from synthetic_data import write_synthetic_aokvqa
+    from mmcoconut.data.synthetic import write_synthetic_aokvqa
 
     out = Path(data_args.synthetic_dir)
     manifest = {"task": data_args.synthetic_task, "n_train": data_args.synthetic_train, "n_val": data_args.synthetic_val}
@@ -539,7 +539,7 @@ def build_tiny_model(overrides, text_tokenizer, max_tiles, attn_implementation="
     from transformers import InternVLForConditionalGeneration
 
     from modeling_mmcoconut import MMCoconutForConditionalGeneration
-    from processing_mmcoconut import INTERNVL3_VOCAB_SIZE, build_internvl_processor, tiny_internvl_config
+    from mmcoconut.processing import INTERNVL3_VOCAB_SIZE, build_internvl_processor, tiny_internvl_config
 
     if len(text_tokenizer) > INTERNVL3_VOCAB_SIZE:
         internvl_config = tiny_internvl_config(**overrides)
@@ -556,8 +556,8 @@ def build_tiny_model(overrides, text_tokenizer, max_tiles, attn_implementation="
 
 def build_text_tokenizer(model_args, train_records):
     """The tokenizer of a tiny model: InternVL3's, or one trained on `train_records` (`tokenizer: task`)."""
-    from data_curriculum import tokenizer_texts
-    from processing_mmcoconut import build_internvl_tokenizer, build_task_tokenizer
+    from mmcoconut.data.curriculum import tokenizer_texts
+    from mmcoconut.processing import build_internvl_tokenizer, build_task_tokenizer
 
     if model_args.tokenizer == "internvl":
         return build_internvl_tokenizer()
@@ -571,7 +571,7 @@ def build_model_and_processor(model_args, data_args, curriculum_args, train_reco
     import torch
 
     from modeling_mmcoconut import MMCoconutForConditionalGeneration
-    from processing_mmcoconut import load_internvl_processor
+    from mmcoconut.processing import load_internvl_processor
 
     dtype = getattr(torch, model_args.model_dtype)
     if model_args.tokenizer != "internvl" and model_args.tiny_internvl is None:
@@ -647,8 +647,8 @@ def load_base_internvl(name_or_path, dtype, attn_implementation, max_tiles):
     """(InternVL model, processor) of a base checkpoint: `-hf` loads directly, original format is converted."""
     from transformers import InternVLForConditionalGeneration
 
-    from convert_internvl_chat import is_internvl_chat_checkpoint, load_internvl_chat, load_internvl_chat_tokenizer
-    from processing_mmcoconut import build_internvl_processor, load_internvl_processor
+    from mmcoconut.conversion import is_internvl_chat_checkpoint, load_internvl_chat, load_internvl_chat_tokenizer
+    from mmcoconut.processing import build_internvl_processor, load_internvl_processor
 
     if is_internvl_chat_checkpoint(name_or_path):
         internvl = load_internvl_chat(name_or_path, dtype=dtype, attn_implementation=attn_implementation)
@@ -669,7 +669,7 @@ def main(argv=None):
     from transformers import set_seed
 
     from data_collator import MMCoconutCollator
-    from data_curriculum import CurriculumDataset
+    from mmcoconut.data.curriculum import CurriculumDataset
     from trainer_curriculum import CurriculumSchedule, CurriculumTrainer
 
     logging.basicConfig(

@@ -18,7 +18,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import unwrap_peft_model
 
-from processing_mmcoconut import prepare_for_inference
+from mmcoconut.processing import prepare_for_inference
 
 logger = logging.getLogger(__name__)
 
@@ -298,7 +298,7 @@ class CurriculumTrainer(Trainer):
             output.metrics[f"{metric_key_prefix}_num_skipped"] = sum(skipped.values())
         if self.generation_eval_kwargs is None:
             return output
-        from aokvqa_evaluation import evaluate_model
+        from mmcoconut.evaluation.aokvqa import evaluate_model
 
         result = evaluate_model(
             self.accelerator.unwrap_model(self.model),

@@ -18,7 +18,7 @@ import argparse
 import time
 
 from benchmarks.cli import add_common_args
-from cli_help import DefaultsHelpFormatter
+from mmcoconut.cli.help import DefaultsHelpFormatter
 
 
 def build_parser():

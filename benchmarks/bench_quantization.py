@@ -49,8 +49,8 @@ def _resident_bytes(device):
 
 def run_variant(args, quantization):
     """Load + answer every question under `quantization`, in this process: a JSON-serialisable dict."""
-    import predict
-    from data_aokvqa import load_canonical
+    from mmcoconut import inference as predict
+    from mmcoconut.data.aokvqa import load_canonical
 
     records = load_canonical(args.data_file)[: args.limit]
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

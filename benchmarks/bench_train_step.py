@@ -16,7 +16,7 @@ latents are token embeddings.
 import argparse
 
 from benchmarks.cli import add_common_args
-from cli_help import DefaultsHelpFormatter
+from mmcoconut.cli.help import DefaultsHelpFormatter
 
 
 def build_parser():

@@ -22,7 +22,7 @@ import modeling_mmcoconut
 from benchmarks.cli import add_common_args  # noqa: F401  (re-exported: the benchmarks' shared flags)
 from configuration_mmcoconut import MMCoconutConfig
 from modeling_mmcoconut import MMCoconutForConditionalGeneration
-from processing_mmcoconut import INTERNVL3_VOCAB_SIZE, tiny_internvl_config, tokens_per_tile
+from mmcoconut.processing import INTERNVL3_VOCAB_SIZE, tiny_internvl_config, tokens_per_tile
 
 # Ids of the real InternVL3 vocabulary; the latent tokens follow it, as `from_internvl` appends them.
 PAD_ID = 151643  # <|endoftext|>

@@ -40,8 +40,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the project's top-level modules, when run as `python experiments/...`
 sys.path.insert(0, str(ROOT / "experiments"))
 
-from cli_help import DefaultsHelpFormatter  # noqa: E402  (argparse only)
-from synthetic_data import TASKS  # noqa: E402  (light: PIL only)
+from mmcoconut.cli.help import DefaultsHelpFormatter  # noqa: E402  (argparse only)
+from mmcoconut.data.synthetic import TASKS  # noqa: E402  (light: PIL only)
 
 DEFAULT_RECIPE = ROOT / "recipes" / "experiment_colour_chain.yaml"
 TASK = "colour_chain_depth"
@@ -85,13 +85,13 @@ if __name__ == "__main__":  # `--help` and usage errors answer here, before the 
 
 import torch  # noqa: E402
 
-import probe_latents  # noqa: E402
+from mmcoconut.analysis import probes as probe_latents  # noqa: E402
 import train  # noqa: E402
-from aokvqa_evaluation import build_eval_dataset, default_num_latents, evaluate_model  # noqa: E402
-from data_aokvqa import load_canonical  # noqa: E402
+from mmcoconut.evaluation.aokvqa import build_eval_dataset, default_num_latents, evaluate_model  # noqa: E402
+from mmcoconut.data.aokvqa import load_canonical  # noqa: E402
 from learning_curve import finished_run, parse_experiment_args, train_run, write_data, write_initial_model  # noqa: E402
 from modeling_mmcoconut import MMCoconutForConditionalGeneration  # noqa: E402
-from processing_mmcoconut import load_internvl_processor  # noqa: E402
+from mmcoconut.processing import load_internvl_processor  # noqa: E402
 
 logger = logging.getLogger("adaptive_thinking")
 

@@ -38,8 +38,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the project's top-level modules, when run as `python experiments/...`
 
-from cli_help import DefaultsHelpFormatter  # noqa: E402  (argparse only)
-from synthetic_data import TASKS, write_synthetic_aokvqa  # noqa: E402  (light: PIL only)
+from mmcoconut.cli.help import DefaultsHelpFormatter  # noqa: E402  (argparse only)
+from mmcoconut.data.synthetic import TASKS, write_synthetic_aokvqa  # noqa: E402  (light: PIL only)
 
 DEFAULT_RECIPE = ROOT / "recipes" / "experiment_colour_chain.yaml"
 
@@ -88,11 +88,11 @@ if __name__ == "__main__":  # `--help` and usage errors answer here, before the 
 import torch  # noqa: E402
 
 import train  # noqa: E402
-from aokvqa_evaluation import build_eval_dataset, default_num_latents, evaluate_model  # noqa: E402
-from data_aokvqa import load_canonical  # noqa: E402
-from data_curriculum import tokenizer_texts  # noqa: E402
+from mmcoconut.evaluation.aokvqa import build_eval_dataset, default_num_latents, evaluate_model  # noqa: E402
+from mmcoconut.data.aokvqa import load_canonical  # noqa: E402
+from mmcoconut.data.curriculum import tokenizer_texts  # noqa: E402
 from modeling_mmcoconut import MMCoconutForConditionalGeneration  # noqa: E402
-from processing_mmcoconut import build_internvl_tokenizer, build_task_tokenizer, load_internvl_processor  # noqa: E402
+from mmcoconut.processing import build_internvl_tokenizer, build_task_tokenizer, load_internvl_processor  # noqa: E402
 
 logger = logging.getLogger("learning_curve")
 

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the project's top-level modules, when run as `python experiments/...`
 sys.path.insert(0, str(ROOT / "experiments"))
 
-from cli_help import DefaultsHelpFormatter  # noqa: E402  (argparse only)
+from mmcoconut.cli.help import DefaultsHelpFormatter  # noqa: E402  (argparse only)
 
 
 def build_parser():
@@ -41,12 +41,12 @@ import torch  # noqa: E402
 from transformers import InternVLForConditionalGeneration  # noqa: E402
 
 import train  # noqa: E402
-from data_aokvqa import load_canonical  # noqa: E402
+from mmcoconut.data.aokvqa import load_canonical  # noqa: E402
 from data_collator import MMCoconutCollator  # noqa: E402
-from data_curriculum import CurriculumDataset, tokenizer_texts  # noqa: E402
+from mmcoconut.data.curriculum import CurriculumDataset, tokenizer_texts  # noqa: E402
 from learning_curve import DEFAULT_RECIPE  # noqa: E402
 from modeling_mmcoconut import MMCoconutForConditionalGeneration  # noqa: E402
-from processing_mmcoconut import (  # noqa: E402
+from mmcoconut.processing import (  # noqa: E402
     build_internvl_processor,
     build_internvl_tokenizer,
     build_task_tokenizer,

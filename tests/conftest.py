@@ -2,7 +2,7 @@
 
 import pytest
 
-from processing_mmcoconut import build_internvl_tokenizer
+from mmcoconut.processing import build_internvl_tokenizer
 
 
 @pytest.fixture(scope="session")
@@ -31,7 +31,7 @@ def latent_processor(base_tokenizer_dir):
     from transformers import AutoTokenizer
 
     from configuration_mmcoconut import LATENT_TOKENS
-    from processing_mmcoconut import build_internvl_processor, tiny_internvl_config
+    from mmcoconut.processing import build_internvl_processor, tiny_internvl_config
 
     tokenizer = AutoTokenizer.from_pretrained(base_tokenizer_dir)
     tokenizer.add_special_tokens({"additional_special_tokens": list(LATENT_TOKENS)}, replace_extra_special_tokens=False)
@@ -42,7 +42,7 @@ def latent_processor(base_tokenizer_dir):
 def synthetic_aokvqa(tmp_path_factory):
     """The generated A-OKVQA-shaped set (6 train, 3 val, seed 0), with its Hub-layout copy saved at `hf_dir`.
     A dict of paths: aokvqa_dir, coco_dir, canonical_dir, hf_dir. Read-only."""
-    from synthetic_data import official_to_hf, write_synthetic_aokvqa
+    from mmcoconut.data.synthetic import official_to_hf, write_synthetic_aokvqa
 
     out = tmp_path_factory.mktemp("synthetic_aokvqa")
     paths = write_synthetic_aokvqa(out, n_train=6, n_val=3, seed=0)
@@ -59,7 +59,7 @@ def tiny_checkpoint(base_tokenizer_dir, tmp_path_factory):
     from transformers import AutoTokenizer, InternVLForConditionalGeneration
 
     from modeling_mmcoconut import MMCoconutForConditionalGeneration
-    from processing_mmcoconut import build_internvl_processor, tiny_internvl_config
+    from mmcoconut.processing import build_internvl_processor, tiny_internvl_config
 
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(base_tokenizer_dir)
@@ -99,7 +99,7 @@ def inference_checkpoint(tiny_checkpoint, tmp_path_factory):
     import shutil
 
     from modeling_mmcoconut import MMCoconutForConditionalGeneration
-    from processing_mmcoconut import load_internvl_processor, prepare_for_inference
+    from mmcoconut.processing import load_internvl_processor, prepare_for_inference
 
     path = tmp_path_factory.mktemp("inference_checkpoint") / "ckpt"
     shutil.copytree(tiny_checkpoint, path)
@@ -130,7 +130,7 @@ def question_image(tmp_path_factory):
 @pytest.fixture
 def no_loading(monkeypatch):
     """Make every model or data load fail, so a test shows that its check came first."""
-    import analyze_latents
+    from mmcoconut.analysis import attention as analyze_latents
     import evaluate_aokvqa
     import train
     from modeling_mmcoconut import MMCoconutForConditionalGeneration

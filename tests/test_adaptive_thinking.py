@@ -11,7 +11,7 @@ import torch
 from transformers import GenerationConfig
 
 from data_collator import MMCoconutCollator
-from data_curriculum import CurriculumDataset
+from mmcoconut.data.curriculum import CurriculumDataset
 from modeling_mmcoconut import (
     CACHE_KWARG,
     MMCoconutForConditionalGeneration,

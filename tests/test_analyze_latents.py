@@ -7,13 +7,13 @@ import pytest
 import torch
 from PIL import Image
 
-import analyze_latents
-from analyze_latents import ATTENTION_CATEGORIES, analyze, analyze_batch, load_model, special_token_ids
-from data_aokvqa import load_canonical
+from mmcoconut.analysis import attention as analyze_latents
+from mmcoconut.analysis.attention import ATTENTION_CATEGORIES, analyze, analyze_batch, load_model, special_token_ids
+from mmcoconut.data.aokvqa import load_canonical
 from data_collator import MMCoconutCollator
-from data_curriculum import CurriculumDataset
+from mmcoconut.data.curriculum import CurriculumDataset
 from modeling_mmcoconut import MMCoconutForConditionalGeneration
-from processing_mmcoconut import load_internvl_processor, tiny_internvl_config
+from mmcoconut.processing import load_internvl_processor, tiny_internvl_config
 
 C_THOUGHT, LATENT_STAGE, NUM_LATENTS, TOP_K = 2, 1, 3, 5
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from answer_parsing import ParsedAnswer, direct_answer_from, normalize_choice_text, parse_answer
+from mmcoconut.text.answers import ParsedAnswer, direct_answer_from, normalize_choice_text, parse_answer
 
 CHOICES = ["hat", "umbrella", "coat", "bag"]
 

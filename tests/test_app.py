@@ -10,7 +10,7 @@ pytest.importorskip("gradio")
 gradio_client = pytest.importorskip("gradio_client")
 
 import app  # noqa: E402
-import predict  # noqa: E402
+from mmcoconut import inference as predict  # noqa: E402
 from tests.test_predict import QUESTION, _run_predict  # noqa: E402
 
 

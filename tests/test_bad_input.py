@@ -15,13 +15,13 @@ import pytest
 import torch
 from PIL import Image
 
-import analyze_latents
+from mmcoconut.analysis import attention as analyze_latents
 import evaluate_aokvqa
 import train
-from aokvqa_evaluation import format_summary
-from data_aokvqa import load_canonical
-from data_curriculum import CurriculumDataset
-from processing_mmcoconut import check_checkpoint_dir, load_internvl_processor
+from mmcoconut.evaluation.aokvqa import format_summary
+from mmcoconut.data.aokvqa import load_canonical
+from mmcoconut.data.curriculum import CurriculumDataset
+from mmcoconut.processing import check_checkpoint_dir, load_internvl_processor
 
 DEMO = str(Path("recipes/demo.yaml").resolve())
 CHOICES = ["green", "red", "blue", "yellow"]

@@ -6,11 +6,11 @@ import pytest
 import torch
 from PIL import Image
 
-from aokvqa_evaluation import build_eval_dataset
-from data_curriculum import CurriculumDataset
+from mmcoconut.evaluation.aokvqa import build_eval_dataset
+from mmcoconut.data.curriculum import CurriculumDataset
 from modeling_mmcoconut import MMCoconutForConditionalGeneration
-from processing_mmcoconut import load_internvl_processor, set_chat_template
-from prompt_format import messages_for
+from mmcoconut.processing import load_internvl_processor, set_chat_template
+from mmcoconut.text.prompt import messages_for
 
 
 def _record(image):
@@ -100,7 +100,7 @@ def test_apply_chat_template_and_generate_answer_within_the_saved_budget(inferen
 def test_prepare_for_inference_sets_a_budget_only_where_there_is_none(inference_checkpoint):
     from transformers import GenerationConfig
 
-    from processing_mmcoconut import prepare_for_inference
+    from mmcoconut.processing import prepare_for_inference
 
     model = MMCoconutForConditionalGeneration.from_pretrained(inference_checkpoint)
     processor = load_internvl_processor(inference_checkpoint)

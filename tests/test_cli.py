@@ -77,10 +77,10 @@ def test_train_recipe_help_still_lists_the_training_arguments():
 
 
 def test_names_the_parsers_hold_equal_their_modules():
-    import aokvqa_evaluation
-    import analyze_latents
-    import data_aokvqa
-    import data_curriculum
+    from mmcoconut.evaluation import aokvqa as aokvqa_evaluation
+    from mmcoconut.analysis import attention as analyze_latents
+    from mmcoconut.data import aokvqa as data_aokvqa
+    from mmcoconut.data import curriculum as data_curriculum
     import evaluate_aokvqa
     import train
 
@@ -91,7 +91,7 @@ def test_names_the_parsers_hold_equal_their_modules():
     assert evaluate_aokvqa.HF_AOKVQA_ID == data_aokvqa.HF_AOKVQA_ID
     assert analyze_latents.DTYPE_NAMES == tuple(analyze_latents.DTYPES)
     import app
-    import predict
+    from mmcoconut import inference as predict
 
     assert predict.DTYPE_NAMES == tuple(predict.DTYPES)
     assert (app.QUANTIZATIONS, app.DTYPE_NAMES) == (predict.QUANTIZATIONS, predict.DTYPE_NAMES)

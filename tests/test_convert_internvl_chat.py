@@ -14,15 +14,15 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from transformers import InternVLForConditionalGeneration
 
-import convert_internvl_chat
-from convert_internvl_chat import (
+from mmcoconut import conversion as convert_internvl_chat
+from mmcoconut.conversion import (
     convert_internvl_chat_state_dict,
     internvl_chat_config_to_hf,
     is_internvl_chat_checkpoint,
     load_internvl_chat,
     load_internvl_chat_tokenizer,
 )
-from processing_mmcoconut import load_internvl_processor, tiny_internvl_config
+from mmcoconut.processing import load_internvl_processor, tiny_internvl_config
 
 VOCAB = 320
 IMAGE_TOKEN_ID = 300

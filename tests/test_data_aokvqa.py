@@ -5,14 +5,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_aokvqa import (
+from mmcoconut.data.aokvqa import (
     aokvqa_to_canonical,
     load_canonical,
     load_hf_aokvqa,
     load_official_aokvqa,
     split_sentences,
 )
-from synthetic_data import STEPS_FROM, official_to_hf
+from mmcoconut.data.synthetic import STEPS_FROM, official_to_hf
 
 EXAMPLE = {
     "question_id": "q1",

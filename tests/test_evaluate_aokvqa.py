@@ -14,9 +14,9 @@ import pytest
 import torch
 from transformers import GenerationConfig, TrainingArguments
 
-import aokvqa_evaluation
+from mmcoconut.evaluation import aokvqa as aokvqa_evaluation
 import evaluate_aokvqa
-from aokvqa_evaluation import (
+from mmcoconut.evaluation.aokvqa import (
     UNPARSEABLE_PREDICTION,
     _shard,
     build_eval_dataset,
@@ -24,9 +24,9 @@ from aokvqa_evaluation import (
     generate_answers,
     official_predictions,
 )
-from data_aokvqa import load_canonical
+from mmcoconut.data.aokvqa import load_canonical
 from modeling_mmcoconut import MMCoconutForConditionalGeneration
-from processing_mmcoconut import load_internvl_processor
+from mmcoconut.processing import load_internvl_processor
 from trainer_curriculum import CurriculumSchedule, CurriculumTrainer
 
 C_THOUGHT, LATENT_STAGE = 2, 1

@@ -20,7 +20,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from configuration_mmcoconut import LATENT_TOKENS
 from modeling_mmcoconut import CACHE_KWARG, MMCoconutForConditionalGeneration
-from processing_mmcoconut import tiny_internvl_config
+from mmcoconut.processing import tiny_internvl_config
 from tests.test_modeling_mmcoconut import naive_greedy, naive_hidden
 from tests.tiny_models import LATENT, PAD, collate, make_model, make_sample
 

@@ -8,7 +8,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from configuration_mmcoconut import MMCoconutConfig
-from processing_mmcoconut import (
+from mmcoconut.processing import (
     INTERNVL_SPECIAL_TOKENS,
     QWEN2_5_SPECIAL_TOKENS,
     build_task_tokenizer,
@@ -131,7 +131,7 @@ def test_prepare_writes_data_and_initial_model_only(tmp_path):
 
 def test_step_time_by_vocabulary_times_both_vocabularies(tmp_path):
     import step_time_by_vocabulary
-    from synthetic_data import write_synthetic_aokvqa
+    from mmcoconut.data.synthetic import write_synthetic_aokvqa
 
     paths = write_synthetic_aokvqa(tmp_path, n_train=4, n_val=1, task="colour_chain")
     train_file = str(paths["canonical_dir"] / "train.jsonl")

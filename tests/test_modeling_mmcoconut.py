@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from transformers import AutoModel, InternVLForConditionalGeneration
 
 from modeling_mmcoconut import MMCoconutForConditionalGeneration
-from processing_mmcoconut import tiny_internvl_config
+from mmcoconut.processing import tiny_internvl_config
 from tests.tiny_models import END, EOS, IMAGE, LATENT, PAD, START, collate, make_model, make_sample
 
 def naive_hidden(model, input_ids, attention_mask, pixel_values, prompt_len=None):

@@ -13,11 +13,11 @@ import pytest
 import torch
 from PIL import Image
 
-import predict
-from analyze_latents import analyze
+from mmcoconut import inference as predict
+from mmcoconut.analysis.attention import analyze
 from modeling_mmcoconut import MMCoconutForConditionalGeneration, MMCoconutGenerateOutput
-from processing_mmcoconut import load_internvl_processor
-from prompt_format import messages_for
+from mmcoconut.processing import load_internvl_processor
+from mmcoconut.text.prompt import messages_for
 from tests.test_hub_checkpoint import without_the_project
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -158,7 +158,7 @@ def test_num_latents_option(inference_checkpoint, question_image):
 def adaptive_checkpoint(inference_checkpoint, tmp_path_factory):
     """`inference_checkpoint` marked as trained with `supervise_end_latent` (adaptive thinking, at most 2 thoughts),
     with the chat template `train.py` gives such a checkpoint."""
-    from processing_mmcoconut import prepare_for_inference
+    from mmcoconut.processing import prepare_for_inference
 
     path = tmp_path_factory.mktemp("adaptive_checkpoint") / "ckpt"
     shutil.copytree(inference_checkpoint, path)
@@ -173,7 +173,7 @@ def adaptive_checkpoint(inference_checkpoint, tmp_path_factory):
 
 def _evaluate_one(checkpoint, image, **options):
     """The sample `aokvqa_evaluation` writes for one question (its own prompt layout and generate call)."""
-    from aokvqa_evaluation import build_eval_dataset, generate_answers
+    from mmcoconut.evaluation.aokvqa import build_eval_dataset, generate_answers
 
     model = MMCoconutForConditionalGeneration.from_pretrained(checkpoint)
     processor = load_internvl_processor(checkpoint)
@@ -322,7 +322,7 @@ def test_bitsandbytes_is_refused_without_cuda(name):
 
 
 def test_evaluation_refuses_records_without_choices_before_generating(inference_checkpoint, question_image):
-    from aokvqa_evaluation import build_eval_dataset, generate_answers
+    from mmcoconut.evaluation.aokvqa import build_eval_dataset, generate_answers
 
     model = MMCoconutForConditionalGeneration.from_pretrained(inference_checkpoint)
     processor = load_internvl_processor(inference_checkpoint)

@@ -6,8 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-import probe_latents
-from probe_latents import hop_targets, probe_accuracy, probe_table
+from mmcoconut.analysis import probes as probe_latents
+from mmcoconut.analysis.probes import hop_targets, probe_accuracy, probe_table
 
 
 def planted(n, dim, labels_per_state, strength=3.0, seed=0):
@@ -63,7 +63,7 @@ def test_targets_come_from_the_steps_and_other_records_are_named():
 
 
 def test_cli_on_variable_depth_questions(tiny_checkpoint, tmp_path):
-    from synthetic_data import write_synthetic_aokvqa
+    from mmcoconut.data.synthetic import write_synthetic_aokvqa
 
     paths = write_synthetic_aokvqa(tmp_path / "data", n_train=0, n_val=48, seed=0, task="colour_chain_depth")
     data_file = paths["canonical_dir"] / "val.jsonl"
@@ -83,10 +83,10 @@ def test_cli_on_variable_depth_questions(tiny_checkpoint, tmp_path):
 def test_per_record_thought_counts_line_up_with_one_count_at_a_time(tiny_checkpoint, tmp_path):
     # An adaptive checkpoint thinks one thought per hop: each record's states equal those of its own layout,
     # the thoughts it does not have are NaN, and its last latent sits in the last column.
-    from analyze_latents import load_model
-    from data_aokvqa import load_canonical
-    from processing_mmcoconut import load_internvl_processor
-    from synthetic_data import write_synthetic_aokvqa
+    from mmcoconut.analysis.attention import load_model
+    from mmcoconut.data.aokvqa import load_canonical
+    from mmcoconut.processing import load_internvl_processor
+    from mmcoconut.data.synthetic import write_synthetic_aokvqa
 
     paths = write_synthetic_aokvqa(tmp_path / "data", n_train=0, n_val=6, seed=1, task="colour_chain_depth")
     records = load_canonical(paths["canonical_dir"] / "val.jsonl")
@@ -119,7 +119,7 @@ def test_a_state_is_probed_only_on_the_records_that_have_it():
 
 
 def test_cli_lays_out_one_thought_per_step_on_request(tiny_checkpoint, tmp_path):
-    from synthetic_data import write_synthetic_aokvqa
+    from mmcoconut.data.synthetic import write_synthetic_aokvqa
 
     paths = write_synthetic_aokvqa(tmp_path / "data", n_train=0, n_val=40, seed=0, task="colour_chain_depth")
     results = probe_latents.main([

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_aokvqa import load_canonical
-from synthetic_data import COLOURS, ShapeGridTask, main, write_synthetic_aokvqa
+from mmcoconut.data.aokvqa import load_canonical
+from mmcoconut.data.synthetic import COLOURS, ShapeGridTask, main, write_synthetic_aokvqa
 
 OFFICIAL_FIELDS = {
     "question_id", "image_id", "question", "choices", "correct_choice_idx",

@@ -7,8 +7,8 @@ from collections import Counter
 import pytest
 from PIL import Image
 
-from data_aokvqa import load_canonical
-from synthetic_data import CHAIN_COLOURS, TASKS, ColourChainTask, write_synthetic_aokvqa
+from mmcoconut.data.aokvqa import load_canonical
+from mmcoconut.data.synthetic import CHAIN_COLOURS, TASKS, ColourChainTask, write_synthetic_aokvqa
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +105,7 @@ def test_written_set_is_deterministic_and_readable_from_jpeg(tmp_path):
 
 
 def test_variable_depth_task_states_its_depth_and_its_answer_needs_the_image():
-    from synthetic_data import ColourChainDepthTask
+    from mmcoconut.data.synthetic import ColourChainDepthTask
 
     task, rng = TASKS["colour_chain_depth"](), random.Random(0)
     assert isinstance(task, ColourChainDepthTask) and (task.min_hops, task.hops) == (1, 4)

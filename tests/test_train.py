@@ -18,7 +18,7 @@ from transformers import GenerationConfig
 import train
 from configuration_mmcoconut import MMCoconutConfig
 from modeling_mmcoconut import MMCoconutForConditionalGeneration
-from processing_mmcoconut import load_internvl_processor
+from mmcoconut.processing import load_internvl_processor
 from trainer_curriculum import render_model_card
 
 REPO = Path(__file__).resolve().parent.parent
@@ -96,7 +96,7 @@ def test_training_logs_never_average_over_a_stage_boundary(tmp_path):
 def test_intermediate_checkpoints_are_ready_for_inference_as_the_final_save(tmp_path, lora):
     """checkpoint-2 (end of stage 0) gets what the final directory (stage 1) gets: its stage's chat template, the
     generation budget, and with LoRA the run's config beside the adapters."""
-    from prompt_format import chat_template, default_latents
+    from mmcoconut.text.prompt import chat_template, default_latents
 
     out = tmp_path / "run"
     train.main([

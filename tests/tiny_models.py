@@ -4,7 +4,7 @@ import torch
 
 from configuration_mmcoconut import MMCoconutConfig
 from modeling_mmcoconut import MMCoconutForConditionalGeneration
-from processing_mmcoconut import tiny_internvl_config
+from mmcoconut.processing import tiny_internvl_config
 
 VOCAB = 300
 IMAGE, START, END, LATENT, PAD, EOS = 290, 291, 292, 293, 0, 1

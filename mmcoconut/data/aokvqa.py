@@ -21,20 +21,18 @@ from pathlib import Path
 
 import datasets
 
-from answer_parsing import parse_answer
-from data_curriculum import answer_text
+from mmcoconut.constants import CHOICE_LETTERS, HF_AOKVQA_ID, RECORD_SOURCES, STEPS_FROM
+from mmcoconut.text.answers import parse_answer
+from mmcoconut.text.prompt import answer_text, render_choices
 
 logger = logging.getLogger(__name__)
 
-CHOICE_LETTERS = "ABCD"
-# "rationales": each of the (three) annotator rationales is one step.
-# "first_rationale_sentences": the sentences of the first rationale are the steps.
-STEPS_FROM = ("rationales", "first_rationale_sentences")
+# STEPS_FROM: "rationales": each of the (three) annotator rationales is one step; "first_rationale_sentences": the
+# sentences of the first rationale are the steps.
 CANONICAL_FIELDS = (
     "id", "image", "question", "steps", "answer",
     "choices", "correct_choice_idx", "direct_answers", "difficult_direct_answer",
 )
-HF_AOKVQA_ID = "HuggingFaceM4/A-OKVQA"
 # The Hub dataset names its splits train/validation/test; the official files train/val/test.
 _HF_SPLITS = {"train": "train", "val": "validation", "validation": "validation", "test": "test"}
 _OFFICIAL_SPLITS = {"train": "train", "val": "val", "validation": "val", "test": "test"}
@@ -44,12 +42,6 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 def split_sentences(text):
     """Split on whitespace after `.`, `!` or `?`; a rationale without final punctuation stays one sentence."""
     return [sentence.strip() for sentence in _SENTENCE_END.split(text.strip()) if sentence.strip()]
-
-
-def render_choices(question, choices):
-    """`question` followed by one line per choice: `A. ..` to `D. ..`."""
-    lines = [f"{letter}. {choice}" for letter, choice in zip(CHOICE_LETTERS, choices)]
-    return "\n".join([question.strip(), *lines])
 
 
 def aokvqa_to_canonical(example, image, steps_from="rationales", require_rationales=True):
@@ -303,12 +295,11 @@ def _check_multiple_choice(record, where):
         raise ValueError(f"{where}: 'difficult_direct_answer' must be true or false, got {difficult!r}")
 
 
-SOURCES = ("aokvqa_hf", "aokvqa_official", "canonical")
 
 
 def load_records(source, split, *, dataset_id=HF_AOKVQA_ID, aokvqa_dir=None, coco_dir=None, path=None,
                  steps_from="rationales", require_rationales=None, limit=None):
-    """Canonical records from one of `SOURCES`, cut to the first `limit` — the one dispatcher that
+    """Canonical records from one of `RECORD_SOURCES`, cut to the first `limit` — the one dispatcher that
     training and evaluation share.
 
     `aokvqa_hf` reads `dataset_id` (Hub id or `save_to_disk` folder); `aokvqa_official` needs `aokvqa_dir`
@@ -326,17 +317,14 @@ def load_records(source, split, *, dataset_id=HF_AOKVQA_ID, aokvqa_dir=None, coc
             raise ValueError("the canonical source needs a JSON/JSONL file path")
         records = load_canonical(path)
     else:
-        raise ValueError(f"unknown data source {source!r}; expected one of {SOURCES}")
+        raise ValueError(f"unknown data source {source!r}; expected one of {RECORD_SOURCES}")
     if limit is not None and limit < len(records):
         records = records.select(range(limit)) if hasattr(records, "select") else records[:limit]
     return records
 
 
 __all__ = [
-    "SOURCES",
     "load_records",
-    "CHOICE_LETTERS",
-    "STEPS_FROM",
     "CANONICAL_FIELDS",
     "split_sentences",
     "render_choices",

@@ -22,12 +22,11 @@ following the mapping transformers used to publish the `-hf` checkpoints:
     model = load_internvl_chat("OpenGVLab/InternVL3-1B-Pretrained", dtype=torch.bfloat16)
     tokenizer = load_internvl_chat_tokenizer("OpenGVLab/InternVL3-1B-Pretrained")
 
-or once, to disk: `python convert_internvl_chat.py OpenGVLab/InternVL3-1B-Pretrained ./InternVL3-1B-Pretrained-hf`.
+or once, to disk: `mmcoconut-convert OpenGVLab/InternVL3-1B-Pretrained ./InternVL3-1B-Pretrained-hf`.
 Only language models that transformers implements natively (Qwen2, Qwen3, Llama) are supported; InternLM2-based
 checkpoints raise.
 """
 
-import argparse
 import json
 import logging
 import os
@@ -36,34 +35,16 @@ from pathlib import Path
 
 # `<IMG_CONTEXT>` in InternVL's Qwen-based tokenizers; the original config does not store it (the remote code
 # looks it up in the tokenizer at run time).
-QWEN_IMAGE_CONTEXT_TOKEN_ID = 151667
 
 
-def build_parser():
-    """The CLI's arguments; needs no torch, so `--help` answers before the imports below."""
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
-    parser.add_argument("source", help="original-format checkpoint: local directory or Hub id")
-    parser.add_argument("destination", help="directory for the native InternVL checkpoint")
-    parser.add_argument("--dtype", default=None, help="e.g. bfloat16; default: what from_pretrained picks")
-    parser.add_argument(
-        "--image-token-id",
-        type=int,
-        default=None,
-        help=f"id of <IMG_CONTEXT>; default: the checkpoint tokenizer's, else {QWEN_IMAGE_CONTEXT_TOKEN_ID}",
-    )
-    return parser
+import torch
+from safetensors.torch import load_file
+from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLVisionConfig
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
 
-
-if __name__ == "__main__":  # `--help` and usage errors answer here, before the seconds-long imports below
-    build_parser().parse_args()
-
-import torch  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
-from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLVisionConfig  # noqa: E402
-from transformers.models.auto.configuration_auto import CONFIG_MAPPING  # noqa: E402
-from transformers.models.auto.tokenization_auto import tokenizer_class_from_name  # noqa: E402
+from mmcoconut.constants import QWEN_IMAGE_CONTEXT_TOKEN_ID
+from mmcoconut.processing import build_internvl_processor
 
 logger = logging.getLogger(__name__)
 
@@ -432,40 +413,28 @@ def _has_tokenizer(directory: Path) -> bool:
     return (directory / "tokenizer_config.json").is_file()
 
 
-def main(argv=None):
-    parser = build_parser()
-    args = parser.parse_args(argv)
-
-    directory = _checkpoint_dir(args.source)
+def convert_checkpoint(source, destination, dtype=None, image_token_id=None):
+    """Write the original-format checkpoint `source` as a native InternVL checkpoint (and processor) to `destination`."""
+    directory = _checkpoint_dir(source)
     tokenizer = load_internvl_chat_tokenizer(directory) if _has_tokenizer(directory) else None
-    image_token_id = args.image_token_id
     if tokenizer is not None:
         if image_token_id is not None and image_token_id != tokenizer.context_image_token_id:
             raise ValueError(
-                f"--image-token-id {image_token_id} differs from the tokenizer's <IMG_CONTEXT> id "
+                f"image_token_id {image_token_id} differs from the tokenizer's <IMG_CONTEXT> id "
                 f"{tokenizer.context_image_token_id}"
             )
         image_token_id = tokenizer.context_image_token_id
     elif image_token_id is None:
         image_token_id = QWEN_IMAGE_CONTEXT_TOKEN_ID
 
-    dtype = getattr(torch, args.dtype) if args.dtype else None
     model = load_internvl_chat(directory, dtype=dtype, image_token_id=image_token_id)
-    model.config._name_or_path = args.source
-    model.save_pretrained(args.destination)
+    model.config._name_or_path = source
+    model.save_pretrained(destination)
     if tokenizer is not None:
-        # Imported here: the loader itself must not depend on the rest of the project.
-        from processing_mmcoconut import build_internvl_processor
-
-        build_internvl_processor(model.config, tokenizer).save_pretrained(args.destination)
+        build_internvl_processor(model.config, tokenizer).save_pretrained(destination)
     else:
         logger.warning("no tokenizer_config.json in %s: wrote the model only", directory)
-    logger.info("wrote native InternVL checkpoint to %s", os.path.abspath(args.destination))
-
-
-if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO)
-    main()
+    logger.info("wrote native InternVL checkpoint to %s", os.path.abspath(destination))
 
 
 __all__ = [
@@ -476,4 +445,5 @@ __all__ = [
     "convert_internvl_chat_state_dict",
     "load_internvl_chat",
     "load_internvl_chat_tokenizer",
+    "convert_checkpoint",
 ]

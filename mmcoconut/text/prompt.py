@@ -12,12 +12,38 @@ template, so `processor.apply_chat_template` gives the training-time token ids (
 import json
 
 from configuration_mmcoconut import END_LATENT_TOKEN, LATENT_TOKEN, START_LATENT_TOKEN
+from mmcoconut.constants import CHOICE_LETTERS
+from mmcoconut.modes import LATENT_MODES
 
 USER_HEADER = "<|im_start|>user\n"
 END_OF_TURN = "<|im_end|>\n"
 ASSISTANT_HEADER = "<|im_start|>assistant\n"
-# Training modes whose sequences carry the latent span markers (`data_curriculum` lays them out).
-LATENT_MODES = ("coconut", "no_thoughts", "pause")
+
+
+def step_text(step):
+    """A reasoning step as the sequence holds it: one line."""
+    return f"{step}\n"
+
+
+def answer_text(answer):
+    """The answer line as the sequence holds it (`<|im_end|>` follows it)."""
+    return f"Answer: {answer}"
+
+
+def tokenizer_texts(records):
+    """What a task tokenizer (`processing_mmcoconut.build_task_tokenizer`) is trained on: the chat roles and each
+    record's question, steps and answer line, as the sequences hold them."""
+    return ["user\n", "assistant\n"] + [
+        text
+        for record in records
+        for text in (record["question"], *map(step_text, record["steps"]), answer_text(record["answer"]))
+    ]
+
+
+def render_choices(question, choices):
+    """`question` followed by one line per choice: `A. ..` to `D. ..`."""
+    lines = [f"{letter}. {choice}" for letter, choice in zip(CHOICE_LETTERS, choices)]
+    return "\n".join([question.strip(), *lines])
 
 
 def user_prompt(question, image_token=None):
@@ -85,6 +111,6 @@ def messages_for(question, image=None):
 
 
 __all__ = [
-    "USER_HEADER", "END_OF_TURN", "ASSISTANT_HEADER", "LATENT_MODES", "user_prompt", "latent_span",
-    "default_latents", "chat_template", "messages_for",
+    "USER_HEADER", "END_OF_TURN", "ASSISTANT_HEADER", "step_text", "answer_text", "tokenizer_texts",
+    "render_choices", "user_prompt", "latent_span", "default_latents", "chat_template", "messages_for",
 ]

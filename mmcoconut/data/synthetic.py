@@ -1,6 +1,6 @@
 """A small, deterministic, A-OKVQA-shaped visual reasoning set for tests and the demo.
 
-    python synthetic_data.py --out data/synthetic --n-train 64 --n-val 16 --seed 0
+    mmcoconut-data --out data/synthetic --n-train 64 --n-val 16 --seed 0
 
 writes
 
@@ -33,7 +33,6 @@ answer (for adaptive thinking, where the model decides how many thoughts a quest
 A new task is a class with `name` and `sample(rng) -> SyntheticExample`, registered in `TASKS`.
 """
 
-import argparse
 import json
 import logging
 import os
@@ -308,7 +307,7 @@ def write_synthetic_aokvqa(out, n_train, n_val, seed=0, task="shape_grid", jpeg_
 
     Deterministic: the same arguments give byte-identical files.
     """
-    from data_aokvqa import aokvqa_to_canonical
+    from mmcoconut.data.aokvqa import aokvqa_to_canonical
 
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; available: {sorted(TASKS)}")
@@ -393,24 +392,5 @@ def official_to_hf(aokvqa_dir, coco_dir, splits=("train", "val")):
     return datasets.DatasetDict(out)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
-    parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--n-train", type=int, default=64)
-    parser.add_argument("--n-val", type=int, default=16)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--task", default="shape_grid", choices=sorted(TASKS))
-    parser.add_argument("--hf", action="store_true", help="also write {out}/hf as the Hub copy (save_to_disk)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    paths = write_synthetic_aokvqa(args.out, args.n_train, args.n_val, args.seed, args.task)
-    if args.hf:
-        official_to_hf(paths["aokvqa_dir"], paths["coco_dir"]).save_to_disk(Path(args.out) / "hf")
-
-
 __all__ = ["SyntheticExample", "ShapeGridTask", "ColourChainTask", "ColourChainDepthTask", "CHAIN_COLOURS", "TASKS", "STEPS_FROM", "write_synthetic_aokvqa", "official_to_hf", "main"]
 
-if __name__ == "__main__":
-    main()

@@ -1,50 +1,24 @@
 """A web demo (Gradio): ask a trained model about an image and see where each continuous thought looks.
 
-    python app.py --model outputs/demo                      # serves http://127.0.0.1:7860
-    python app.py --model outputs/demo --screenshot docs/app.png --example-image X --example-question Q
+    mmcoconut-app --model outputs/demo                      # serves http://127.0.0.1:7860
+    mmcoconut-app --model outputs/demo --screenshot docs/app.png --example-image X --example-question Q
 
 Upload an image, type a question and (optionally) one choice per line: the app shows the answer, the generated
 text, each continuous thought's attention over the image drawn as a heat map on the tiles the model saw, and each
-thought's top tokens through the LM head. Answers come from `predict.predict` (the same prompt, generation and
-parsing as `predict.py`); thoughts from `analyze_latents` (the same computation as `analyze_latents.py`).
+thought's top tokens through the LM head. Answers come from `mmcoconut.inference.prediction.predict` (the same prompt,
+generation and parsing as `mmcoconut-predict`); thoughts from `mmcoconut.analysis.attention` (as `mmcoconut-analyze`).
 Needs the `app` extra: `pip install -e ".[app]"` (gradio; `--screenshot` also needs a `chromium` binary).
 """
 
-import argparse
 import logging
 import os
 import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-# predict.QUANTIZATIONS and predict.DTYPE_NAMES, named here for the help (tests/test_cli.py keeps them equal).
-QUANTIZATIONS = ("none", "torchao-int8", "bnb-8bit", "bnb-4bit")
-DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
 
-
-def build_parser():
-    """The CLI's arguments; needs no torch, so `--help` answers before the imports below."""
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
-    parser.add_argument("--model", default="outputs/demo", help="checkpoint or LoRA adapter directory")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=7860)
-    parser.add_argument("--quantization", choices=QUANTIZATIONS, default="none")
-    parser.add_argument("--dtype", choices=DTYPE_NAMES, default="auto")
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--screenshot", help="serve on a free loopback port, save a PNG of the page here, exit")
-    parser.add_argument("--example-image", help="pre-filled image (its answer is shown on load)")
-    parser.add_argument("--example-question", default="What colour is the shape to the right of the circle?")
-    parser.add_argument("--example-choices", nargs="*", default=[])
-    return parser
-
-
-if __name__ == "__main__":  # `--help` and usage errors answer here, before the seconds-long imports below
-    build_parser().parse_args()
 
 import numpy as np
 import torch
@@ -52,10 +26,10 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 
-import predict
-from analyze_latents import display_token
-from processing_mmcoconut import IMAGENET_MEAN, IMAGENET_STD
-from prompt_format import default_latents
+from mmcoconut.inference.prediction import predict
+from mmcoconut.analysis.attention import display_token
+from mmcoconut.processing import IMAGENET_MEAN, IMAGENET_STD
+from mmcoconut.text.prompt import default_latents
 
 logger = logging.getLogger("app")
 
@@ -125,7 +99,7 @@ def answer_question(model, processor, image, question, choices_text="", num_late
     choices = [line.strip() for line in (choices_text or "").splitlines() if line.strip()] or None
     num_latents = None if num_latents in (None, "") else int(num_latents)
     span = default_latents(model.config) if num_latents is None else num_latents
-    prediction = predict.predict(
+    prediction = predict(
         model, processor, image, question.strip(), choices=choices, num_latents=num_latents,
         show_thoughts=bool(span), top_k=top_k,
     )
@@ -192,26 +166,3 @@ def take_screenshot(url, path, width=1400, height=1000):
     logger.info("wrote %s", path)
 
 
-
-def main(argv=None):
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a local demo
-    model, processor = predict.load(args.model, args.quantization, args.dtype, args.device, attn_implementation="eager")
-    example = None
-    if args.example_image:
-        example = (args.example_image, args.example_question, "\n".join(args.example_choices))
-    demo = build_demo(model, processor, args.model, example)
-    if args.screenshot:
-        port = free_port()
-        demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-        try:
-            take_screenshot(f"http://127.0.0.1:{port}/", args.screenshot)
-        finally:
-            demo.close()
-        return
-    demo.launch(server_name=args.host, server_port=args.port)
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])

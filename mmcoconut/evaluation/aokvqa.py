@@ -36,23 +36,21 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import evaluate
 import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
-from answer_parsing import direct_answer_from, parse_answer
+from mmcoconut.evaluation.metric import aokvqa_accuracy
+from mmcoconut.text.answers import direct_answer_from, parse_answer
 from data_collator import MMCoconutCollator
-from data_curriculum import CurriculumDataset
+from mmcoconut.constants import DEFAULT_MAX_NEW_TOKENS, EVAL_MODES
+from mmcoconut.data.curriculum import CurriculumDataset
+from mmcoconut.inference.decoding import after_thinking, eos_ids, until_eos
 
 logger = logging.getLogger(__name__)
 
-EVAL_MODES = ("vanilla", "cot", "coconut")
 # Evaluation mode → the `CurriculumDataset` layout whose prompt it uses.
 DATASET_MODES = {"vanilla": "no_cot", "cot": "cot", "coconut": "coconut"}
-# Generation budget per mode: a direct answer is one short line; steps need room.
-DEFAULT_MAX_NEW_TOKENS = {"vanilla": 32, "cot": 256, "coconut": 256}
-METRIC_PATH = Path(__file__).resolve().parent / "metrics" / "aokvqa"
 # Written in the official predictions file for an unparseable answer (see the module docstring).
 UNPARSEABLE_PREDICTION = ""
 
@@ -131,23 +129,6 @@ def _shard(num_samples, rank, world_size):
     return real + [filler] * (per_rank - len(real)), len(real)
 
 
-def _eos_ids(model):
-    eos = model.generation_config.eos_token_id
-    if eos is None:
-        raise ValueError("the model's generation_config has no eos_token_id; generation could not stop")
-    return {eos} if isinstance(eos, int) else set(eos)
-
-
-def _until_eos(new_ids, eos_ids):
-    """(tokens before the first EOS, generated-token count including that EOS, whether an EOS was generated).
-
-    Finished rows of a batched generate are padded after their EOS; those columns are not counted."""
-    for i, token in enumerate(new_ids):
-        if token in eos_ids:
-            return new_ids[:i], i + 1, True
-    return new_ids, len(new_ids), False
-
-
 def _prompt_text(tokenizer, ids, image_token_id, image_token):
     """The prompt as text, each run of image-context tokens written once as `<IMG_CONTEXT>×N`."""
     runs, compact = [], []
@@ -163,21 +144,12 @@ def _prompt_text(tokenizer, ids, image_token_id, image_token):
     return re.sub(re.escape(image_token), lambda _: f"{image_token}×{next(counts)}", text)
 
 
-def after_thinking(prompt_ids, new_ids, start_latent_id, end_latent_id):
-    """The new tokens after the thinking: all of them, or after an open-span prompt (adaptive thinking: the new
-    columns are the thoughts, the masked columns of rows that stopped earlier and `<|end-latent|>`) those after
-    that `<|end-latent|>`."""
-    if prompt_ids[-1] != start_latent_id:
-        return new_ids
-    return new_ids[new_ids.index(end_latent_id) + 1 :]
-
-
-def _sample_record(dataset, position, prompt_ids, new_ids, eos_ids, latent_token_id, thoughts):
+def _sample_record(dataset, position, prompt_ids, new_ids, eos, latent_token_id, thoughts):
     """One question's result dict (see `generate_answers`)."""
     reference = dataset.reference(position)
     tokenizer = dataset.tokenizer
     new_ids = after_thinking(prompt_ids, new_ids, dataset.start_latent_id, dataset.end_latent_id)
-    answer_ids, num_generated, stopped = _until_eos(new_ids, eos_ids)
+    answer_ids, num_generated, stopped = until_eos(new_ids, eos)
     generated_text = tokenizer.decode(answer_ids, skip_special_tokens=False)
     parsed = parse_answer(generated_text, reference["choices"])
     correct_idx = reference.get("correct_choice_idx")
@@ -260,7 +232,7 @@ def generate_answers(
             f"the tokenizer's <|latent|> is id {dataset.latent_token_id} but the model's config says "
             f"{latent_token_id}; load the processor saved with this checkpoint"
         )
-    eos_ids = _eos_ids(model)
+    eos = eos_ids(model)
     rank, world_size = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     positions, num_real = _shard(len(dataset), rank, world_size)
 
@@ -312,7 +284,7 @@ def generate_answers(
                 if seen < num_real:
                     prompt_ids = input_ids[row, prompt_width - int(attention_mask[row].sum()) :].tolist()
                     record = _sample_record(
-                        dataset, positions[seen], prompt_ids, new_tokens[row], eos_ids, latent_token_id, thoughts[row]
+                        dataset, positions[seen], prompt_ids, new_tokens[row], eos, latent_token_id, thoughts[row]
                     )
                     local.append((positions[seen], record))
                 seen += 1
@@ -324,11 +296,6 @@ def generate_answers(
 
         local = gather_object(local)
     return [record for _, record in sorted(local, key=lambda item: item[0])]
-
-
-@functools.lru_cache(maxsize=1)
-def _metric():
-    return evaluate.load(str(METRIC_PATH))
 
 
 def _metric_reference(reference):
@@ -364,9 +331,9 @@ def score(samples, references):
     for sample, reference in zip(samples, references):
         if sample["question_id"] != reference["id"]:
             raise ValueError(f"sample {sample['question_id']!r} is paired with reference {reference['id']!r}")
-    metrics = _metric().compute(
-        predictions=[sample["prediction"] for sample in samples],
-        references=[_metric_reference(reference) for reference in references],
+    metrics = aokvqa_accuracy(
+        [sample["prediction"] for sample in samples],
+        [_metric_reference(reference) for reference in references],
     )
     if math.isnan(metrics["da_accuracy"]):
         metrics["da_accuracy"] = None  # JSON has no NaN; the metric has logged why
@@ -524,10 +491,7 @@ def format_summary(metrics, title="A-OKVQA evaluation"):
 
 
 __all__ = [
-    "EVAL_MODES",
     "DATASET_MODES",
-    "DEFAULT_MAX_NEW_TOKENS",
-    "METRIC_PATH",
     "UNPARSEABLE_PREDICTION",
     "EvaluationResult",
     "default_num_latents",

@@ -21,7 +21,7 @@ from transformers import (
 )
 from transformers.convert_slow_tokenizer import TikTokenConverter
 
-from prompt_format import chat_template, default_latents
+from mmcoconut.text.prompt import chat_template, default_latents
 
 # Qwen2's pre-tokenizer: digits are split one by one (not in runs of three as in tiktoken's cl100k).
 QWEN2_SPLIT_PATTERN = (

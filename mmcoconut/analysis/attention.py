@@ -1,6 +1,6 @@
 """Look inside continuous thoughts: what each one decodes to, and where it attends.
 
-    python analyze_latents.py --model outputs/demo --data-file outputs/demo/data/canonical/val.jsonl \\
+    mmcoconut-analyze --model outputs/demo --data-file outputs/demo/data/canonical/val.jsonl \\
         --limit 8 --top-k 5 --output-dir outputs/demo/latent_analysis
 
 For every sample the prompt is laid out as at evaluation, `question <|start-latent|> <|latent|>×K <|end-latent|>`,
@@ -19,58 +19,28 @@ Writes `latents.json` (everything), `attention_share.png` (heatmaps) and `top_k_
 `--output-dir` and prints a short summary.
 """
 
-import argparse
 import json
 import logging
-import sys
 from pathlib import Path
 
-from cli_help import DefaultsHelpFormatter
-
-# The keys of DTYPES below (tests/test_cli.py keeps them equal).
-DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
 
-def build_parser():
-    """The CLI's arguments; needs no torch, so `--help` answers before the imports below."""
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter
-    )
-    parser.add_argument("--model", required=True, help="checkpoint directory (model + processor)")
-    parser.add_argument("--data-file", required=True, help="canonical records, JSON or JSONL")
-    parser.add_argument("--limit", type=int, default=8, help="analyze the first N records (a larger N: more of them)")
-    parser.add_argument("--num-latents", type=int, default=None,
-                        help="latents per prompt (default: the checkpoint's latent_stage × c_thought)")
-    parser.add_argument("--top-k", type=int, default=5, help="decoded tokens kept per thought")
-    parser.add_argument("--output-dir", required=True)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--max-tiles", type=int, default=None,
-                        help="InternVL tiles per image, at most (default: the checkpoint's saved tiling)")
-    parser.add_argument("--dtype", choices=DTYPE_NAMES, default="float32")
-    parser.add_argument("--device", default="auto", help="auto (cuda when present), cuda or cpu")
-    parser.add_argument("--plot-samples", type=int, default=8, help="samples shown in the top-k table")
-    return parser
 
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
-if __name__ == "__main__":  # `--help` and usage errors answer here, before the seconds-long imports below
-    build_parser().parse_args()
+from mmcoconut.data.aokvqa import load_canonical
+from data_collator import MMCoconutCollator
+from mmcoconut.data.curriculum import CurriculumDataset, step_text
+from modeling_mmcoconut import MMCoconutForConditionalGeneration
+from mmcoconut.processing import check_checkpoint_dir, load_internvl_processor
 
-import torch  # noqa: E402
-from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-
-from data_aokvqa import load_canonical  # noqa: E402
-from data_collator import MMCoconutCollator  # noqa: E402
-from data_curriculum import CurriculumDataset, step_text  # noqa: E402
-from modeling_mmcoconut import MMCoconutForConditionalGeneration  # noqa: E402
-from processing_mmcoconut import check_checkpoint_dir, load_internvl_processor  # noqa: E402
-
-logger = logging.getLogger("analyze_latents")
+logger = logging.getLogger(__name__)
 
 ATTENTION_CATEGORIES = ("image", "text", "special", "thoughts", "self")
 _IMAGE, _TEXT, _SPECIAL, _THOUGHTS, _SELF = range(len(ATTENTION_CATEGORIES))
 _PADDING = -1
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Largest relative difference (max |Δh| / max |h|) allowed between the single-pass recompute and the latent forward.
 RECOMPUTE_RTOL = {torch.float64: 1e-8, torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}
 
@@ -445,13 +415,6 @@ def plot_top_k(results, path, max_samples=8):
 # ---------------------------------------------------------------------------------------------- CLI
 
 
-def load_model(path, dtype=torch.float32, device="cpu"):
-    """The checkpoint with eager attention (which returns attention probabilities), in eval mode on `device`."""
-    check_checkpoint_dir(path, parts=("config", "weights"))
-    model = MMCoconutForConditionalGeneration.from_pretrained(path, dtype=dtype, attn_implementation="eager")
-    return model.to(device).eval()
-
-
 def format_summary(results):
     """A plain-text table: per thought, the mean attention shares, the shares a uniform attention over the same
     keys would give (in parentheses), how often the top-1 token is a token of the replaced step, and the most
@@ -474,36 +437,6 @@ def format_summary(results):
     return "\n".join(lines)
 
 
-def main(argv=None):
-    """Run the CLI; returns the results dict."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    for name in ("limit", "top_k", "batch_size", "max_tiles", "plot_samples"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1")
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-
-    check_checkpoint_dir(args.model)  # the processor's files too, before the model is loaded
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    model = load_model(args.model, DTYPES[args.dtype], device)
-    processor = load_internvl_processor(args.model, max_tiles=args.max_tiles)
-    records = load_canonical(args.data_file)[: args.limit]
-    results = analyze(
-        model, processor, records, num_latents=args.num_latents, top_k=args.top_k,
-        batch_size=args.batch_size, max_tiles=args.max_tiles,
-    )
-    results = {"model": str(args.model), "data_file": str(args.data_file), **results}
-
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "latents.json").write_text(json.dumps(results, indent=1, ensure_ascii=False), encoding="utf-8")
-    plot_attention(results, out / "attention_share.png")
-    plot_top_k(results, out / "top_k_decodings.png", max_samples=args.plot_samples)
-    print(format_summary(results))
-    print(f"wrote {out / 'latents.json'}, {out / 'attention_share.png'}, {out / 'top_k_decodings.png'}")
-    return results
-
-
 __all__ = [
     "ATTENTION_CATEGORIES",
     "latent_positions",
@@ -520,12 +453,9 @@ __all__ = [
     "display_token",
     "plot_attention",
     "plot_top_k",
-    "load_model",
     "format_summary",
     "build_parser",
     "main",
 ]
 
 
-if __name__ == "__main__":
-    main(sys.argv[1:])

@@ -1,6 +1,6 @@
 """Linear probes: do the continuous thoughts hold the intermediate states of the chain they replace?
 
-    python probe_latents.py --model outputs/experiment/coconut_3 \\
+    mmcoconut-probe --model outputs/experiment/coconut_3 \\
         --data-file outputs/experiment/data/canonical/val.jsonl --output-dir outputs/experiment/probe
 
 `analyze_latents.py` decodes each thought through the LM head; a thought can carry the chain without decoding to
@@ -20,13 +20,10 @@ answering the training part's most frequent colour. Writes `probe.json` and `pro
 held-out accuracy minus chance) and prints the table.
 """
 
-import argparse
 import json
 import logging
-import sys
 from pathlib import Path
 
-from cli_help import DefaultsHelpFormatter
 
 logger = logging.getLogger("probe_latents")
 
@@ -85,7 +82,7 @@ def probe_accuracy(features, labels, num_classes, test_fraction=0.5, seed=0, l2=
 
 def hop_targets(records):
     """Per record, the colours reached after hops 1..n, read from its steps (a ValueError names a bad record)."""
-    from synthetic_data import ColourChainTask
+    from mmcoconut.data.synthetic import ColourChainTask
 
     targets = []
     for record in records:
@@ -125,7 +122,7 @@ def _states_at(model, processor, records, num_latents, batch_size, max_tiles):
     """`collect_states` for prompts with `num_latents` latents each: `(N, num_latents + 2, H)`."""
     import torch
 
-    from analyze_latents import latent_positions, prompt_batches
+    from mmcoconut.analysis.attention import latent_positions, prompt_batches
 
     states = []
     with torch.no_grad():
@@ -206,84 +203,7 @@ def plot_probe(table, path, title):
     FigureCanvasAgg(fig).print_png(str(path))
 
 
-def _latent_count(text):
-    if text == "steps":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer or 'steps', got {text!r}") from None
-
-
-def build_parser():
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter
-    )
-    parser.add_argument("--model", required=True, help="checkpoint directory (model + processor)")
-    parser.add_argument("--data-file", required=True, help="canonical colour_chain records, JSON or JSONL")
-    parser.add_argument("--output-dir", required=True)
-    parser.add_argument("--limit", type=int, default=None, help="probe the first N records (default: all)")
-    parser.add_argument(
-        "--num-latents", type=_latent_count, default=None,
-        help="latents per prompt: N, or `steps` (each record's step count × c_thought, the thoughts a checkpoint "
-             "trained with supervise_end_latent thinks for it). Default: `steps` for such checkpoints, else the "
-             "checkpoint's latent_stage × c_thought",
-    )
-    parser.add_argument("--test-fraction", type=float, default=0.5, help="held-out share of the questions")
-    parser.add_argument("--l2", type=float, default=1e-2, help="L2 penalty on the probe's weights")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the train / held-out split")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-tiles", type=int, default=None,
-                        help="InternVL tiles per image, at most (default: the checkpoint's saved processor)")
-    return parser
-
-
-def main(argv=None):
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not 0 < args.test_fraction < 1:
-        parser.error("--test-fraction must be in (0, 1)")
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-
-    from analyze_latents import default_num_latents, load_model
-    from data_aokvqa import load_canonical
-    from processing_mmcoconut import load_internvl_processor
-
-    records = load_canonical(args.data_file)[: args.limit]
-    targets = hop_targets(records)  # before the model loads: a wrong data file fails at once
-    model = load_model(args.model)
-    processor = (
-        load_internvl_processor(args.model) if args.max_tiles is None
-        else load_internvl_processor(args.model, max_tiles=args.max_tiles)
-    )
-    num_latents = args.num_latents
-    if num_latents is None:
-        num_latents = "steps" if model.config.default_thinking == "adaptive" else default_num_latents(model.config)
-    if num_latents == "steps":
-        counts = [len(record["steps"]) * model.config.c_thought for record in records]
-    elif num_latents < 1:
-        parser.error(f"the checkpoint prompts with {num_latents} latents; pass --num-latents >= 1")
-    else:
-        counts = num_latents
-    states = collect_states(model, processor, records, counts, args.batch_size, args.max_tiles)
-    names = state_names(states.shape[1] - 2)
-    table = probe_table(states, targets, names, args.test_fraction, args.seed, args.l2)
-    results = {
-        "model": str(args.model), "data_file": str(args.data_file), "num_records": len(records),
-        "num_latents": num_latents, "test_fraction": args.test_fraction, "l2": args.l2, "seed": args.seed, **table,
-    }
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "probe.json").write_text(json.dumps(results, indent=1), encoding="utf-8")
-    plot_probe(table, out / "probe_accuracy.png", f"{Path(args.model).name}: linear probes, {len(records)} questions")
-    print(format_table(table))
-    print(f"wrote {out / 'probe.json'}, {out / 'probe_accuracy.png'}")
-    return results
-
-
 __all__ = ["fit_probe", "probe_accuracy", "hop_targets", "collect_states", "state_names", "probe_table",
            "format_table", "plot_probe", "build_parser", "main"]
 
 
-if __name__ == "__main__":
-    main(sys.argv[1:])

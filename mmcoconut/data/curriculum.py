@@ -13,124 +13,24 @@ one but the last predicts `<|latent|>` (go on thinking), the last predicts `<|en
 Images are opened and tiled in `__getitem__`, i.e. in DataLoader workers; no float tiles are stored.
 """
 
-import io
 import logging
 import random
 from collections import Counter, defaultdict
 from pathlib import Path
 
 import datasets
-import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 
 from configuration_mmcoconut import END_LATENT_TOKEN, LATENT_TOKEN, START_LATENT_TOKEN
-from prompt_format import LATENT_MODES, user_prompt
+from mmcoconut.data.images import decoded_size, image_size, load_image
+from mmcoconut.modes import LATENT_MODES, MODES
+from mmcoconut.text.prompt import answer_text, step_text, user_prompt
 
 logger = logging.getLogger(__name__)
 
-MODES = ("cot", "coconut", "no_cot", "no_thoughts", "pause")
-# LATENT_MODES (from prompt_format): modes whose sequences carry the latent span markers. `pause` is laid out exactly
-# like `coconut`; the model reads `dataset.mode` (via the trainer) to treat the latents as ordinary pause tokens.
 IGNORE_INDEX = -100
 _MAX_LOGGED_BAD_IMAGES = 10
 _MAX_LISTED_IDS = 5  # skipped record ids named per reason in the summary line
-# What PIL raises for a file it cannot open or decode: truncated data is an OSError, some broken headers a
-# SyntaxError, and an image over `Image.MAX_IMAGE_PIXELS` (e.g. 20000x20000) a DecompressionBombError, which
-# derives from Exception only.
-_UNREADABLE = (OSError, UnidentifiedImageError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
-_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
-
-
-def step_text(step):
-    """A reasoning step as the sequence holds it: one line."""
-    return f"{step}\n"
-
-
-def answer_text(answer):
-    """The answer line as the sequence holds it (`<|im_end|>` follows it)."""
-    return f"Answer: {answer}"
-
-
-def tokenizer_texts(records):
-    """What a task tokenizer (`processing_mmcoconut.build_task_tokenizer`) is trained on: the chat roles and each
-    record's question, steps and answer line, as the sequences hold them."""
-    return ["user\n", "assistant\n"] + [
-        text
-        for record in records
-        for text in (record["question"], *map(step_text, record["steps"]), answer_text(record["answer"]))
-    ]
-
-
-def to_rgb(image):
-    """Any PIL image → 8-bit RGB. Transparency is composited onto white (as a viewer shows it, and as transformers'
-    processors do); 16-bit grayscale is scaled to 8 bits rather than clipped."""
-    if image.mode == "RGB":
-        return image
-    if image.mode in _SIXTEEN_BIT_MODES:
-        # `convert("L")` would clip everything above 255 to white; mode "I" is how older Pillow opened 16-bit PNGs.
-        pixels = np.asarray(image, dtype=np.float64) / 257.0
-        return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), mode="L").convert("RGB")
-    if image.mode == "F":
-        raise ValueError("32-bit float images (mode 'F') have no defined intensity range; convert them to 8-bit first")
-    if "A" in image.getbands() or image.info.get("transparency") is not None:
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
-
-
-def _describe(image):
-    if isinstance(image, dict):
-        return image.get("path") or "<embedded bytes>"
-    if isinstance(image, Image.Image):
-        return "<PIL image>"
-    return str(image)
-
-
-def _open(image):
-    """A record's image (path, PIL, or a `datasets.Image` dict with bytes/path) → lazily opened PIL image."""
-    if isinstance(image, Image.Image):
-        return image
-    if isinstance(image, (str, Path)):
-        return Image.open(image)
-    if isinstance(image, dict) and (image.get("bytes") is not None or image.get("path")):
-        return Image.open(io.BytesIO(image["bytes"])) if image.get("bytes") is not None else Image.open(image["path"])
-    raise TypeError(f"an image must be a path, a PIL image or a dict with 'bytes'/'path', got {type(image).__name__}")
-
-
-def load_image(image, record_id):
-    """Open and fully decode a record's image as RGB; failures name the record and the file."""
-    try:
-        opened = _open(image)
-        try:
-            opened.load()
-            rgb = to_rgb(opened)
-            # `close()` frees the pixels of the image it is called on; keep an RGB copy that outlives it.
-            return rgb.copy() if rgb is opened and opened is not image else rgb
-        finally:
-            if opened is not image:  # close only what we opened; a caller's PIL image stays usable
-                opened.close()
-    except _UNREADABLE as error:
-        raise ValueError(f"record {record_id!r}: cannot read image {_describe(image)}: {error}") from error
-
-
-def _image_size(image, record_id):
-    """(width, height) from the file header only, without decoding pixels."""
-    if isinstance(image, Image.Image):
-        return image.size
-    try:
-        with _open(image) as opened:
-            return opened.size
-    except _UNREADABLE as error:
-        raise ValueError(f"record {record_id!r}: cannot read image {_describe(image)}: {error}") from error
-
-
-def _decoded_size(image, record_id):
-    """(width, height) after decoding every pixel, which finds truncated and corrupted files."""
-    return load_image(image, record_id).size
-
-
 def _check_record(record, index):
     """The record's id, after checking the fields the layout needs."""
     record_id = record.get("id") if isinstance(record, dict) else None
@@ -293,7 +193,7 @@ class CurriculumDataset(torch.utils.data.Dataset):
         kept = []  # (record index, record without image, num_tiles)
         bad_logged = 0
         # Skipping promises that training will not stop on a bad image, so then every image is decoded now.
-        image_size = _decoded_size if self.skip_bad_samples else _image_size
+        image_size = decoded_size if self.skip_bad_samples else image_size
         for index, record in enumerate(_iter_undecoded(self.records)):
             record_id = _check_record(record, index)
             num_tiles = 0
@@ -551,7 +451,7 @@ class PromptDataset(torch.utils.data.Dataset):
 
 
 __all__ = [
-    "MODES", "LATENT_MODES", "IGNORE_INDEX", "step_text", "answer_text", "tokenizer_texts", "to_rgb", "load_image",
+    "IGNORE_INDEX",
     "CurriculumDataset",
     "PromptDataset",
 ]

@@ -1,0 +1,1 @@
+"""What the continuous thoughts hold: decoded tokens, attention, linear probes."""

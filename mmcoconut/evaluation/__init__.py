@@ -1,0 +1,1 @@
+"""Scoring generated answers: batched A-OKVQA evaluation and the official metric."""

@@ -1,0 +1,1 @@
+"""The training run around `CurriculumTrainer`: arguments, recipes, checks before loading, building, reporting."""
