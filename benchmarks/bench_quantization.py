@@ -4,7 +4,7 @@
         --data-file outputs/demo/data/canonical/val.jsonl --limit 16 --out outputs/bench_quantization.json
 
 Every variant (`--quantizations`, default `none` and `torchao-int8`, plus `bnb-8bit` and `bnb-4bit` where CUDA is
-present) loads the checkpoint with `predict.load` and answers the same questions with `predict.predict` (greedy,
+present) loads the checkpoint with `load` and answers the same questions with `predict` (greedy,
 the checkpoint's latent span), each in its own process so that one variant's memory is not another's. Reported per
 variant: weight bytes (parameters + buffers as stored), memory after loading, the peak while loading and the peak
 while answering (`MEMORY_NOTE`), time per question, and agreement with `none` — the share of questions with the same
@@ -49,7 +49,8 @@ def _resident_bytes(device):
 
 def run_variant(args, quantization):
     """Load + answer every question under `quantization`, in this process: a JSON-serialisable dict."""
-    from mmcoconut import inference as predict
+    from mmcoconut.inference.loading import load, quantization_config
+    from mmcoconut.inference.prediction import predict
     from mmcoconut.data.aokvqa import load_canonical
 
     records = load_canonical(args.data_file)[: args.limit]
@@ -57,20 +58,20 @@ def run_variant(args, quantization):
     state = {}
 
     def load():
-        state["model"], state["processor"] = predict.load(args.model, quantization, args.dtype, str(device))
+        state["model"], state["processor"] = load(args.model, quantization, args.dtype, str(device))
 
     def answer():
         start = time.perf_counter()
         state["answers"] = [
             # The canonical question already holds its rendered choices; the answer is the `Answer:` line.
-            predict.predict(state["model"], state["processor"], record.get("image"), record["question"],
+            predict(state["model"], state["processor"], record.get("image"), record["question"],
                             max_new_tokens=args.max_new_tokens)
             for record in records
         ]
         state["seconds"] = time.perf_counter() - start
 
     # The quantization library is imported before the baseline: its code is not the model's memory.
-    predict.quantization_config(quantization)
+    quantization_config(quantization)
     before = _resident_bytes(device)
     load_peak = peak_memory_bytes(load, device)
     resident = _resident_bytes(device) - before

@@ -130,16 +130,16 @@ def question_image(tmp_path_factory):
 @pytest.fixture
 def no_loading(monkeypatch):
     """Make every model or data load fail, so a test shows that its check came first."""
-    from mmcoconut.analysis import attention as analyze_latents
-    import evaluate_aokvqa
-    import train
+    from mmcoconut.cli import evaluate as evaluate_aokvqa
+    from mmcoconut.cli import train as train_cli
+    from mmcoconut.data import aokvqa as data_aokvqa
     from modeling_mmcoconut import MMCoconutForConditionalGeneration
 
     def refuse(*args, **kwargs):
         raise AssertionError("a model or data was loaded before the check")
 
-    monkeypatch.setattr(train, "build_model_and_processor", refuse)
-    monkeypatch.setattr(train, "load_records", refuse)
+    monkeypatch.setattr(train_cli, "build_model_and_processor", refuse)
+    monkeypatch.setattr(train_cli, "load_records", refuse)
     monkeypatch.setattr(MMCoconutForConditionalGeneration, "from_pretrained", refuse)
     monkeypatch.setattr(evaluate_aokvqa, "load_records", refuse)
-    monkeypatch.setattr(analyze_latents, "load_canonical", refuse)
+    monkeypatch.setattr(data_aokvqa, "load_canonical", refuse)  # the analysis CLI imports it when it runs

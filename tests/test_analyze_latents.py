@@ -8,7 +8,9 @@ import torch
 from PIL import Image
 
 from mmcoconut.analysis import attention as analyze_latents
-from mmcoconut.analysis.attention import ATTENTION_CATEGORIES, analyze, analyze_batch, load_model, special_token_ids
+from mmcoconut.cli import analyze as analyze_cli
+from mmcoconut.analysis.attention import ATTENTION_CATEGORIES, analyze, analyze_batch, special_token_ids
+from mmcoconut.inference.loading import load_model
 from mmcoconut.data.aokvqa import load_canonical
 from data_collator import MMCoconutCollator
 from mmcoconut.data.curriculum import CurriculumDataset
@@ -33,7 +35,7 @@ def data_file(synthetic_aokvqa, tmp_path_factory):
 def loaded_batch(tiny_checkpoint, data_file, latent_processor):
     """The eager tiny model, a processor with the same token ids (the session's; loading the saved one costs
     seconds) and a collated batch of three prompts with `NUM_LATENTS` latents each."""
-    model = load_model(tiny_checkpoint)
+    model = load_model(tiny_checkpoint, dtype="float32", device="cpu", attn_implementation="eager")
     processor = latent_processor
     assert processor.tokenizer.convert_tokens_to_ids("<|latent|>") == model.config.latent_token_id
     dataset = CurriculumDataset(load_canonical(data_file), processor, mode="coconut", c_thought=C_THOUGHT)
@@ -44,7 +46,7 @@ def loaded_batch(tiny_checkpoint, data_file, latent_processor):
 
 
 def test_cli_writes_json_sorted_decodings_normalised_shares_and_valid_pngs(tiny_checkpoint, data_file, tmp_path):
-    analyze_latents.main([
+    analyze_cli.main([
         "--model", str(tiny_checkpoint), "--data-file", str(data_file), "--limit", "3", "--num-latents",
         str(NUM_LATENTS), "--top-k", str(TOP_K), "--batch-size", "2", "--max-tiles", "4", "--output-dir", str(tmp_path),
     ])
@@ -144,7 +146,7 @@ def test_attention_needs_eager_and_the_batch_needs_latents(loaded_batch, tiny_ch
 def test_top1_in_step_marks_a_thought_that_decodes_to_a_token_of_its_step(tiny_checkpoint, data_file, latent_processor):
     # Thoughts depend on the prompt only, so rewriting the steps keeps every decoding. c_thought is 2: thoughts 1-2
     # replace step 1, thoughts 3-4 step 2, and thoughts 5-6 have no step (the record has two).
-    model = load_model(tiny_checkpoint)
+    model = load_model(tiny_checkpoint, dtype="float32", device="cpu", attn_implementation="eager")
     record = load_canonical(data_file)[2]  # text-only: the session processor's tiling need not match the checkpoint
     first = analyze(model, latent_processor, [record], num_latents=6, top_k=1)["samples"][0]["thoughts"]
     token = first[0]["top_k"][0]["token"]

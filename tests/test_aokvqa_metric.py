@@ -1,35 +1,26 @@
-"""The A-OKVQA metric module, loaded offline with `evaluate.load`, on hand-computed cases."""
+"""The A-OKVQA metric (`mmcoconut.evaluation.metric.aokvqa_accuracy`, a plain function) on hand-computed cases."""
 
 import logging
 import math
 import socket
-from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-METRIC_DIR = Path(__file__).resolve().parents[1] / "metrics" / "aokvqa"
+from mmcoconut.evaluation.metric import aokvqa_accuracy
+
 CHOICES = ["hat", "umbrella", "coat", "bag"]
 
 
 def no_network(*args, **kwargs):
-    raise OSError("network access attempted while loading the metric")
+    raise OSError("network access attempted while scoring")
 
 
-@pytest.fixture(scope="module")
-def metric(tmp_path_factory):
-    """The metric as the evaluation script loads it: by absolute path, with no network."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        mp.setenv("HF_EVALUATE_OFFLINE", "1")
-        # Loading a local module must not touch the network at all, offline flags or not.
-        mp.setattr(socket.socket, "connect", no_network)
-        # A foreign working directory: the absolute path must not depend on it.
-        mp.chdir(tmp_path_factory.mktemp("cwd"))
-        import evaluate
-
-        yield evaluate.load(
-            str(METRIC_DIR), keep_in_memory=True, cache_dir=str(tmp_path_factory.mktemp("cache"))
-        )
+@pytest.fixture
+def metric(monkeypatch):
+    """The metric, with every network connection refused: scoring is arithmetic on the given answers."""
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    return SimpleNamespace(compute=lambda predictions, references: aokvqa_accuracy(predictions, references))
 
 
 def ref(direct_answers=("umbrella",) * 10, correct=1, difficult=False, choices=CHOICES):
@@ -43,22 +34,6 @@ def ref(direct_answers=("umbrella",) * 10, correct=1, difficult=False, choices=C
 
 def pred(mc, da="same"):
     return {"multiple_choice": mc, "direct_answer": mc if da == "same" else da}
-
-
-def test_loads_offline_as_an_evaluate_metric(metric):
-    import evaluate
-
-    assert isinstance(metric, evaluate.Metric)
-    assert metric.name == "aokvqa"
-    assert set(metric.features) == {"predictions", "references"}
-
-
-def test_relative_directory_path_loads_from_the_repo_root(monkeypatch):
-    import evaluate
-
-    monkeypatch.setattr(socket.socket, "connect", no_network)
-    monkeypatch.chdir(METRIC_DIR.parents[1])
-    assert evaluate.load("metrics/aokvqa", keep_in_memory=True).name == "aokvqa"
 
 
 @pytest.mark.parametrize(
@@ -131,9 +106,11 @@ def test_matching_is_exact_like_the_official_script(metric, prediction):
 
 
 def test_batches_accumulate(metric):
-    metric.add_batch(predictions=[pred(None, None)], references=[ref()])
-    metric.add_batch(predictions=[pred("umbrella")], references=[ref()])
-    result = metric.compute()
+    """Scores of two batches together: the concatenation, as evaluation gathers every rank's answers."""
+    batches = [([pred(None, None)], [ref()]), ([pred("umbrella")], [ref()])]
+    result = metric.compute(
+        predictions=[p for preds, _ in batches for p in preds], references=[r for _, refs in batches for r in refs]
+    )
     assert result["mc_accuracy"] == 0.5 and result["num_unparseable"] == 1
 
 

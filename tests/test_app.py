@@ -9,15 +9,16 @@ import pytest
 pytest.importorskip("gradio")
 gradio_client = pytest.importorskip("gradio_client")
 
-import app  # noqa: E402
-from mmcoconut import inference as predict  # noqa: E402
+from mmcoconut import app  # noqa: E402
+from mmcoconut.cli import app as app_cli  # noqa: E402
+from mmcoconut.inference.loading import load
 from tests.test_predict import QUESTION, _run_predict  # noqa: E402
 
 
 @pytest.fixture
 def served(inference_checkpoint, monkeypatch):
     monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
-    model, processor = predict.load(inference_checkpoint, attn_implementation="eager")
+    model, processor = load(inference_checkpoint, attn_implementation="eager")
     demo = app.build_demo(model, processor, "tiny")
     port = app.free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
@@ -58,7 +59,7 @@ def test_app_without_image_and_with_an_explicit_latent_count(served):
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium")
 def test_screenshot_in_headless_chromium(inference_checkpoint, question_image, tmp_path):
     out = tmp_path / "app.png"
-    app.main(["--model", str(inference_checkpoint), "--screenshot", str(out), "--example-image", str(question_image),
+    app_cli.main(["--model", str(inference_checkpoint), "--screenshot", str(out), "--example-image", str(question_image),
               "--example-question", QUESTION, "--example-choices", "red", "blue"])
     import numpy as np
     from PIL import Image

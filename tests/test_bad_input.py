@@ -15,9 +15,10 @@ import pytest
 import torch
 from PIL import Image
 
-from mmcoconut.analysis import attention as analyze_latents
-import evaluate_aokvqa
-import train
+from mmcoconut.cli import analyze as analyze_cli
+from mmcoconut.cli import evaluate as evaluate_aokvqa
+from mmcoconut.training.recipe import parse_args
+from mmcoconut.cli.train import main as train_main
 from mmcoconut.evaluation.aokvqa import format_summary
 from mmcoconut.data.aokvqa import load_canonical
 from mmcoconut.data.curriculum import CurriculumDataset
@@ -212,25 +213,25 @@ def _recipe(tmp_path, text):
 )
 def test_bad_recipes_are_refused_before_loading(tmp_path, no_loading, text, match):
     with pytest.raises(ValueError, match=match):
-        train.main([_recipe(tmp_path, text)])
+        train_main([_recipe(tmp_path, text)])
 
 
 def test_every_problem_is_listed_at_once(tmp_path, no_loading):
     with pytest.raises(ValueError) as error:
-        train.main([_recipe(tmp_path, "c_thought: 0\nepochs_per_stage: 0\nnum_train_epochs: -1")])
+        train_main([_recipe(tmp_path, "c_thought: 0\nepochs_per_stage: 0\nnum_train_epochs: -1")])
     assert str(error.value).count("\n  - ") == 3
 
 
 def test_flags_after_the_recipe_are_checked_too(tmp_path, no_loading):
     with pytest.raises(ValueError, match="c_thought must be >= 1, got 0"):
-        train.main([_recipe(tmp_path, ""), "--c_thought", "0"])
+        train_main([_recipe(tmp_path, ""), "--c_thought", "0"])
     with pytest.raises(SystemExit):  # argparse: invalid int value
-        train.main([_recipe(tmp_path, ""), "--c_thought", "1.5"])
+        train_main([_recipe(tmp_path, ""), "--c_thought", "1.5"])
 
 
 def test_string_numbers_in_yaml_still_work(tmp_path):
     # PyYAML reads `1e-3` (no dot) as a string; argparse converts string defaults, as before.
-    training = train.parse_args([_recipe(tmp_path, "learning_rate: 1e-3")])[-1]
+    training = parse_args([_recipe(tmp_path, "learning_rate: 1e-3")])[-1]
     assert training.learning_rate == 1e-3
 
 
@@ -240,13 +241,13 @@ def test_base_cycles_are_a_clear_error(tmp_path, chain):
         (tmp_path / name).write_text(f"base: {base}\nc_thought: 1\n")
     loop = " -> ".join(str(tmp_path / name) for name in chain + chain[:1])
     with pytest.raises(ValueError, match=f"recipe base chain loops: {loop}$"):
-        train.parse_args([str(tmp_path / chain[0])])
+        parse_args([str(tmp_path / chain[0])])
 
 
 def test_missing_base_recipe_is_named(tmp_path):
     (tmp_path / "a.yaml").write_text("base: nowhere.yaml\n")
     with pytest.raises(FileNotFoundError, match=r"a.yaml: base recipe .*nowhere.yaml not found"):
-        train.parse_args([str(tmp_path / "a.yaml")])
+        parse_args([str(tmp_path / "a.yaml")])
 
 
 # ---- checkpoint directories ----
@@ -277,7 +278,7 @@ MISSING = [
 def test_incomplete_checkpoint_is_named_before_training_loads_anything(tmp_path, no_loading, incomplete, name, match):
     path = incomplete(name)
     with pytest.raises(FileNotFoundError, match=rf"{path} is not a complete checkpoint: {match}"):
-        train.main([_recipe(tmp_path, f"load_model_path: {path}")])
+        train_main([_recipe(tmp_path, f"load_model_path: {path}")])
 
 
 @pytest.mark.parametrize("name, match", MISSING)
@@ -286,7 +287,7 @@ def test_incomplete_checkpoint_is_named_by_evaluate_and_analyze(tmp_path, no_loa
     with pytest.raises(FileNotFoundError, match=match):
         evaluate_aokvqa.main(["--model", str(path), "--data-file", "x.jsonl", "--output-dir", str(tmp_path / "e")])
     with pytest.raises(FileNotFoundError, match=match):
-        analyze_latents.main(["--model", str(path), "--data-file", "x.jsonl", "--output-dir", str(tmp_path / "a")])
+        analyze_cli.main(["--model", str(path), "--data-file", "x.jsonl", "--output-dir", str(tmp_path / "a")])
 
 
 def test_missing_tokenizer_is_named_by_the_processor_loader(incomplete):

@@ -14,12 +14,14 @@ HEAVY = ("torch", "transformers", "datasets")
 CLIS = [
     ("path", "train.py"),
     ("path", "evaluate_aokvqa.py"),
-    ("path", "analyze_latents.py"),
-    ("path", "synthetic_data.py"),
-    ("path", "convert_internvl_chat.py"),
-    ("path", "predict.py"),
-    ("path", "app.py"),
-    ("path", "probe_latents.py"),
+    ("module", "mmcoconut.cli.train"),
+    ("module", "mmcoconut.cli.evaluate"),
+    ("module", "mmcoconut.cli.analyze"),
+    ("module", "mmcoconut.cli.data"),
+    ("module", "mmcoconut.cli.convert"),
+    ("module", "mmcoconut.cli.predict"),
+    ("module", "mmcoconut.cli.app"),
+    ("module", "mmcoconut.cli.probe"),
     ("path", "experiments/learning_curve.py"),
     ("path", "experiments/adaptive_thinking.py"),
     ("path", "experiments/step_time_by_vocabulary.py"),
@@ -55,13 +57,16 @@ def test_help_answers_without_heavy_imports_and_shows_defaults(kind, target):
 
 
 def test_train_help_lists_every_recipe_field_with_its_default():
-    import train
+    from dataclasses import fields
+    from mmcoconut.constants import DATA_SOURCES
+    from mmcoconut.modes import MODES
+    from mmcoconut.training.arguments import RECIPE_DATACLASSES
 
     proc = subprocess.run([sys.executable, "train.py", "--help"], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0
     text = " ".join(proc.stdout.split())  # argparse wraps lines
-    for dataclass_type in train.RECIPE_DATACLASSES:
-        for f in train.fields(dataclass_type):
+    for dataclass_type in RECIPE_DATACLASSES:
+        for f in fields(dataclass_type):
             assert f"--{f.name}" in text, f.name
     assert "--c_thought C_THOUGHT Continuous thoughts per replaced reasoning step. (default: 2)" in text
     assert "train.py RECIPE.yaml --help" in text  # where the TrainingArguments fields are listed
@@ -76,22 +81,10 @@ def test_train_recipe_help_still_lists_the_training_arguments():
     assert "--learning_rate" in proc.stdout and "--tiny_internvl" in proc.stdout
 
 
-def test_names_the_parsers_hold_equal_their_modules():
-    from mmcoconut.evaluation import aokvqa as aokvqa_evaluation
-    from mmcoconut.analysis import attention as analyze_latents
-    from mmcoconut.data import aokvqa as data_aokvqa
-    from mmcoconut.data import curriculum as data_curriculum
-    import evaluate_aokvqa
-    import train
+def test_the_one_copy_of_thinking_modes_equals_the_models():
+    """modeling_mmcoconut is remote code and may import nothing of the package, so the CLIs' choices for
+    `--thinking` (mmcoconut.constants, torch-free) are the one constant kept in two places."""
+    import modeling_mmcoconut
+    from mmcoconut import constants
 
-    assert train.DATA_SOURCES == (*data_aokvqa.SOURCES, "synthetic")
-    assert train.MODES == data_curriculum.MODES
-    assert evaluate_aokvqa.EVAL_MODES == aokvqa_evaluation.EVAL_MODES
-    assert evaluate_aokvqa.DEFAULT_MAX_NEW_TOKENS == aokvqa_evaluation.DEFAULT_MAX_NEW_TOKENS
-    assert evaluate_aokvqa.HF_AOKVQA_ID == data_aokvqa.HF_AOKVQA_ID
-    assert analyze_latents.DTYPE_NAMES == tuple(analyze_latents.DTYPES)
-    import app
-    from mmcoconut import inference as predict
-
-    assert predict.DTYPE_NAMES == tuple(predict.DTYPES)
-    assert (app.QUANTIZATIONS, app.DTYPE_NAMES) == (predict.QUANTIZATIONS, predict.DTYPE_NAMES)
+    assert constants.THINKING_MODES == modeling_mmcoconut.THINKING_MODES

@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 from transformers import InternVLForConditionalGeneration
 
 from mmcoconut import conversion as convert_internvl_chat
+from mmcoconut.cli import convert as convert_cli
 from mmcoconut.conversion import (
     convert_internvl_chat_state_dict,
     internvl_chat_config_to_hf,
@@ -486,7 +487,7 @@ def test_command_line_writes_a_native_checkpoint(tmp_path):
     source = write_original(tmp_path / "original", native)
     write_original_tokenizer(source)
 
-    convert_internvl_chat.main([str(source), str(tmp_path / "native")])
+    convert_cli.main([str(source), str(tmp_path / "native")])
     reloaded = InternVLForConditionalGeneration.from_pretrained(tmp_path / "native").eval()
     reloaded_weights = reloaded.state_dict()
     for name, tensor in native.state_dict().items():

@@ -15,7 +15,7 @@ import torch
 from transformers import GenerationConfig, TrainingArguments
 
 from mmcoconut.evaluation import aokvqa as aokvqa_evaluation
-import evaluate_aokvqa
+from mmcoconut.cli import evaluate as evaluate_aokvqa
 from mmcoconut.evaluation.aokvqa import (
     UNPARSEABLE_PREDICTION,
     _shard,

@@ -5,8 +5,10 @@ from pathlib import Path
 
 import pytest
 
-import evaluate_aokvqa
-import train
+from mmcoconut.cli import evaluate as evaluate_aokvqa
+from mmcoconut.training.checks import prepare_output_dir
+from mmcoconut.training.recipe import parse_args
+from mmcoconut.cli.train import main as train_main
 
 DEMO = str(Path("recipes/demo.yaml").resolve())
 
@@ -21,29 +23,29 @@ def _previous_run(out):
 
 
 def _training_args(out, *flags):
-    return train.parse_args([DEMO, "--output_dir", str(out), *flags])[-1]
+    return parse_args([DEMO, "--output_dir", str(out), *flags])[-1]
 
 
 def test_new_run_into_a_previous_run_is_refused_before_loading(tmp_path, no_loading):
     out = tmp_path / "run"
     _previous_run(out)
     with pytest.raises(FileExistsError, match=r"holds a previous run \(checkpoint-2, checkpoint-10, config.json\)"):
-        train.main([DEMO, "--output_dir", str(out)])
+        train_main([DEMO, "--output_dir", str(out)])
     assert (out / "checkpoint-2" / "model.safetensors").read_bytes() == b"old"
     assert (out / "config.json").is_file()
 
 
 def test_an_output_dir_without_a_run_is_fine(tmp_path):
     (tmp_path / "run" / "data").mkdir(parents=True)
-    assert train.prepare_output_dir(_training_args(tmp_path / "run")) is None
-    assert train.prepare_output_dir(_training_args(tmp_path / "missing")) is None
+    assert prepare_output_dir(_training_args(tmp_path / "run")) is None
+    assert prepare_output_dir(_training_args(tmp_path / "missing")) is None
 
 
 def test_overwrite_output_dir_removes_only_the_old_checkpoints(tmp_path):
     out = tmp_path / "run"
     _previous_run(out)
     # Left in place, checkpoint-10 would outlive the new run's checkpoint-2 in save_total_limit rotation.
-    assert train.prepare_output_dir(_training_args(out, "--overwrite_output_dir", "true")) is None
+    assert prepare_output_dir(_training_args(out, "--overwrite_output_dir", "true")) is None
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "data"]
 
 
@@ -51,21 +53,21 @@ def test_overwrite_output_dir_removes_only_the_old_checkpoints(tmp_path):
 def test_resume_true_picks_the_latest_checkpoint(tmp_path, flag):
     out = tmp_path / "run"
     _previous_run(out)
-    resume = train.prepare_output_dir(_training_args(out, "--resume_from_checkpoint", flag))
+    resume = prepare_output_dir(_training_args(out, "--resume_from_checkpoint", flag))
     assert resume == str(out / "checkpoint-10")
 
 
 def test_resume_true_without_a_checkpoint_is_an_error(tmp_path):
     (tmp_path / "run").mkdir()
     with pytest.raises(FileNotFoundError, match=r"resume_from_checkpoint true: no checkpoint-\* folder in"):
-        train.prepare_output_dir(_training_args(tmp_path / "run", "--resume_from_checkpoint", "true"))
+        prepare_output_dir(_training_args(tmp_path / "run", "--resume_from_checkpoint", "true"))
 
 
 def test_resume_false_is_a_new_run(tmp_path):
     out = tmp_path / "run"
     _previous_run(out)
     with pytest.raises(FileExistsError, match="holds a previous run"):
-        train.prepare_output_dir(_training_args(out, "--resume_from_checkpoint", "false"))
+        prepare_output_dir(_training_args(out, "--resume_from_checkpoint", "false"))
 
 
 def test_yaml_true_resumes(tmp_path):
@@ -73,8 +75,8 @@ def test_yaml_true_resumes(tmp_path):
     _previous_run(out)
     recipe = tmp_path / "resume.yaml"
     recipe.write_text(f"base: {DEMO}\noutput_dir: {out}\nresume_from_checkpoint: true\n")
-    args = train.parse_args([str(recipe)])[-1]
-    assert train.prepare_output_dir(args) == str(out / "checkpoint-10")
+    args = parse_args([str(recipe)])[-1]
+    assert prepare_output_dir(args) == str(out / "checkpoint-10")
 
 
 def test_rerun_is_refused_and_resume_true_continues(tmp_path):
@@ -84,11 +86,11 @@ def test_rerun_is_refused_and_resume_true_continues(tmp_path):
         "--synthetic_val", "4", "--per_device_train_batch_size", "4", "--epochs_per_stage", "1",
         "--eval_strategy", "no", "--eval_accuracy", "false", "--logging_steps", "1", "--save_total_limit", "2",
     ]
-    first = train.main([*command, "--num_train_epochs", "1"])
+    first = train_main([*command, "--num_train_epochs", "1"])
     assert first.state.global_step == 2 and (out / "checkpoint-2").is_dir()
     with pytest.raises(FileExistsError, match="holds a previous run"):
-        train.main([*command, "--num_train_epochs", "2"])
-    resumed = train.main([*command, "--num_train_epochs", "2", "--resume_from_checkpoint", "True"])
+        train_main([*command, "--num_train_epochs", "2"])
+    resumed = train_main([*command, "--num_train_epochs", "2", "--resume_from_checkpoint", "True"])
     steps = [entry["step"] for entry in resumed.state.log_history if "loss" in entry]
     assert steps == [1, 2, 3, 4]  # steps 1-2 come from checkpoint-2's trainer state, 3-4 were trained now
     assert resumed.state.global_step == 4 and sorted(p.name for p in out.glob("checkpoint-*")) == [

@@ -13,7 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-from mmcoconut import inference as predict
+from mmcoconut.inference.loading import load, quantization_config
+
+from mmcoconut.inference.prediction import format_prediction, predict
 from mmcoconut.analysis.attention import analyze
 from modeling_mmcoconut import MMCoconutForConditionalGeneration, MMCoconutGenerateOutput
 from mmcoconut.processing import load_internvl_processor
@@ -26,7 +28,7 @@ QUESTION = "What colour is the left square?"
 
 def _run_predict(*args):
     result = subprocess.run(
-        [sys.executable, str(ROOT / "predict.py"), *map(str, args)], capture_output=True, text=True, timeout=300,
+        [sys.executable, "-m", "mmcoconut.cli.predict", *map(str, args)], capture_output=True, text=True, timeout=300,
         cwd=ROOT,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -55,8 +57,8 @@ def test_pipeline_chat_template_and_predict_give_the_same_answer(inference_check
     answer = pipe(text=messages_for(QUESTION, image), return_full_text=False)
     assert answer[0]["generated_text"] == by_hand
 
-    model, processor = predict.load(inference_checkpoint)
-    prediction = predict.predict(model, processor, question_image, QUESTION)
+    model, processor = load(inference_checkpoint)
+    prediction = predict(model, processor, question_image, QUESTION)
     assert tokenizer.decode(tokenizer(prediction.generated_text, add_special_tokens=False)["input_ids"],
                             skip_special_tokens=True) == by_hand
     assert prediction.num_latents == 2  # latent_stage 1 × c_thought 2
@@ -110,24 +112,24 @@ def _fake_generate(model, tokenizer, completion):
 
 
 def test_answer_is_letter_and_text_with_choices_and_free_text_without(inference_checkpoint, question_image):
-    model, processor = predict.load(inference_checkpoint)
+    model, processor = load(inference_checkpoint)
     _fake_generate(model, processor.tokenizer, "<|end-latent|>Answer: B. blue<|im_end|>")
-    with_choices = predict.predict(model, processor, question_image, QUESTION, choices=["red", "blue", "green"])
+    with_choices = predict(model, processor, question_image, QUESTION, choices=["red", "blue", "green"])
     assert with_choices.question == f"{QUESTION}\nA. red\nB. blue\nC. green"
     assert (with_choices.answer, with_choices.letter) == ("B. blue", "B")
-    free = predict.predict(model, processor, question_image, QUESTION)
+    free = predict(model, processor, question_image, QUESTION)
     assert (free.answer, free.letter, free.parse_error) == ("B. blue", None, None)
     _fake_generate(model, processor.tokenizer, "blue<|im_end|>")
-    unparseable = predict.predict(model, processor, question_image, QUESTION)
+    unparseable = predict(model, processor, question_image, QUESTION)
     assert unparseable.answer is None and "no 'Answer:'" in unparseable.parse_error
-    assert "unparseable" in predict.format_prediction(unparseable)
+    assert "unparseable" in format_prediction(unparseable)
     with pytest.raises(ValueError, match="at most 4 choices"):
-        predict.predict(model, processor, question_image, QUESTION, choices=list("abcde"))
+        predict(model, processor, question_image, QUESTION, choices=list("abcde"))
 
 
 def test_show_thoughts_is_analyze_latents_on_the_same_prompt(inference_checkpoint, question_image):
-    model, processor = predict.load(inference_checkpoint, attn_implementation="eager")
-    prediction = predict.predict(model, processor, question_image, QUESTION, show_thoughts=True, top_k=3)
+    model, processor = load(inference_checkpoint, attn_implementation="eager")
+    prediction = predict(model, processor, question_image, QUESTION, show_thoughts=True, top_k=3)
     record = {"id": "q", "image": str(question_image), "question": QUESTION, "steps": [], "answer": None}
     reference = analyze(model, processor, [record], top_k=3)["samples"][0]["thoughts"]
     assert len(prediction.thoughts) == 2
@@ -144,11 +146,11 @@ def test_show_thoughts_is_analyze_latents_on_the_same_prompt(inference_checkpoin
 
 
 def test_num_latents_option(inference_checkpoint, question_image):
-    model, processor = predict.load(inference_checkpoint)
-    assert predict.predict(model, processor, question_image, QUESTION, num_latents=5).num_latents == 5
-    assert predict.predict(model, processor, None, QUESTION, num_latents=0).num_latents == 0
+    model, processor = load(inference_checkpoint)
+    assert predict(model, processor, question_image, QUESTION, num_latents=5).num_latents == 5
+    assert predict(model, processor, None, QUESTION, num_latents=0).num_latents == 0
     with pytest.raises(ValueError, match="no <\\|latent\\|> tokens"):
-        predict.predict(model, processor, question_image, QUESTION, num_latents=0, show_thoughts=True)
+        predict(model, processor, question_image, QUESTION, num_latents=0, show_thoughts=True)
 
 
 # ---- a checkpoint trained to stop thinking (supervise_end_latent) ----
@@ -197,8 +199,8 @@ def test_an_adaptive_checkpoint_answers_from_its_chat_template(adaptive_checkpoi
     evaluation = _evaluate_one(adaptive_checkpoint, question_image)
     assert processor.tokenizer.decode(inputs["input_ids"][0, -1:]) == "<|start-latent|>"
 
-    model, processor = predict.load(adaptive_checkpoint)
-    prediction = predict.predict(model, processor, question_image, QUESTION)
+    model, processor = load(adaptive_checkpoint)
+    prediction = predict(model, processor, question_image, QUESTION)
     assert prediction.adaptive and prediction.num_latents == evaluation["thoughts"]
     assert prediction.generated_text == evaluation["generated_text"]
 
@@ -212,20 +214,20 @@ def test_an_adaptive_checkpoint_answers_from_its_chat_template(adaptive_checkpoi
 
 
 def test_a_forced_count_on_an_adaptive_checkpoint_is_a_fixed_prompt(adaptive_checkpoint, question_image):
-    model, processor = predict.load(adaptive_checkpoint, attn_implementation="eager")
-    forced = predict.predict(model, processor, question_image, QUESTION, num_latents=3)
+    model, processor = load(adaptive_checkpoint, attn_implementation="eager")
+    forced = predict(model, processor, question_image, QUESTION, num_latents=3)
     assert not forced.adaptive and forced.num_latents == 3
     assert forced.generated_text == _evaluate_one(adaptive_checkpoint, question_image, num_latents=3)["generated_text"]
-    assert "latents: 3\n" in predict.format_prediction(forced) + "\n"
+    assert "latents: 3\n" in format_prediction(forced) + "\n"
 
     # The thoughts shown for adaptive thinking are those of the closed span with as many latents.
-    chosen = predict.predict(model, processor, question_image, QUESTION, show_thoughts=True, top_k=3)
+    chosen = predict(model, processor, question_image, QUESTION, show_thoughts=True, top_k=3)
     assert chosen.adaptive and len(chosen.thoughts) == chosen.num_latents >= 1
     record = {"id": "q", "image": str(question_image), "question": QUESTION, "steps": [], "answer": None}
     reference = analyze(model, processor, [record], num_latents=chosen.num_latents, top_k=3)["samples"][0]["thoughts"]
     assert [[d["token_id"] for d in t["top_k"]] for t in chosen.thoughts] == \
         [[d["token_id"] for d in t["top_k"]] for t in reference]
-    assert "(adaptive: the model stopped thinking there)" in predict.format_prediction(chosen)
+    assert "(adaptive: the model stopped thinking there)" in format_prediction(chosen)
 
 
 # ---- checkpoints from train.py: full and LoRA ----
@@ -234,11 +236,12 @@ def test_a_forced_count_on_an_adaptive_checkpoint_is_a_fixed_prompt(adaptive_che
 @pytest.fixture(scope="module")
 def lora_run(inference_checkpoint, tmp_path_factory):
     """A few LoRA steps of the demo recipe from `inference_checkpoint` (the base the adapters name)."""
-    import train
+    from mmcoconut.training.recipe import read_recipe
+    from mmcoconut.cli.train import main as train_main
 
     tmp = tmp_path_factory.mktemp("lora_run")
     out = tmp / "run"
-    train.main([
+    train_main([
         "recipes/demo.yaml", "--load_model_path", str(inference_checkpoint), "--use_lora", "true",
         "--output_dir", str(out), "--synthetic_dir", str(tmp / "data"), "--synthetic_train", "4",
         "--synthetic_val", "2", "--max_steps", "2", "--per_device_train_batch_size", "2", "--epochs_per_stage", "1",
@@ -254,9 +257,10 @@ def test_train_saves_chat_template_and_budget(lora_run):
     assert "<|start-latent|>" in processor.chat_template
     merged = MMCoconutForConditionalGeneration.from_pretrained(out / "merged")
     assert merged.generation_config.max_new_tokens == 8  # the base's budget is kept (a fresh model gets the eval one)
-    import train
+    from mmcoconut.training.recipe import read_recipe
+    from mmcoconut.cli.train import main as train_main
 
-    recipe_tiles = train.read_recipe("recipes/demo.yaml")["max_tiles"]
+    recipe_tiles = read_recipe("recipes/demo.yaml")["max_tiles"]
     assert load_internvl_processor(out / "merged").image_processor.max_patches == recipe_tiles  # not the base's
 
 
@@ -272,7 +276,7 @@ def test_predict_on_a_lora_adapter_directory_equals_the_merged_model(lora_run):
 
 
 def test_evaluate_runs_on_a_lora_adapter_directory(lora_run, tmp_path):
-    import evaluate_aokvqa
+    from mmcoconut.cli import evaluate as evaluate_aokvqa
 
     out, val = lora_run
     runs = {}
@@ -295,7 +299,7 @@ def test_missing_lora_base_fails_fast_naming_it(lora_run, tmp_path, monkeypatch)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     start = time.monotonic()
     with pytest.raises(FileNotFoundError, match="'nobody/missing-base'.*HF_HUB_OFFLINE.*needs the Hub .* local copy"):
-        predict.load(adapters)
+        load(adapters)
     assert time.monotonic() - start < 10
 
 
@@ -304,10 +308,10 @@ def test_missing_lora_base_fails_fast_naming_it(lora_run, tmp_path, monkeypatch)
 
 def test_torchao_int8_weight_only_runs_on_cpu(inference_checkpoint, question_image):
     pytest.importorskip("torchao")
-    model, processor = predict.load(inference_checkpoint, quantization="torchao-int8", device="cpu")
+    model, processor = load(inference_checkpoint, quantization="torchao-int8", device="cpu")
     weight = model.internvl.model.language_model.layers[0].mlp.up_proj.weight
     assert "int8" in type(weight).__name__.lower() or "Affine" in type(weight).__name__, type(weight)
-    prediction = predict.predict(model, processor, question_image, QUESTION)
+    prediction = predict(model, processor, question_image, QUESTION)
     assert prediction.num_latents == 2 and isinstance(prediction.generated_text, str)
 
 
@@ -315,7 +319,7 @@ def test_torchao_int8_weight_only_runs_on_cpu(inference_checkpoint, question_ima
 @pytest.mark.parametrize("name", ["bnb-8bit", "bnb-4bit"])
 def test_bitsandbytes_is_refused_without_cuda(name):
     with pytest.raises(ValueError, match="needs a CUDA GPU.*torchao-int8"):
-        predict.quantization_config(name)
+        quantization_config(name)
 
 
 # ---- evaluation: questions without choices, the saved tiling ----
@@ -336,7 +340,7 @@ def test_evaluation_refuses_records_without_choices_before_generating(inference_
 def test_evaluate_cli_keeps_the_checkpoint_tiling_by_default(inference_checkpoint, question_image, tmp_path):
     """The checkpoint allows 4 tiles: a 224×112 image is 2 tiles + thumbnail = 12 image tokens (the old default of
     8 tiles made it 4×2 + thumbnail = 36)."""
-    import evaluate_aokvqa
+    from mmcoconut.cli import evaluate as evaluate_aokvqa
 
     image = tmp_path / "wide.png"
     Image.open(question_image).resize((224, 112)).save(image)
@@ -352,7 +356,7 @@ def test_evaluate_cli_keeps_the_checkpoint_tiling_by_default(inference_checkpoin
 
 def test_a_pause_checkpoint_reports_its_prompt_latents(inference_checkpoint, question_image):
     # generate counts no thoughts for pause tokens (they are tokens, not thoughts); predict still reports the span.
-    model, processor = predict.load(inference_checkpoint)
+    model, processor = load(inference_checkpoint)
     model.config.pause_as_thought = True
-    prediction = predict.predict(model, processor, question_image, QUESTION)
+    prediction = predict(model, processor, question_image, QUESTION)
     assert prediction.num_latents == 2 and not prediction.adaptive

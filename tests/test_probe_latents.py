@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 from mmcoconut.analysis import probes as probe_latents
+from mmcoconut.cli import probe as probe_cli
 from mmcoconut.analysis.probes import hop_targets, probe_accuracy, probe_table
 
 
@@ -67,7 +68,7 @@ def test_cli_on_variable_depth_questions(tiny_checkpoint, tmp_path):
 
     paths = write_synthetic_aokvqa(tmp_path / "data", n_train=0, n_val=48, seed=0, task="colour_chain_depth")
     data_file = paths["canonical_dir"] / "val.jsonl"
-    results = probe_latents.main([
+    results = probe_cli.main([
         "--model", str(tiny_checkpoint), "--data-file", str(data_file), "--output-dir", str(tmp_path / "probe"),
         "--num-latents", "2",
     ])
@@ -83,14 +84,14 @@ def test_cli_on_variable_depth_questions(tiny_checkpoint, tmp_path):
 def test_per_record_thought_counts_line_up_with_one_count_at_a_time(tiny_checkpoint, tmp_path):
     # An adaptive checkpoint thinks one thought per hop: each record's states equal those of its own layout,
     # the thoughts it does not have are NaN, and its last latent sits in the last column.
-    from mmcoconut.analysis.attention import load_model
+    from mmcoconut.inference.loading import load_model
     from mmcoconut.data.aokvqa import load_canonical
     from mmcoconut.processing import load_internvl_processor
     from mmcoconut.data.synthetic import write_synthetic_aokvqa
 
     paths = write_synthetic_aokvqa(tmp_path / "data", n_train=0, n_val=6, seed=1, task="colour_chain_depth")
     records = load_canonical(paths["canonical_dir"] / "val.jsonl")
-    model, processor = load_model(tiny_checkpoint), load_internvl_processor(tiny_checkpoint)
+    model, processor = load_model(tiny_checkpoint, dtype="float32", device="cpu", attn_implementation="eager"), load_internvl_processor(tiny_checkpoint)
     counts = [len(record["steps"]) for record in records]
     assert len(set(counts)) > 1, counts
     states = probe_latents.collect_states(model, processor, records, counts, batch_size=4)
@@ -122,11 +123,11 @@ def test_cli_lays_out_one_thought_per_step_on_request(tiny_checkpoint, tmp_path)
     from mmcoconut.data.synthetic import write_synthetic_aokvqa
 
     paths = write_synthetic_aokvqa(tmp_path / "data", n_train=0, n_val=40, seed=0, task="colour_chain_depth")
-    results = probe_latents.main([
+    results = probe_cli.main([
         "--model", str(tiny_checkpoint), "--data-file", str(paths["canonical_dir"] / "val.jsonl"),
         "--output-dir", str(tmp_path / "probe"), "--num-latents", "steps", "--batch-size", "20",
     ])
     # c_thought 2: a 4-hop question gets 8 latents
     assert results["num_latents"] == "steps" and len(results["rows"]) == 8 + 2
     with pytest.raises(SystemExit):
-        probe_latents.main(["--model", "m", "--data-file", "d", "--output-dir", "o", "--num-latents", "many"])
+        probe_cli.main(["--model", "m", "--data-file", "d", "--output-dir", "o", "--num-latents", "many"])

@@ -6,7 +6,8 @@ import pytest
 from PIL import Image
 
 from mmcoconut.data.aokvqa import load_canonical
-from mmcoconut.data.synthetic import COLOURS, ShapeGridTask, main, write_synthetic_aokvqa
+from mmcoconut.cli.data import main
+from mmcoconut.data.synthetic import COLOURS, ShapeGridTask, write_synthetic_aokvqa
 
 OFFICIAL_FIELDS = {
     "question_id", "image_id", "question", "choices", "correct_choice_idx",

@@ -15,7 +15,17 @@ import pytest
 import torch
 from transformers import GenerationConfig
 
-import train
+from mmcoconut.training.arguments import CurriculumArguments, DataArguments, ModelArguments, SetupError
+
+from mmcoconut.training.build import build_model_and_processor
+
+from mmcoconut.training.checks import HUB_PROBE_TIMEOUT_S, check_distributed_setup, require_hub
+
+from mmcoconut.training.recipe import parse_args
+
+from mmcoconut.training.report import model_card_info
+
+from mmcoconut.cli.train import main as train_main
 from configuration_mmcoconut import MMCoconutConfig
 from modeling_mmcoconut import MMCoconutForConditionalGeneration
 from mmcoconut.processing import load_internvl_processor
@@ -27,7 +37,7 @@ RECIPES = sorted(p.name for p in Path("recipes").glob("*.yaml"))
 
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_every_recipe_parses(recipe):
-    model_args, data_args, curriculum_args, eval_args, training_args = train.parse_args(
+    model_args, data_args, curriculum_args, eval_args, training_args = parse_args(
         [f"recipes/{recipe}", "--use_cpu", "true"]
     )
     assert curriculum_args.mode in ("cot", "coconut", "no_cot", "no_thoughts", "pause")
@@ -35,7 +45,7 @@ def test_every_recipe_parses(recipe):
 
 
 def test_recipe_base_chain_and_flag_overrides():
-    _, _, curriculum, _, training = train.parse_args(
+    _, _, curriculum, _, training = parse_args(
         ["recipes/pause.yaml", "--use_cpu", "true", "--learning_rate", "3e-6"]
     )
     assert curriculum.mode == "pause" and curriculum.first_stage == 1  # pause <- coconut <- base
@@ -46,12 +56,12 @@ def test_unknown_recipe_key_is_an_error(tmp_path):
     recipe = tmp_path / "bad.yaml"
     recipe.write_text("mode: coconut\nc_thougt: 2\n")
     with pytest.raises(ValueError, match=r"unknown recipe keys \['c_thougt'\]"):
-        train.parse_args([str(recipe)])
+        parse_args([str(recipe)])
 
 
 def test_demo_recipe_trains_through_stages_and_saves_a_loadable_checkpoint(tmp_path):
     out = tmp_path / "run"
-    trainer = train.main([
+    trainer = train_main([
         "recipes/demo.yaml", "--output_dir", str(out), "--synthetic_dir", str(tmp_path / "data"),
         "--synthetic_train", "8", "--synthetic_val", "4", "--num_train_epochs", "2", "--first_stage_epochs", "1",
         "--epochs_per_stage", "1", "--per_device_train_batch_size", "4", "--logging_steps", "1",
@@ -81,7 +91,7 @@ def test_demo_recipe_trains_through_stages_and_saves_a_loadable_checkpoint(tmp_p
 def test_training_logs_never_average_over_a_stage_boundary(tmp_path):
     # 2 steps per epoch, a log every 3 steps: without the forced log at each stage's end, the log at step 3 would
     # average stage 0's and stage 1's losses and latents.
-    trainer = train.main([
+    trainer = train_main([
         "recipes/demo.yaml", "--output_dir", str(tmp_path / "run"), "--synthetic_dir", str(tmp_path / "data"),
         "--synthetic_train", "8", "--num_train_epochs", "3", "--first_stage_epochs", "1", "--epochs_per_stage", "1",
         "--per_device_train_batch_size", "4", "--logging_steps", "3", "--eval_strategy", "no",
@@ -99,7 +109,7 @@ def test_intermediate_checkpoints_are_ready_for_inference_as_the_final_save(tmp_
     from mmcoconut.text.prompt import chat_template, default_latents
 
     out = tmp_path / "run"
-    train.main([
+    train_main([
         "recipes/demo.yaml", "--output_dir", str(out), "--synthetic_dir", str(tmp_path / "data"),
         "--synthetic_train", "8", "--num_train_epochs", "2", "--first_stage_epochs", "1", "--epochs_per_stage", "1",
         "--per_device_train_batch_size", "4", "--eval_strategy", "no", "--eval_accuracy", "false",
@@ -122,7 +132,7 @@ def test_intermediate_checkpoints_are_ready_for_inference_as_the_final_save(tmp_
 
 def test_demo_card_says_random_init_and_loads_from_its_real_path(tmp_path):
     out = tmp_path / "demo"
-    trainer = train.main([
+    trainer = train_main([
         "recipes/demo.yaml", "--output_dir", str(out), "--synthetic_dir", str(tmp_path / "data"),
         "--synthetic_train", "8", "--synthetic_val", "4", "--num_train_epochs", "1",
         "--per_device_train_batch_size", "4", "--save_strategy", "no", "--use_lora", "true",
@@ -178,8 +188,8 @@ def test_model_card_of_an_adaptive_checkpoint_says_the_model_decides_and_its_sni
 
 
 def test_model_card_names_the_hub_base_model():
-    info = train.model_card_info(
-        train.ModelArguments(), train.DataArguments(), train.CurriculumArguments(),
+    info = model_card_info(
+        ModelArguments(), DataArguments(), CurriculumArguments(),
         type("Args", (), {"output_dir": "outputs/x", "hub_model_id": None, "push_to_hub": False,
                           **{k: None for k in ("learning_rate", "num_train_epochs", "per_device_train_batch_size",
                                                "gradient_accumulation_steps", "lr_scheduler_type", "warmup_steps",
@@ -189,15 +199,15 @@ def test_model_card_names_the_hub_base_model():
 
 
 def test_task_tokenizer_needs_a_model_built_from_scratch():
-    args = train.ModelArguments(tokenizer="task")
+    args = ModelArguments(tokenizer="task")
     with pytest.raises(ValueError, match="needs tiny_internvl"):
-        train.build_model_and_processor(args, train.DataArguments(), train.CurriculumArguments())
+        build_model_and_processor(args, DataArguments(), CurriculumArguments())
 
 
 def test_bf16_recipe_on_a_machine_without_gpu_says_so_before_loading(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(train.SetupError, match=r"needs a GPU.*--bf16 false --use_cpu true"):
-        train.parse_args(["recipes/cot.yaml"])
+    with pytest.raises(SetupError, match=r"needs a GPU.*--bf16 false --use_cpu true"):
+        parse_args(["recipes/cot.yaml"])
 
 
 def test_unreachable_hub_fails_in_seconds_naming_the_id_and_both_fixes(monkeypatch):
@@ -206,13 +216,13 @@ def test_unreachable_hub_fails_in_seconds_naming_the_id_and_both_fixes(monkeypat
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{closed_port()}")
     started = time.perf_counter()
-    with pytest.raises(train.SetupError) as error:
-        train.require_hub("OpenGVLab/InternVL3-1B-Pretrained", "model", "model_name_or_path")
-    assert time.perf_counter() - started < train.HUB_PROBE_TIMEOUT_S + 1
+    with pytest.raises(SetupError) as error:
+        require_hub("OpenGVLab/InternVL3-1B-Pretrained", "model", "model_name_or_path")
+    assert time.perf_counter() - started < HUB_PROBE_TIMEOUT_S + 1
     message = str(error.value)
     assert "'OpenGVLab/InternVL3-1B-Pretrained'" in message and "\n" not in message
     assert "model_name_or_path to a local copy" in message and "HF_HUB_OFFLINE=1" in message
-    train.require_hub(".", "model", "model_name_or_path")  # a local directory needs no network
+    require_hub(".", "model", "model_name_or_path")  # a local directory needs no network
 
 
 def test_offline_without_a_cached_copy_says_so(monkeypatch, tmp_path):
@@ -220,8 +230,8 @@ def test_offline_without_a_cached_copy_says_so(monkeypatch, tmp_path):
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
-    with pytest.raises(train.SetupError, match=r"HF_HUB_OFFLINE is set and the model 'someone/model' is not in"):
-        train.require_hub("someone/model", "model", "model_name_or_path")
+    with pytest.raises(SetupError, match=r"HF_HUB_OFFLINE is set and the model 'someone/model' is not in"):
+        require_hub("someone/model", "model", "model_name_or_path")
 
 
 def test_train_py_without_network_prints_one_line_and_no_traceback(tmp_path):
@@ -251,18 +261,18 @@ def test_launches_that_would_silently_run_something_else_are_refused(monkeypatch
         is_fsdp_enabled = False
         is_deepspeed_enabled = False
 
-    train.check_distributed_setup(FakeTrainer())  # a plain single-process run is fine
+    check_distributed_setup(FakeTrainer())  # a plain single-process run is fine
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     with pytest.raises(RuntimeError, match="asks for FSDP"):
-        train.check_distributed_setup(FakeTrainer())
+        check_distributed_setup(FakeTrainer())
     monkeypatch.delenv("ACCELERATE_USE_FSDP")
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     with pytest.raises(RuntimeError, match="asks for DeepSpeed"):
-        train.check_distributed_setup(FakeTrainer())
+        check_distributed_setup(FakeTrainer())
     monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(RuntimeError, match="launched as 2 processes"):
-        train.check_distributed_setup(FakeTrainer())
+        check_distributed_setup(FakeTrainer())
 
 
 # Measured with the seed of recipes/demo.yaml: 72% (CoT), 59% and 57% (README's Demo); the margins leave room for
@@ -277,7 +287,7 @@ def test_demo_learns(tmp_path):
     while staying above chance."""
     from trainer_curriculum import stage_results
 
-    trainer = train.main(["recipes/demo.yaml", "--output_dir", str(tmp_path / "demo"),
+    trainer = train_main(["recipes/demo.yaml", "--output_dir", str(tmp_path / "demo"),
                           "--synthetic_dir", str(tmp_path / "data")])
     results = stage_results(trainer.state.log_history)
     assert sorted(results) == [0, 1, 2]

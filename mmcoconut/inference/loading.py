@@ -17,7 +17,12 @@ from transformers import InternVLForConditionalGeneration
 from configuration_mmcoconut import MMCoconutConfig
 from mmcoconut.constants import QUANTIZATIONS
 from mmcoconut.conversion import is_internvl_chat_checkpoint, load_internvl_chat, load_internvl_chat_tokenizer
-from mmcoconut.processing import build_internvl_processor, load_internvl_processor, set_chat_template
+from mmcoconut.processing import (
+    build_internvl_processor,
+    check_checkpoint_dir,
+    load_internvl_processor,
+    set_chat_template,
+)
 from modeling_mmcoconut import MMCoconutForConditionalGeneration
 
 logger = logging.getLogger(__name__)
@@ -103,6 +108,8 @@ def load_model(model_path, quantization="none", dtype="auto", device=None, attn_
     `quantization` is one of `QUANTIZATIONS`; `attn_implementation="eager"` is needed to show thoughts.
     """
     path = Path(model_path)
+    if not (path / "adapter_config.json").is_file():
+        check_checkpoint_dir(model_path, parts=("config", "weights"))
     tied = quantization != "none" and MMCoconutConfig.from_pretrained(model_path).tie_word_embeddings
     quantization_cfg = quantization_config(quantization, tied_embeddings=tied)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -1,0 +1,113 @@
+"""Train MMCoconut: `accelerate launch train.py recipes/coconut.yaml` (or `mmcoconut-train recipes/demo.yaml`).
+
+A recipe is YAML over `ModelArguments`, `DataArguments`, `CurriculumArguments`, `GenerationEvalArguments` and
+transformers' `TrainingArguments`, parsed by `HfArgumentParser`. A recipe may name a `base` recipe (a path relative
+to itself) whose keys it overrides. Command-line flags override the recipe:
+`train.py recipes/cot.yaml --learning_rate 1e-5 --output_dir outputs/try`.
+"""
+
+import logging
+import sys
+from pathlib import Path
+
+from mmcoconut.training.arguments import SetupError
+from mmcoconut.training.build import build_model_and_processor, export_merged, load_records
+from mmcoconut.training.checks import check_args, check_distributed_setup, prepare_output_dir, require_hub_access
+from mmcoconut.training.recipe import parse_args
+from mmcoconut.training.report import final_eval_metrics, model_card_info, run_summary
+
+logger = logging.getLogger("train")
+
+
+def main(argv=None):
+    model_args, data_args, curriculum_args, eval_args, training_args = parse_args(
+        sys.argv[1:] if argv is None else argv
+    )
+    check_args(model_args, data_args, curriculum_args, eval_args, training_args)
+    import transformers
+    from transformers import set_seed
+
+    from data_collator import MMCoconutCollator
+    from mmcoconut.data.curriculum import CurriculumDataset
+    from trainer_curriculum import CurriculumSchedule, CurriculumTrainer
+
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        level=logging.INFO if training_args.process_index == 0 else logging.WARNING,
+    )
+    resume_from_checkpoint = prepare_output_dir(training_args)
+    transformers.utils.logging.set_verbosity_warning()
+    set_seed(training_args.seed)
+    require_hub_access(model_args, data_args)
+
+    with training_args.main_process_first(desc="loading data"):  # rank 0 generates/caches, the others read
+        train_records = load_records(data_args, "train")
+        evaluate = training_args.eval_strategy != "no" or training_args.do_eval
+        eval_records = load_records(data_args, "eval") if evaluate else None
+    model, processor = build_model_and_processor(model_args, data_args, curriculum_args, train_records)
+    dataset_kwargs = dict(
+        processor=processor,
+        mode=curriculum_args.mode,
+        c_thought=curriculum_args.c_thought,
+        max_latent_stage=curriculum_args.max_latent_stage,
+        pad_latent_to_max=curriculum_args.pad_latent_to_max,
+        supervise_end_latent=curriculum_args.supervise_end_latent,
+        max_length=data_args.max_length,
+        skip_bad_samples=data_args.skip_bad_samples,
+        max_tiles=data_args.max_tiles,
+        seed=training_args.seed,
+    )
+    train_dataset = CurriculumDataset(train_records, uniform_prob=curriculum_args.uniform_prob, **dataset_kwargs)
+    eval_dataset = CurriculumDataset(eval_records, **dataset_kwargs) if evaluate else None
+
+    schedule = CurriculumSchedule(
+        epochs_per_stage=curriculum_args.epochs_per_stage,
+        first_stage_epochs=curriculum_args.first_stage_epochs,
+        max_latent_stage=curriculum_args.max_latent_stage,
+        first_stage=curriculum_args.first_stage,
+        reset_optimizer=curriculum_args.reset_optimizer,
+        mode=curriculum_args.mode,
+    )
+    trainer = CurriculumTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=MMCoconutCollator(
+            pad_token_id=processor.tokenizer.pad_token_id, latent_token_id=model.config.latent_token_id
+        ),
+        processing_class=processor,
+        schedule=schedule,
+        generation_eval_kwargs={"max_new_tokens": eval_args.eval_max_new_tokens} if eval_args.eval_accuracy else None,
+        model_card_info=model_card_info(model_args, data_args, curriculum_args, training_args),
+        inference_max_new_tokens=eval_args.eval_max_new_tokens,
+    )
+    check_distributed_setup(trainer)
+    trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    # With LoRA: the adapters and the run's config; as every checkpoint, with the chat template and the budget.
+    trainer.save_model(training_args.output_dir)
+    if eval_dataset is not None:
+        trainer.save_metrics("eval", final_eval_metrics(trainer))
+    trainer.create_model_card()
+    if training_args.push_to_hub:
+        trainer.push_to_hub(commit_message=f"mmcoconut {curriculum_args.mode}, stage {model.config.latent_stage}")
+    if model_args.use_lora and trainer.is_world_process_zero():
+        if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
+            logger.warning("LoRA merge skipped: the weights are sharded; the adapters are in %s", training_args.output_dir)
+        else:
+            export_merged(trainer.model, processor, Path(training_args.output_dir) / "merged")
+    if trainer.is_world_process_zero():
+        print(run_summary(trainer, eval_records, model_args, data_args, curriculum_args, eval_args, training_args))
+    return trainer
+
+
+def run(argv=None):
+    """The console entry point: a `SetupError` (what to change) is one line, not a traceback."""
+    try:
+        main(argv)
+    except SetupError as error:
+        sys.exit(f"train.py: {error}")
+
+
+if __name__ == "__main__":
+    run()

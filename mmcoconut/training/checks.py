@@ -1,0 +1,208 @@
+"""Checks before anything heavy is loaded: the whole configuration, the output directory, the Hub, the launch."""
+
+import json
+import logging
+import os
+import shutil
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from mmcoconut.constants import DATA_SOURCES, STEPS_FROM, TOKENIZERS
+from mmcoconut.modes import MODES
+from mmcoconut.training.arguments import SetupError
+
+logger = logging.getLogger(__name__)
+
+
+def check_args(model_args, data_args, curriculum_args, eval_args, training_args):
+    """Validate the whole configuration before any model or data is loaded (minutes, for InternVL3-1B).
+
+    Raises one ValueError listing every problem; an incomplete checkpoint directory is a FileNotFoundError
+    naming the missing files.
+    """
+    from mmcoconut.data import aokvqa as data_aokvqa
+    from mmcoconut.processing import CHECKPOINT_PARTS, check_checkpoint_dir
+    from trainer_curriculum import SCHEDULES
+
+    problems = []
+
+    def need(condition, message):
+        if not condition:
+            problems.append(message)
+
+    c = curriculum_args
+    need(c.mode in MODES, f"mode must be one of {MODES}, got {c.mode!r}")
+    need(c.c_thought >= 1, f"c_thought must be >= 1, got {c.c_thought}")
+    need(c.max_latent_stage >= 0, f"max_latent_stage must be >= 0, got {c.max_latent_stage}")
+    need(c.epochs_per_stage >= 1, f"epochs_per_stage must be >= 1, got {c.epochs_per_stage}")
+    # Stage max_latent_stage + 1 is the final one (every step replaced); later stages do not exist.
+    need(0 <= c.first_stage <= c.max_latent_stage + 1,
+         f"first_stage must be in 0..max_latent_stage + 1 = {c.max_latent_stage + 1}, got {c.first_stage}")
+    need(0.0 <= c.uniform_prob <= 1.0, f"uniform_prob must be in [0, 1], got {c.uniform_prob}")
+
+    d = data_args
+    need(d.data_source in DATA_SOURCES, f"data_source must be one of {DATA_SOURCES}, got {d.data_source!r}")
+    need(d.steps_from in data_aokvqa.STEPS_FROM,
+         f"steps_from must be one of {data_aokvqa.STEPS_FROM}, got {d.steps_from!r}")
+    need(d.max_length is None or d.max_length >= 1, f"max_length must be >= 1, got {d.max_length}")
+    need(d.max_tiles >= 1, f"max_tiles must be >= 1, got {d.max_tiles}")
+    for name in ("max_train_samples", "max_eval_samples"):
+        need(getattr(d, name) is None or getattr(d, name) >= 1, f"{name} must be >= 1, got {getattr(d, name)}")
+    evaluate = training_args.eval_strategy != "no" or training_args.do_eval
+    if d.data_source == "canonical":
+        for name, needed in (("train_file", True), ("eval_file", evaluate)):
+            path = getattr(d, name)
+            need(not needed or path is not None, f"data_source canonical needs {name}")
+            need(path is None or Path(path).is_file(), f"{name} {path} does not exist")
+    if d.data_source == "aokvqa_official":
+        need(d.aokvqa_dir is not None and d.coco_dir is not None,
+             "data_source aokvqa_official needs aokvqa_dir and coco_dir")
+    if d.data_source == "synthetic":
+        need(d.synthetic_train >= 1 and d.synthetic_val >= 1,
+             f"synthetic_train and synthetic_val must be >= 1, got {d.synthetic_train}, {d.synthetic_val}")
+
+    m = model_args
+    need(m.model_dtype in ("float32", "bfloat16", "float16"),
+         f"model_dtype must be float32, bfloat16 or float16, got {m.model_dtype!r}")
+    need(not m.use_lora or m.lora_r >= 1, f"lora_r must be >= 1, got {m.lora_r}")
+    if isinstance(m.tiny_internvl, str):
+        try:
+            parsed = json.loads(m.tiny_internvl)
+            need(isinstance(parsed, dict), f"tiny_internvl must be a JSON object, got {m.tiny_internvl!r}")
+        except json.JSONDecodeError as error:
+            problems.append(f"tiny_internvl is not valid JSON ({error}): {m.tiny_internvl!r}")
+    need(eval_args.eval_max_new_tokens >= 1, f"eval_max_new_tokens must be >= 1, got {eval_args.eval_max_new_tokens}")
+
+    t = training_args
+    scheduler = getattr(t.lr_scheduler_type, "value", t.lr_scheduler_type)
+    need(scheduler in SCHEDULES,
+         f"lr_scheduler_type must be one of {SCHEDULES} (restarted per stage), got {scheduler!r}")
+    # max_steps > 0 overrides the epochs; otherwise no epoch would save an untrained model and exit 0.
+    need(t.max_steps > 0 or t.num_train_epochs > 0, f"num_train_epochs must be > 0, got {t.num_train_epochs}")
+    if problems:
+        raise ValueError("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+    if m.load_model_path:
+        check_checkpoint_dir(m.load_model_path)
+    elif m.tiny_internvl is None and Path(m.model_name_or_path).is_dir():
+        from mmcoconut.conversion import is_internvl_chat_checkpoint
+
+        base = Path(m.model_name_or_path)
+        # Original-format checkpoints need no processor files: their processor is built from the config.
+        original = (base / "config.json").is_file() and is_internvl_chat_checkpoint(base)
+        check_checkpoint_dir(base, ("config", "weights", "tokenizer") if original else CHECKPOINT_PARTS)
+
+
+_PREVIOUS_RUN_FILES = (
+    "config.json", "model.safetensors", "model.safetensors.index.json", "adapter_config.json",
+    "adapter_model.safetensors", "training_args.bin",
+)
+
+
+def prepare_output_dir(training_args):
+    """The checkpoint to resume from (None for a new run), after guarding the previous run in `output_dir`.
+
+    `resume_from_checkpoint` `true`/`latest` means the newest `checkpoint-*` in `output_dir`; `false` none.
+    A new run into an `output_dir` that holds checkpoints or a final model is refused unless
+    `overwrite_output_dir`; then the old `checkpoint-*` folders are removed, since `save_total_limit` rotation
+    sorts by step and would delete the new run's checkpoints before the old run's.
+    """
+    from transformers.trainer_utils import get_last_checkpoint, sort_checkpoints
+
+    output_dir = Path(training_args.output_dir)
+    resume = training_args.resume_from_checkpoint
+    if isinstance(resume, str) and resume.lower() in ("false", "none", ""):
+        resume = None
+    if isinstance(resume, str) and resume.lower() in ("true", "latest"):
+        resume = get_last_checkpoint(output_dir) if output_dir.is_dir() else None
+        if resume is None:
+            raise FileNotFoundError(
+                f"resume_from_checkpoint {training_args.resume_from_checkpoint}: no checkpoint-* folder in {output_dir}"
+            )
+        logger.info("Resuming from the latest checkpoint, %s", resume)
+    if resume is not None:
+        return resume
+    checkpoints = sort_checkpoints(str(output_dir)) if output_dir.is_dir() else []
+    final = [name for name in _PREVIOUS_RUN_FILES if (output_dir / name).is_file()]
+    if not training_args.overwrite_output_dir:
+        if checkpoints or final:
+            found = [Path(c).name for c in checkpoints] + final
+            raise FileExistsError(
+                f"output_dir {output_dir} holds a previous run ({', '.join(found)}); resume it with "
+                "--resume_from_checkpoint true, replace it with --overwrite_output_dir true, "
+                "or choose another output_dir"
+            )
+        return None
+    # Every rank enters (it has a barrier); the saving process removes.
+    with training_args.main_process_first(desc="removing the previous run's checkpoints"):
+        if training_args.should_save and checkpoints:
+            logger.warning("overwrite_output_dir: removing the previous run's %s", [Path(c).name for c in checkpoints])
+            for checkpoint in checkpoints:
+                shutil.rmtree(checkpoint)
+    return None
+
+
+HUB_PROBE_TIMEOUT_S = 5
+
+
+def require_hub(name_or_path, what, field_name):
+    """Fail in seconds, naming `name_or_path` and the two ways out, when it is a Hub id the Hub cannot serve.
+
+    Without this, a missing network shows up as half a minute of retries and a long traceback in which the id
+    appears only in warnings. A local directory and a Hub id in the cache under HF_HUB_OFFLINE=1 pass.
+    """
+    if Path(name_or_path).exists():
+        return
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    fixes = f"set {field_name} to a local copy (a directory), or run with HF_HUB_OFFLINE=1 with it in the cache"
+    if constants.HF_HUB_OFFLINE:
+        if what == "model" and not isinstance(try_to_load_from_cache(name_or_path, "config.json"), str):
+            raise SetupError(f"HF_HUB_OFFLINE is set and the {what} {name_or_path!r} is not in the cache "
+                             f"({constants.HF_HUB_CACHE}): {fixes.split(', or ')[0]}")
+        return
+    try:
+        # One request, no retries: any HTTP answer (even an error status) means the Hub is reachable.
+        urllib.request.urlopen(urllib.request.Request(constants.ENDPOINT, method="HEAD"), timeout=HUB_PROBE_TIMEOUT_S)
+    except urllib.error.HTTPError:
+        return
+    except OSError as error:  # URLError, refused, timeout
+        reason = getattr(error, "reason", error)
+        raise SetupError(f"cannot reach {constants.ENDPOINT} ({reason}) to load the {what} {name_or_path!r}: "
+                         f"{fixes}") from None
+
+
+def require_hub_access(model_args, data_args):
+    """`require_hub` for every Hub id the run will load (model first, then data), before anything is loaded."""
+    if model_args.load_model_path:
+        require_hub(model_args.load_model_path, "model", "load_model_path")
+    elif model_args.tiny_internvl is None:
+        require_hub(model_args.model_name_or_path, "model", "model_name_or_path")
+    if data_args.data_source == "aokvqa_hf":
+        require_hub(data_args.hf_dataset_id, "dataset", "hf_dataset_id")
+
+
+def check_distributed_setup(trainer):
+    """Refuse the launches that accelerate/transformers would silently run as something else.
+
+    On a machine without GPUs, an FSDP or DeepSpeed accelerate config quietly becomes DDP or independent
+    single-process runs that overwrite each other's output.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1 and trainer.args.world_size == 1:
+        raise RuntimeError(
+            f"launched as {world_size} processes but the Trainer runs each alone (no distributed backend "
+            "for this device); on CPU use ds_configs/accelerate_ddp.yaml with use_cpu: true"
+        )
+    wants_fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    wants_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    if wants_fsdp and not trainer.is_fsdp_enabled:
+        raise RuntimeError("the accelerate config asks for FSDP but the Trainer would not use it (FSDP needs GPUs)")
+    if wants_deepspeed and not trainer.is_deepspeed_enabled:
+        raise RuntimeError(
+            "the accelerate config asks for DeepSpeed but the Trainer would not use it (DeepSpeed needs GPUs)"
+        )
+
+
+__all__ = ["check_args", "prepare_output_dir", "require_hub", "require_hub_access", "check_distributed_setup"]
