@@ -49,7 +49,8 @@ def _resident_bytes(device):
 
 def run_variant(args, quantization):
     """Load + answer every question under `quantization`, in this process: a JSON-serialisable dict."""
-    from mmcoconut.inference.loading import load, quantization_config
+    from mmcoconut.inference.loading import load as load_checkpoint
+    from mmcoconut.inference.loading import quantization_config
     from mmcoconut.inference.prediction import predict
     from mmcoconut.data.aokvqa import load_canonical
 
@@ -58,7 +59,7 @@ def run_variant(args, quantization):
     state = {}
 
     def load():
-        state["model"], state["processor"] = load(args.model, quantization, args.dtype, str(device))
+        state["model"], state["processor"] = load_checkpoint(args.model, quantization, args.dtype, str(device))
 
     def answer():
         start = time.perf_counter()

@@ -1,6 +1,6 @@
 """Adaptive thinking on variable-depth visual reasoning: CoT vs fixed-max Coconut vs adaptive Coconut, per hop count.
 
-    python experiments/adaptive_thinking.py --out outputs/adaptive
+    python -m experiments.adaptive_thinking --out outputs/adaptive
 
 1. Generates the `colour_chain_depth` set of `synthetic_data.py` (visual pointer chasing with 1 to 4 hops, drawn
    per question and stated in it; the answer is decided by the image) and builds the recipe's tiny random
@@ -37,11 +37,9 @@ from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # the project's top-level modules, when run as `python experiments/...`
-sys.path.insert(0, str(ROOT / "experiments"))
 
-from mmcoconut.cli.help import DefaultsHelpFormatter  # noqa: E402  (argparse only)
-from mmcoconut.data.synthetic import TASKS  # noqa: E402  (light: PIL only)
+from mmcoconut.cli.help import DefaultsHelpFormatter
+from mmcoconut.data.synthetic import TASKS
 
 DEFAULT_RECIPE = ROOT / "recipes" / "experiment_colour_chain.yaml"
 TASK = "colour_chain_depth"
@@ -80,18 +78,17 @@ def build_parser():
     return parser
 
 
-if __name__ == "__main__":  # `--help` and usage errors answer here, before the seconds-long imports below
-    build_parser().parse_known_args()
 
-import torch  # noqa: E402
+import torch
 
-from mmcoconut.analysis import probes as probe_latents  # noqa: E402
-import train  # noqa: E402
-from mmcoconut.evaluation.aokvqa import build_eval_dataset, default_num_latents, evaluate_model  # noqa: E402
-from mmcoconut.data.aokvqa import load_canonical  # noqa: E402
-from learning_curve import finished_run, parse_experiment_args, train_run, write_data, write_initial_model  # noqa: E402
-from modeling_mmcoconut import MMCoconutForConditionalGeneration  # noqa: E402
-from mmcoconut.processing import load_internvl_processor  # noqa: E402
+from mmcoconut.analysis import probes as probe_latents
+from mmcoconut.training.recipe import read_recipe
+from mmcoconut.cli.train import main as train_main
+from mmcoconut.evaluation.aokvqa import build_eval_dataset, default_num_latents, evaluate_model
+from mmcoconut.data.aokvqa import load_canonical
+from experiments.learning_curve import finished_run, parse_experiment_args, train_run, write_data, write_initial_model
+from modeling_mmcoconut import MMCoconutForConditionalGeneration
+from mmcoconut.processing import load_internvl_processor
 
 logger = logging.getLogger("adaptive_thinking")
 
@@ -263,7 +260,7 @@ def main(argv=None):
     if unknown:
         parser.error(f"--only: unknown runs {unknown}; the runs are {[run[0] for run in plan]}")
     files = write_data(out, TASK, args.n_train, args.n_val, args.seed)["image"]
-    recipe = train.read_recipe(args.recipe)
+    recipe = read_recipe(args.recipe)
     init = write_initial_model(out, recipe, files[0], args.tokenizer, args.task_vocab_size)
     if args.prepare:
         logger.info("data and initial model ready under %s", out)
@@ -304,7 +301,7 @@ def main(argv=None):
         rows.append(row)
 
     summary = {
-        "command": " ".join(["python experiments/adaptive_thinking.py", *(sys.argv[1:] if argv is None else argv)]),
+        "command": " ".join(["python -m experiments.adaptive_thinking", *(sys.argv[1:] if argv is None else argv)]),
         "task": TASK, "n_train": args.n_train, "n_val": args.n_val, "recipe": recipe, "extra_train_flags": extra_flags,
         "torch_threads": torch.get_num_threads(), "runs": rows,
     }

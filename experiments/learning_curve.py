@@ -1,6 +1,6 @@
 """Does the curriculum learn? no-CoT vs CoT vs Coconut vs no-image on a visual multi-hop task, same model and data.
 
-    python experiments/learning_curve.py --out outputs/experiment
+    python -m experiments.learning_curve --out outputs/experiment
 
 1. Generates the `colour_chain` set of `synthetic_data.py` (3-hop visual pointer chasing; the question and the
    four choices are identical for every image) and a text-only copy of it (images removed).
@@ -36,10 +36,9 @@ import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # the project's top-level modules, when run as `python experiments/...`
 
-from mmcoconut.cli.help import DefaultsHelpFormatter  # noqa: E402  (argparse only)
-from mmcoconut.data.synthetic import TASKS, write_synthetic_aokvqa  # noqa: E402  (light: PIL only)
+from mmcoconut.cli.help import DefaultsHelpFormatter
+from mmcoconut.data.synthetic import TASKS, write_synthetic_aokvqa
 
 DEFAULT_RECIPE = ROOT / "recipes" / "experiment_colour_chain.yaml"
 
@@ -82,17 +81,17 @@ def build_parser():
     return parser
 
 
-if __name__ == "__main__":  # `--help` and usage errors answer here, before the seconds-long imports below
-    build_parser().parse_known_args()
 
-import torch  # noqa: E402
+import torch
 
-import train  # noqa: E402
-from mmcoconut.evaluation.aokvqa import build_eval_dataset, default_num_latents, evaluate_model  # noqa: E402
-from mmcoconut.data.aokvqa import load_canonical  # noqa: E402
-from mmcoconut.data.curriculum import tokenizer_texts  # noqa: E402
-from modeling_mmcoconut import MMCoconutForConditionalGeneration  # noqa: E402
-from mmcoconut.processing import build_internvl_tokenizer, build_task_tokenizer, load_internvl_processor  # noqa: E402
+from mmcoconut.training.recipe import read_recipe
+from mmcoconut.training.build import build_tiny_model
+from mmcoconut.cli.train import main as train_main
+from mmcoconut.evaluation.aokvqa import build_eval_dataset, default_num_latents, evaluate_model
+from mmcoconut.data.aokvqa import load_canonical
+from mmcoconut.text.prompt import tokenizer_texts
+from modeling_mmcoconut import MMCoconutForConditionalGeneration
+from mmcoconut.processing import build_internvl_tokenizer, build_task_tokenizer, load_internvl_processor
 
 logger = logging.getLogger("learning_curve")
 
@@ -167,7 +166,7 @@ def write_initial_model(out, recipe, train_file, tokenizer="task", task_vocab_si
         text_tokenizer = build_internvl_tokenizer()
     else:
         raise ValueError(f"tokenizer must be 'task' or 'internvl', got {tokenizer!r}")
-    model, processor = train.build_tiny_model(overrides, text_tokenizer, recipe.get("max_tiles", 1))
+    model, processor = build_tiny_model(overrides, text_tokenizer, recipe.get("max_tiles", 1))
     # Written under a temporary name and renamed, so `{out}/init` is either complete or absent.
     temporary = init.with_name(f"init.tmp{os.getpid()}")
     model.save_pretrained(temporary)
@@ -242,7 +241,7 @@ def train_run(recipe, run_dir, mode, files, start_from, first_stage, epochs, sam
     if samples is not None:
         argv += ["--max_train_samples", str(samples)]
     start = time.perf_counter()
-    train.main(argv + list(extra_flags))
+    train_main(argv + list(extra_flags))
     return time.perf_counter() - start
 
 
@@ -330,7 +329,7 @@ def main(argv=None):
     if hops is None:
         raise ValueError(f"task {args.task!r} has no `hops`; the Coconut curriculum needs one stage per step")
     files = write_data(out, args.task, args.n_train, args.n_val, args.seed)
-    recipe = train.read_recipe(args.recipe)
+    recipe = read_recipe(args.recipe)
     max_tiles = recipe.get("max_tiles", 1)
 
     plan = plan_runs(
@@ -393,7 +392,7 @@ def main(argv=None):
     table = format_table(rows)
     wall = time.perf_counter() - started
     summary = {
-        "command": " ".join(["python experiments/learning_curve.py", *(sys.argv[1:] if argv is None else argv)]),
+        "command": " ".join(["python -m experiments.learning_curve", *(sys.argv[1:] if argv is None else argv)]),
         "task": args.task,
         "n_train": args.n_train,
         "n_val": args.n_val,

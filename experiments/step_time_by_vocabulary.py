@@ -1,7 +1,7 @@
 """Why the learning-curve experiment uses a task tokenizer: one training step of its tiny model, side by side, with
 InternVL3's 151,674-id vocabulary and with the task tokenizer.
 
-    python experiments/step_time_by_vocabulary.py --threads 2
+    python -m experiments.step_time_by_vocabulary --threads 2
 
 Builds the recipe's model (`recipes/experiment_colour_chain.yaml`) once per vocabulary on the experiment's training
 split (`outputs/experiment/data`, written by `learning_curve.py --prepare`), times forward + backward + AdamW step on
@@ -14,10 +14,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # the project's top-level modules, when run as `python experiments/...`
-sys.path.insert(0, str(ROOT / "experiments"))
 
-from mmcoconut.cli.help import DefaultsHelpFormatter  # noqa: E402  (argparse only)
+from mmcoconut.cli.help import DefaultsHelpFormatter
 
 
 def build_parser():
@@ -34,19 +32,18 @@ def build_parser():
     return parser
 
 
-if __name__ == "__main__":  # `--help` and usage errors answer here, before the seconds-long imports below
-    build_parser().parse_args()
 
-import torch  # noqa: E402
-from transformers import InternVLForConditionalGeneration  # noqa: E402
+import torch
+from transformers import InternVLForConditionalGeneration
 
-import train  # noqa: E402
-from mmcoconut.data.aokvqa import load_canonical  # noqa: E402
-from data_collator import MMCoconutCollator  # noqa: E402
-from mmcoconut.data.curriculum import CurriculumDataset, tokenizer_texts  # noqa: E402
-from learning_curve import DEFAULT_RECIPE  # noqa: E402
-from modeling_mmcoconut import MMCoconutForConditionalGeneration  # noqa: E402
-from mmcoconut.processing import (  # noqa: E402
+from mmcoconut.training.recipe import read_recipe
+from mmcoconut.data.aokvqa import load_canonical
+from data_collator import MMCoconutCollator
+from mmcoconut.data.curriculum import CurriculumDataset
+from mmcoconut.text.prompt import tokenizer_texts
+from experiments.learning_curve import DEFAULT_RECIPE
+from modeling_mmcoconut import MMCoconutForConditionalGeneration
+from mmcoconut.processing import (
     build_internvl_processor,
     build_internvl_tokenizer,
     build_task_tokenizer,
@@ -81,7 +78,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    overrides = dict(train.read_recipe(DEFAULT_RECIPE)["tiny_internvl"])
+    overrides = dict(read_recipe(DEFAULT_RECIPE)["tiny_internvl"])
     records = load_canonical(args.train_file)
     needed = (args.warmup + args.steps) * args.batch_size
     if len(records) < needed:

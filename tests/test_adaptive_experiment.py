@@ -8,8 +8,7 @@ import pytest
 
 from configuration_mmcoconut import MMCoconutConfig
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "experiments"))
-import adaptive_thinking  # noqa: E402
+from experiments import adaptive_thinking
 
 
 def test_both_branches_start_from_cot_and_chain_their_stages():

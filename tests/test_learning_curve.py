@@ -15,8 +15,7 @@ from mmcoconut.processing import (
     tiny_internvl_config,
 )
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "experiments"))
-import learning_curve  # noqa: E402
+from experiments import learning_curve
 
 TEXTS = ["user\n", "assistant\n"] + [
     f"{a} points to {b}.\n" for a in ("red", "green", "blue") for b in ("yellow", "purple", "green")

@@ -6,8 +6,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import readme_check  # noqa: E402
+from tests import readme_check
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 

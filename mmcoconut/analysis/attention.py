@@ -32,7 +32,8 @@ from matplotlib.figure import Figure
 
 from mmcoconut.data.aokvqa import load_canonical
 from data_collator import MMCoconutCollator
-from mmcoconut.data.curriculum import CurriculumDataset, step_text
+from mmcoconut.data.curriculum import CurriculumDataset
+from mmcoconut.text.prompt import step_text
 from modeling_mmcoconut import MMCoconutForConditionalGeneration
 from mmcoconut.processing import check_checkpoint_dir, load_internvl_processor
 

@@ -82,7 +82,7 @@ def build_tiny_model(overrides, text_tokenizer, max_tiles, attn_implementation="
 
 def build_text_tokenizer(model_args, train_records):
     """The tokenizer of a tiny model: InternVL3's, or one trained on `train_records` (`tokenizer: task`)."""
-    from mmcoconut.data.curriculum import tokenizer_texts
+    from mmcoconut.text.prompt import tokenizer_texts
     from mmcoconut.processing import build_internvl_tokenizer, build_task_tokenizer
 
     if model_args.tokenizer == "internvl":
