@@ -18,6 +18,7 @@ $(VENV)/.installed: requirements.txt setup.cfg requirements.lock
 install: $(VENV)/.installed
 
 test: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
 	$(VENV)/bin/$(FAST_SUITE)
 
 test-slow: $(VENV)/.installed

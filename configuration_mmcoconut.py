@@ -28,9 +28,6 @@ class MMCoconutConfig(PretrainedConfig):
         training_mode (`str`, defaults to `"coconut"`):
             The curriculum mode the weights were trained in (`cot`, `coconut`, `no_cot`, `no_thoughts`,
             `pause`); `no_thoughts` models are prompted with an empty latent span.
-        pause_as_thought (`bool`, defaults to False):
-            The "pause as thought" ablation: `<|latent|>` tokens keep their learned embedding (no
-            continuous thought) and the sequence runs in one pass.
         supervise_end_latent (`bool`, defaults to False):
             The weights were trained to stop thinking (the curriculum's `supervise_end_latent`): each
             thought predicts `<|latent|>` (go on) or `<|end-latent|>` (stop). `generate` then thinks
@@ -58,7 +55,6 @@ class MMCoconutConfig(PretrainedConfig):
         c_thought=1,
         latent_stage=0,
         training_mode="coconut",
-        pause_as_thought=False,
         supervise_end_latent=False,
         **kwargs,
     ):
@@ -73,7 +69,14 @@ class MMCoconutConfig(PretrainedConfig):
         self.c_thought = c_thought
         self.latent_stage = latent_stage
         self.training_mode = training_mode
-        self.pause_as_thought = pause_as_thought
+        # Derived from training_mode (the `pause_as_thought` property); checkpoints saved before it was derived
+        # store it too, always equal to `training_mode == "pause"`.
+        stored = kwargs.pop("pause_as_thought", None)
+        if stored is not None and bool(stored) != (training_mode == "pause"):
+            raise ValueError(
+                f"config has pause_as_thought={stored} but training_mode={training_mode!r}; pause_as_thought is "
+                "derived from training_mode (the 'pause' mode): drop it from config.json"
+            )
         self.supervise_end_latent = supervise_end_latent
         kwargs.setdefault("tie_word_embeddings", internvl_config.tie_word_embeddings)
         # `register_for_auto_class` records one auto class per model (AutoModel, see modeling_mmcoconut); the
@@ -82,6 +85,12 @@ class MMCoconutConfig(PretrainedConfig):
         auto_map.setdefault("AutoModelForImageTextToText", "modeling_mmcoconut.MMCoconutForConditionalGeneration")
         kwargs["auto_map"] = auto_map
         super().__init__(**kwargs)
+
+    @property
+    def pause_as_thought(self):
+        """The "pause as thought" ablation (`training_mode="pause"`): `<|latent|>` tokens keep their learned
+        embedding (no continuous thought) and the sequence runs in one pass."""
+        return self.training_mode == "pause"
 
     @property
     def num_inference_latents(self):

@@ -322,9 +322,9 @@ class MMCoconutForConditionalGeneration(MMCoconutPreTrainedModel, GenerationMixi
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if position_ids is None:
-            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+            position_ids = position_ids_from_attention_mask(attention_mask)
 
-        inputs_embeds = self._embed_with_images(input_ids, pixel_values, num_tiles)
+        inputs_embeds = self.embed_inputs(input_ids, pixel_values, num_tiles)
         latent_mask = self._latent_mask(input_ids, attention_mask)
         boundaries = self._pass_boundaries(latent_mask, seq_len)
 
@@ -375,7 +375,7 @@ class MMCoconutForConditionalGeneration(MMCoconutPreTrainedModel, GenerationMixi
             inputs_embeds = self.get_input_embeddings()(input_ids)  # (B, new_len, H)
         new_len = inputs_embeds.shape[1]
         if position_ids is None and attention_mask is not None:  # per-sample positions, as in the full forward
-            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, -new_len:]
+            position_ids = position_ids_from_attention_mask(attention_mask)[:, -new_len:]
         # InternVL's own forward for text, unrolled: the last hidden states are the next continuous thoughts.
         outputs = self.internvl.model.language_model(
             inputs_embeds=inputs_embeds,
@@ -390,8 +390,9 @@ class MMCoconutForConditionalGeneration(MMCoconutPreTrainedModel, GenerationMixi
             logits=logits, cache=cache if use_cache else None, last_hidden_state=hidden, num_passes=1
         )
 
-    def _embed_with_images(self, input_ids, pixel_values, num_tiles):
-        """Token embeddings with the projected image features at the image-token positions."""
+    def embed_inputs(self, input_ids, pixel_values=None, num_tiles=None):
+        """Token embeddings with the projected image features at the image-token positions (before any thought is
+        filled): what the forward and generate start from, and what analysis rebuilds the filled sequence from."""
         internvl = self.internvl
         inputs_embeds = internvl.get_input_embeddings()(input_ids)  # (B, T, H)
         image_mask = input_ids == internvl.config.image_token_id
@@ -612,7 +613,7 @@ class MMCoconutForConditionalGeneration(MMCoconutPreTrainedModel, GenerationMixi
                 "A prompt ends with <|latent|>; close the latent span with <|end-latent|> before generating"
             )
         if input_ids.shape[1] > 1:
-            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+            position_ids = position_ids_from_attention_mask(attention_mask)
             return self(
                 input_ids=input_ids[:, :-1],
                 attention_mask=attention_mask[:, :-1],
@@ -672,7 +673,7 @@ class MMCoconutForConditionalGeneration(MMCoconutPreTrainedModel, GenerationMixi
                 "need thinking='fixed'."
             )
         batch_size, device = input_ids.shape[0], input_ids.device
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+        position_ids = position_ids_from_attention_mask(attention_mask)
         prefill = self(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -729,6 +730,12 @@ class MMCoconutForConditionalGeneration(MMCoconutPreTrainedModel, GenerationMixi
         if expand_size > 1 and cache is not None:
             cache.batch_repeat_interleave(expand_size)
         return input_ids, model_kwargs
+
+
+def position_ids_from_attention_mask(attention_mask):
+    """`(B, T)` positions that count only attended tokens: padding never shifts a sample's positions (padded
+    columns get 0). The one definition the project uses (collator-free inputs, generation, analysis, benchmarks)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
 def _kept_positions(logits_to_keep, seq_len):
@@ -795,6 +802,7 @@ MMCoconutForConditionalGeneration.register_for_auto_class("AutoModel")
 
 __all__ = [
     "CACHE_KWARG",
+    "position_ids_from_attention_mask",
     "THINKING_MODES",
     "MMCoconutForConditionalGeneration",
     "MMCoconutPreTrainedModel",

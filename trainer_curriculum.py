@@ -18,6 +18,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import unwrap_peft_model
 
+from mmcoconut.modes import mode as mode_named
 from mmcoconut.processing import prepare_for_inference
 
 logger = logging.getLogger(__name__)
@@ -72,7 +73,7 @@ class CurriculumSchedule:
     first_stage_epochs: int | None = None
 
     def stage(self, epoch):
-        if self.mode in ("cot", "no_cot"):
+        if not mode_named(self.mode).advances_stages:
             return 0
         return stage_for_epoch(
             epoch, self.epochs_per_stage, self.max_latent_stage, self.first_stage, self.first_stage_epochs

@@ -49,10 +49,10 @@ def _resident_bytes(device):
 
 def run_variant(args, quantization):
     """Load + answer every question under `quantization`, in this process: a JSON-serialisable dict."""
+    from mmcoconut.data.aokvqa import load_canonical
     from mmcoconut.inference.loading import load as load_checkpoint
     from mmcoconut.inference.loading import quantization_config
     from mmcoconut.inference.prediction import predict
-    from mmcoconut.data.aokvqa import load_canonical
 
     records = load_canonical(args.data_file)[: args.limit]
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -21,8 +21,8 @@ from transformers import InternVLForConditionalGeneration
 import modeling_mmcoconut
 from benchmarks.cli import add_common_args  # noqa: F401  (re-exported: the benchmarks' shared flags)
 from configuration_mmcoconut import MMCoconutConfig
-from modeling_mmcoconut import MMCoconutForConditionalGeneration
 from mmcoconut.processing import INTERNVL3_VOCAB_SIZE, tiny_internvl_config, tokens_per_tile
+from modeling_mmcoconut import MMCoconutForConditionalGeneration, position_ids_from_attention_mask
 
 # Ids of the real InternVL3 vocabulary; the latent tokens follow it, as `from_internvl` appends them.
 PAD_ID = 151643  # <|endoftext|>
@@ -121,10 +121,6 @@ def make_samples(args, setup: Setup, seed: int | None = None) -> list[Sample]:
     return samples
 
 
-def _positions(attention_mask):
-    return (attention_mask.cumsum(-1) - 1).clamp_min(0)
-
-
 def _pixels(samples, setup):
     tiles = [s.pixel_values for s in samples if s.pixel_values is not None]
     if not tiles:
@@ -153,7 +149,7 @@ def collate_train(samples: list[Sample], setup: Setup) -> dict:
         mask.append([0] * left + [1] * len(ids) + [0] * right)
     input_ids, labels, mask = (torch.tensor(x, device=setup.device) for x in (input_ids, labels, mask))
     pixel_values, num_tiles = _pixels(samples, setup)
-    return dict(input_ids=input_ids, attention_mask=mask, position_ids=_positions(mask), labels=labels,
+    return dict(input_ids=input_ids, attention_mask=mask, position_ids=position_ids_from_attention_mask(mask), labels=labels,
                 pixel_values=pixel_values, num_tiles=num_tiles)
 
 

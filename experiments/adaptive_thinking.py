@@ -36,10 +36,20 @@ import uuid
 from collections import Counter
 from pathlib import Path
 
+import torch
+
+from experiments.learning_curve import finished_run, parse_experiment_args, train_run, write_data, write_initial_model
+from mmcoconut.analysis import probes as probe_latents
+from mmcoconut.cli.help import DefaultsHelpFormatter
+from mmcoconut.data.aokvqa import load_canonical
+from mmcoconut.data.synthetic import TASKS
+from mmcoconut.evaluation.aokvqa import build_eval_dataset, default_num_latents, evaluate_model
+from mmcoconut.processing import load_internvl_processor
+from mmcoconut.training.recipe import read_recipe
+from modeling_mmcoconut import MMCoconutForConditionalGeneration
+
 ROOT = Path(__file__).resolve().parent.parent
 
-from mmcoconut.cli.help import DefaultsHelpFormatter
-from mmcoconut.data.synthetic import TASKS
 
 DEFAULT_RECIPE = ROOT / "recipes" / "experiment_colour_chain.yaml"
 TASK = "colour_chain_depth"
@@ -79,16 +89,7 @@ def build_parser():
 
 
 
-import torch
 
-from mmcoconut.analysis import probes as probe_latents
-from mmcoconut.training.recipe import read_recipe
-from mmcoconut.cli.train import main as train_main
-from mmcoconut.evaluation.aokvqa import build_eval_dataset, default_num_latents, evaluate_model
-from mmcoconut.data.aokvqa import load_canonical
-from experiments.learning_curve import finished_run, parse_experiment_args, train_run, write_data, write_initial_model
-from modeling_mmcoconut import MMCoconutForConditionalGeneration
-from mmcoconut.processing import load_internvl_processor
 
 logger = logging.getLogger("adaptive_thinking")
 

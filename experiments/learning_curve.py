@@ -35,10 +35,21 @@ import time
 import uuid
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+import torch
 
 from mmcoconut.cli.help import DefaultsHelpFormatter
+from mmcoconut.cli.train import main as train_main
+from mmcoconut.data.aokvqa import load_canonical
 from mmcoconut.data.synthetic import TASKS, write_synthetic_aokvqa
+from mmcoconut.evaluation.aokvqa import build_eval_dataset, default_num_latents, evaluate_model
+from mmcoconut.processing import build_internvl_tokenizer, build_task_tokenizer, load_internvl_processor
+from mmcoconut.text.prompt import tokenizer_texts
+from mmcoconut.training.build import build_tiny_model
+from mmcoconut.training.recipe import read_recipe
+from modeling_mmcoconut import MMCoconutForConditionalGeneration
+
+ROOT = Path(__file__).resolve().parent.parent
+
 
 DEFAULT_RECIPE = ROOT / "recipes" / "experiment_colour_chain.yaml"
 
@@ -82,16 +93,7 @@ def build_parser():
 
 
 
-import torch
 
-from mmcoconut.training.recipe import read_recipe
-from mmcoconut.training.build import build_tiny_model
-from mmcoconut.cli.train import main as train_main
-from mmcoconut.evaluation.aokvqa import build_eval_dataset, default_num_latents, evaluate_model
-from mmcoconut.data.aokvqa import load_canonical
-from mmcoconut.text.prompt import tokenizer_texts
-from modeling_mmcoconut import MMCoconutForConditionalGeneration
-from mmcoconut.processing import build_internvl_tokenizer, build_task_tokenizer, load_internvl_processor
 
 logger = logging.getLogger("learning_curve")
 

@@ -9,13 +9,29 @@ the same CoT batches and prints the median step time of each and their ratio.
 """
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
+import torch
+from transformers import InternVLForConditionalGeneration
+
+from data_collator import MMCoconutCollator
+from experiments.learning_curve import DEFAULT_RECIPE
+from mmcoconut.cli.help import DefaultsHelpFormatter
+from mmcoconut.data.aokvqa import load_canonical
+from mmcoconut.data.curriculum import CurriculumDataset
+from mmcoconut.processing import (
+    build_internvl_processor,
+    build_internvl_tokenizer,
+    build_task_tokenizer,
+    tiny_internvl_config,
+)
+from mmcoconut.text.prompt import tokenizer_texts
+from mmcoconut.training.recipe import read_recipe
+from modeling_mmcoconut import MMCoconutForConditionalGeneration
+
 ROOT = Path(__file__).resolve().parent.parent
 
-from mmcoconut.cli.help import DefaultsHelpFormatter
 
 
 def build_parser():
@@ -33,22 +49,7 @@ def build_parser():
 
 
 
-import torch
-from transformers import InternVLForConditionalGeneration
 
-from mmcoconut.training.recipe import read_recipe
-from mmcoconut.data.aokvqa import load_canonical
-from data_collator import MMCoconutCollator
-from mmcoconut.data.curriculum import CurriculumDataset
-from mmcoconut.text.prompt import tokenizer_texts
-from experiments.learning_curve import DEFAULT_RECIPE
-from modeling_mmcoconut import MMCoconutForConditionalGeneration
-from mmcoconut.processing import (
-    build_internvl_processor,
-    build_internvl_tokenizer,
-    build_task_tokenizer,
-    tiny_internvl_config,
-)
 
 
 def median_step_seconds(tokenizer, overrides, records, batch_size, steps, warmup):

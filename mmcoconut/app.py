@@ -11,14 +11,11 @@ Needs the `app` extra: `pip install -e ".[app]"` (gradio; `--screenshot` also ne
 """
 
 import logging
-import os
 import shutil
 import socket
 import subprocess
 import tempfile
 from pathlib import Path
-
-
 
 import numpy as np
 import torch
@@ -26,8 +23,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 
-from mmcoconut.inference.prediction import predict
 from mmcoconut.analysis.attention import display_token
+from mmcoconut.inference.prediction import predict
 from mmcoconut.processing import IMAGENET_MEAN, IMAGENET_STD
 from mmcoconut.text.prompt import default_latents
 

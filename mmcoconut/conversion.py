@@ -35,8 +35,6 @@ from pathlib import Path
 
 # `<IMG_CONTEXT>` in InternVL's Qwen-based tokenizers; the original config does not store it (the remote code
 # looks it up in the tokenizer at run time).
-
-
 import torch
 from safetensors.torch import load_file
 from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLVisionConfig

@@ -58,8 +58,8 @@ def tiny_checkpoint(base_tokenizer_dir, tmp_path_factory):
     import torch
     from transformers import AutoTokenizer, InternVLForConditionalGeneration
 
-    from modeling_mmcoconut import MMCoconutForConditionalGeneration
     from mmcoconut.processing import build_internvl_processor, tiny_internvl_config
+    from modeling_mmcoconut import MMCoconutForConditionalGeneration
 
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(base_tokenizer_dir)
@@ -98,8 +98,8 @@ def inference_checkpoint(tiny_checkpoint, tmp_path_factory):
     inference: the chat template and a generation budget (`prepare_for_inference`). Read-only."""
     import shutil
 
-    from modeling_mmcoconut import MMCoconutForConditionalGeneration
     from mmcoconut.processing import load_internvl_processor, prepare_for_inference
+    from modeling_mmcoconut import MMCoconutForConditionalGeneration
 
     path = tmp_path_factory.mktemp("inference_checkpoint") / "ckpt"
     shutil.copytree(tiny_checkpoint, path)

@@ -1,13 +1,10 @@
 """`experiments/adaptive_thinking.py`: the run plan, the per-hop breakdown and its tables, and a toy-size run."""
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
 from configuration_mmcoconut import MMCoconutConfig
-
 from experiments import adaptive_thinking
 
 

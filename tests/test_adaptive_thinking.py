@@ -359,7 +359,7 @@ def test_adaptive_prompt_must_end_with_start_latent():
 
 
 def test_pause_models_cannot_think_adaptively():
-    model = make_model(pause_as_thought=True)
+    model = make_model(training_mode="pause")
     _, inputs = adaptive_prompts([0])
     with pytest.raises(ValueError, match="pause_as_thought model has none"):
         model.generate(**inputs, thinking="adaptive", max_thoughts=2, max_new_tokens=2)

@@ -7,15 +7,15 @@ import pytest
 import torch
 from PIL import Image
 
-from mmcoconut.analysis import attention as analyze_latents
-from mmcoconut.cli import analyze as analyze_cli
-from mmcoconut.analysis.attention import ATTENTION_CATEGORIES, analyze, analyze_batch, special_token_ids
-from mmcoconut.inference.loading import load_model
-from mmcoconut.data.aokvqa import load_canonical
 from data_collator import MMCoconutCollator
+from mmcoconut.analysis import attention as analyze_latents
+from mmcoconut.analysis.attention import ATTENTION_CATEGORIES, analyze, analyze_batch, special_token_ids
+from mmcoconut.cli import analyze as analyze_cli
+from mmcoconut.data.aokvqa import load_canonical
 from mmcoconut.data.curriculum import CurriculumDataset
-from modeling_mmcoconut import MMCoconutForConditionalGeneration
+from mmcoconut.inference.loading import load_model
 from mmcoconut.processing import load_internvl_processor, tiny_internvl_config
+from modeling_mmcoconut import MMCoconutForConditionalGeneration
 
 C_THOUGHT, LATENT_STAGE, NUM_LATENTS, TOP_K = 2, 1, 3, 5
 

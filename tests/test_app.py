@@ -6,13 +6,13 @@ import shutil
 
 import pytest
 
+from mmcoconut import app  # gradio is imported where the demo is built
+from mmcoconut.cli import app as app_cli
+from mmcoconut.inference.loading import load
+from tests.test_predict import QUESTION, _run_predict
+
 pytest.importorskip("gradio")
 gradio_client = pytest.importorskip("gradio_client")
-
-from mmcoconut import app  # noqa: E402
-from mmcoconut.cli import app as app_cli  # noqa: E402
-from mmcoconut.inference.loading import load
-from tests.test_predict import QUESTION, _run_predict  # noqa: E402
 
 
 @pytest.fixture

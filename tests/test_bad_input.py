@@ -17,12 +17,12 @@ from PIL import Image
 
 from mmcoconut.cli import analyze as analyze_cli
 from mmcoconut.cli import evaluate as evaluate_aokvqa
-from mmcoconut.training.recipe import parse_args
 from mmcoconut.cli.train import main as train_main
-from mmcoconut.evaluation.aokvqa import format_summary
 from mmcoconut.data.aokvqa import load_canonical
 from mmcoconut.data.curriculum import CurriculumDataset
+from mmcoconut.evaluation.aokvqa import format_summary
 from mmcoconut.processing import check_checkpoint_dir, load_internvl_processor
+from mmcoconut.training.recipe import parse_args
 
 DEMO = str(Path("recipes/demo.yaml").resolve())
 CHOICES = ["green", "red", "blue", "yellow"]

@@ -6,11 +6,11 @@ import pytest
 import torch
 from PIL import Image
 
-from mmcoconut.evaluation.aokvqa import build_eval_dataset
 from mmcoconut.data.curriculum import CurriculumDataset
-from modeling_mmcoconut import MMCoconutForConditionalGeneration
+from mmcoconut.evaluation.aokvqa import build_eval_dataset
 from mmcoconut.processing import load_internvl_processor, set_chat_template
 from mmcoconut.text.prompt import messages_for
+from modeling_mmcoconut import MMCoconutForConditionalGeneration
 
 
 def _record(image):

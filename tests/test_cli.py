@@ -71,8 +71,7 @@ def test_experiment_help_answers_and_shows_defaults(target):
 
 def test_train_help_lists_every_recipe_field_with_its_default():
     from dataclasses import fields
-    from mmcoconut.constants import DATA_SOURCES
-    from mmcoconut.modes import MODES
+
     from mmcoconut.training.arguments import RECIPE_DATACLASSES
 
     proc = subprocess.run([sys.executable, "train.py", "--help"], cwd=REPO, capture_output=True, text=True)

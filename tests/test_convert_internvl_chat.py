@@ -14,7 +14,6 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from transformers import InternVLForConditionalGeneration
 
-from mmcoconut import conversion as convert_internvl_chat
 from mmcoconut.cli import convert as convert_cli
 from mmcoconut.conversion import (
     convert_internvl_chat_state_dict,

@@ -6,12 +6,12 @@ import torch
 from PIL import Image
 
 from configuration_mmcoconut import END_LATENT_TOKEN, LATENT_TOKEN, START_LATENT_TOKEN
-from mmcoconut.data.aokvqa import load_canonical, load_hf_aokvqa
 from data_collator import MMCoconutCollator
+from mmcoconut.data.aokvqa import load_canonical, load_hf_aokvqa
 from mmcoconut.data.curriculum import CurriculumDataset
 from mmcoconut.data.images import to_rgb
-from mmcoconut.processing import build_internvl_processor, tiny_internvl_config
 from mmcoconut.data.synthetic import STEPS_FROM
+from mmcoconut.processing import build_internvl_processor, tiny_internvl_config
 
 STEPS = ["Step one.", "Step two.", "Step three."]
 PROMPT = "<|im_start|>user\n{image}Q?<|im_end|>\n<|im_start|>assistant\n"

@@ -14,8 +14,9 @@ import pytest
 import torch
 from transformers import GenerationConfig, TrainingArguments
 
-from mmcoconut.evaluation import aokvqa as aokvqa_evaluation
 from mmcoconut.cli import evaluate as evaluate_aokvqa
+from mmcoconut.data.aokvqa import load_canonical
+from mmcoconut.evaluation import aokvqa as aokvqa_evaluation
 from mmcoconut.evaluation.aokvqa import (
     UNPARSEABLE_PREDICTION,
     _shard,
@@ -24,9 +25,8 @@ from mmcoconut.evaluation.aokvqa import (
     generate_answers,
     official_predictions,
 )
-from mmcoconut.data.aokvqa import load_canonical
-from modeling_mmcoconut import MMCoconutForConditionalGeneration
 from mmcoconut.processing import load_internvl_processor
+from modeling_mmcoconut import MMCoconutForConditionalGeneration
 from trainer_curriculum import CurriculumSchedule, CurriculumTrainer
 
 C_THOUGHT, LATENT_STAGE = 2, 1

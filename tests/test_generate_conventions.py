@@ -19,8 +19,8 @@ from transformers import (
 from transformers.generation.streamers import BaseStreamer
 
 from configuration_mmcoconut import LATENT_TOKENS
-from modeling_mmcoconut import CACHE_KWARG, MMCoconutForConditionalGeneration
 from mmcoconut.processing import tiny_internvl_config
+from modeling_mmcoconut import CACHE_KWARG, MMCoconutForConditionalGeneration
 from tests.test_modeling_mmcoconut import naive_greedy, naive_hidden
 from tests.tiny_models import LATENT, PAD, collate, make_model, make_sample
 

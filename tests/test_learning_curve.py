@@ -1,21 +1,18 @@
 """The learning-curve experiment's tokenizer and an end-to-end run of `experiments/learning_curve.py` at toy size."""
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 from transformers import AutoTokenizer
 
 from configuration_mmcoconut import MMCoconutConfig
+from experiments import learning_curve
 from mmcoconut.processing import (
     INTERNVL_SPECIAL_TOKENS,
     QWEN2_5_SPECIAL_TOKENS,
     build_task_tokenizer,
     tiny_internvl_config,
 )
-
-from experiments import learning_curve
 
 TEXTS = ["user\n", "assistant\n"] + [
     f"{a} points to {b}.\n" for a in ("red", "green", "blue") for b in ("yellow", "purple", "green")
@@ -130,6 +127,7 @@ def test_prepare_writes_data_and_initial_model_only(tmp_path):
 
 def test_step_time_by_vocabulary_times_both_vocabularies(tmp_path):
     import step_time_by_vocabulary
+
     from mmcoconut.data.synthetic import write_synthetic_aokvqa
 
     paths = write_synthetic_aokvqa(tmp_path, n_train=4, n_val=1, task="colour_chain")

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
+from mmcoconut.training.arguments import ModelArguments
+from mmcoconut.training.build import apply_lora, export_merged
 from modeling_mmcoconut import MMCoconutForConditionalGeneration
 from tests.test_modeling_mmcoconut import assert_matches_naive, mixed_batch
 from tests.tiny_models import collate, make_model, make_sample
-from mmcoconut.training.arguments import ModelArguments
-from mmcoconut.training.build import apply_lora, export_merged
 
 
 def lora_model(vision=False, tie=False):

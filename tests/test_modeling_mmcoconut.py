@@ -5,9 +5,10 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModel, InternVLForConditionalGeneration
 
-from modeling_mmcoconut import MMCoconutForConditionalGeneration
 from mmcoconut.processing import tiny_internvl_config
+from modeling_mmcoconut import MMCoconutForConditionalGeneration
 from tests.tiny_models import END, EOS, IMAGE, LATENT, PAD, START, collate, make_model, make_sample
+
 
 def naive_hidden(model, input_ids, attention_mask, pixel_values, prompt_len=None):
     """The definition: fill latents left to right, recomputing the whole sequence after each one.
@@ -349,3 +350,16 @@ def test_attention_is_causal_on_every_construction_path(tmp_path, internvl_token
     assert_causal(wrapped)
     wrapped.save_pretrained(tmp_path)
     assert_causal(MMCoconutForConditionalGeneration.from_pretrained(tmp_path))
+
+
+def test_pause_as_thought_is_derived_from_the_training_mode_and_old_configs_load():
+    from configuration_mmcoconut import MMCoconutConfig
+
+    assert MMCoconutConfig(training_mode="pause").pause_as_thought
+    assert not MMCoconutConfig(training_mode="coconut").pause_as_thought
+    assert "pause_as_thought" not in MMCoconutConfig(training_mode="pause").to_dict()
+    # a checkpoint saved when it was stored: consistent values load, a contradiction is an error
+    assert MMCoconutConfig.from_dict({"training_mode": "pause", "pause_as_thought": True}).pause_as_thought
+    assert not MMCoconutConfig.from_dict({"training_mode": "cot", "pause_as_thought": False}).pause_as_thought
+    with pytest.raises(ValueError, match="pause_as_thought is derived from training_mode"):
+        MMCoconutConfig.from_dict({"training_mode": "coconut", "pause_as_thought": True})

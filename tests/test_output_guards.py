@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 
 from mmcoconut.cli import evaluate as evaluate_aokvqa
+from mmcoconut.cli.train import main as train_main
 from mmcoconut.training.checks import prepare_output_dir
 from mmcoconut.training.recipe import parse_args
-from mmcoconut.cli.train import main as train_main
 
 DEMO = str(Path("recipes/demo.yaml").resolve())
 

@@ -13,13 +13,12 @@ import pytest
 import torch
 from PIL import Image
 
-from mmcoconut.inference.loading import load, quantization_config
-
-from mmcoconut.inference.prediction import format_prediction, predict
 from mmcoconut.analysis.attention import analyze
-from modeling_mmcoconut import MMCoconutForConditionalGeneration, MMCoconutGenerateOutput
+from mmcoconut.inference.loading import load, quantization_config
+from mmcoconut.inference.prediction import format_prediction, predict
 from mmcoconut.processing import load_internvl_processor
 from mmcoconut.text.prompt import messages_for
+from modeling_mmcoconut import MMCoconutForConditionalGeneration, MMCoconutGenerateOutput
 from tests.test_hub_checkpoint import without_the_project
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -236,7 +235,6 @@ def test_a_forced_count_on_an_adaptive_checkpoint_is_a_fixed_prompt(adaptive_che
 @pytest.fixture(scope="module")
 def lora_run(inference_checkpoint, tmp_path_factory):
     """A few LoRA steps of the demo recipe from `inference_checkpoint` (the base the adapters name)."""
-    from mmcoconut.training.recipe import read_recipe
     from mmcoconut.cli.train import main as train_main
 
     tmp = tmp_path_factory.mktemp("lora_run")
@@ -258,7 +256,6 @@ def test_train_saves_chat_template_and_budget(lora_run):
     merged = MMCoconutForConditionalGeneration.from_pretrained(out / "merged")
     assert merged.generation_config.max_new_tokens == 8  # the base's budget is kept (a fresh model gets the eval one)
     from mmcoconut.training.recipe import read_recipe
-    from mmcoconut.cli.train import main as train_main
 
     recipe_tiles = read_recipe("recipes/demo.yaml")["max_tiles"]
     assert load_internvl_processor(out / "merged").image_processor.max_patches == recipe_tiles  # not the base's
@@ -357,6 +354,6 @@ def test_evaluate_cli_keeps_the_checkpoint_tiling_by_default(inference_checkpoin
 def test_a_pause_checkpoint_reports_its_prompt_latents(inference_checkpoint, question_image):
     # generate counts no thoughts for pause tokens (they are tokens, not thoughts); predict still reports the span.
     model, processor = load(inference_checkpoint)
-    model.config.pause_as_thought = True
+    model.config.training_mode = "pause"  # pause_as_thought follows
     prediction = predict(model, processor, question_image, QUESTION)
     assert prediction.num_latents == 2 and not prediction.adaptive

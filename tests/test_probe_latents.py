@@ -7,8 +7,8 @@ import torch
 from PIL import Image
 
 from mmcoconut.analysis import probes as probe_latents
-from mmcoconut.cli import probe as probe_cli
 from mmcoconut.analysis.probes import hop_targets, probe_accuracy, probe_table
+from mmcoconut.cli import probe as probe_cli
 
 
 def planted(n, dim, labels_per_state, strength=3.0, seed=0):
@@ -84,10 +84,10 @@ def test_cli_on_variable_depth_questions(tiny_checkpoint, tmp_path):
 def test_per_record_thought_counts_line_up_with_one_count_at_a_time(tiny_checkpoint, tmp_path):
     # An adaptive checkpoint thinks one thought per hop: each record's states equal those of its own layout,
     # the thoughts it does not have are NaN, and its last latent sits in the last column.
-    from mmcoconut.inference.loading import load_model
     from mmcoconut.data.aokvqa import load_canonical
-    from mmcoconut.processing import load_internvl_processor
     from mmcoconut.data.synthetic import write_synthetic_aokvqa
+    from mmcoconut.inference.loading import load_model
+    from mmcoconut.processing import load_internvl_processor
 
     paths = write_synthetic_aokvqa(tmp_path / "data", n_train=0, n_val=6, seed=1, task="colour_chain_depth")
     records = load_canonical(paths["canonical_dir"] / "val.jsonl")

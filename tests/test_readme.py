@@ -1,7 +1,6 @@
 """README.md is executable: its command blocks run as written (`make readme-check`, slow) and every block that the
 check does not run says why on its fence line."""
 
-import sys
 from pathlib import Path
 
 import pytest

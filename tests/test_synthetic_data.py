@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmcoconut.data.aokvqa import load_canonical
 from mmcoconut.cli.data import main
+from mmcoconut.data.aokvqa import load_canonical
 from mmcoconut.data.synthetic import COLOURS, ShapeGridTask, write_synthetic_aokvqa
 
 OFFICIAL_FIELDS = {

@@ -15,20 +15,15 @@ import pytest
 import torch
 from transformers import GenerationConfig
 
-from mmcoconut.training.arguments import CurriculumArguments, DataArguments, ModelArguments, SetupError
-
-from mmcoconut.training.build import build_model_and_processor
-
-from mmcoconut.training.checks import HUB_PROBE_TIMEOUT_S, check_distributed_setup, require_hub
-
-from mmcoconut.training.recipe import parse_args
-
-from mmcoconut.training.report import model_card_info
-
-from mmcoconut.cli.train import main as train_main
 from configuration_mmcoconut import MMCoconutConfig
-from modeling_mmcoconut import MMCoconutForConditionalGeneration
+from mmcoconut.cli.train import main as train_main
 from mmcoconut.processing import load_internvl_processor
+from mmcoconut.training.arguments import CurriculumArguments, DataArguments, ModelArguments, SetupError
+from mmcoconut.training.build import build_model_and_processor
+from mmcoconut.training.checks import HUB_PROBE_TIMEOUT_S, check_distributed_setup, require_hub
+from mmcoconut.training.recipe import parse_args
+from mmcoconut.training.report import model_card_info
+from modeling_mmcoconut import MMCoconutForConditionalGeneration
 from trainer_curriculum import render_model_card
 
 REPO = Path(__file__).resolve().parent.parent

@@ -3,8 +3,8 @@
 import torch
 
 from configuration_mmcoconut import MMCoconutConfig
-from modeling_mmcoconut import MMCoconutForConditionalGeneration
 from mmcoconut.processing import tiny_internvl_config
+from modeling_mmcoconut import MMCoconutForConditionalGeneration
 
 VOCAB = 300
 IMAGE, START, END, LATENT, PAD, EOS = 290, 291, 292, 293, 0, 1

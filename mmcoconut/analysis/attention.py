@@ -19,23 +19,15 @@ Writes `latents.json` (everything), `attention_share.png` (heatmaps) and `top_k_
 `--output-dir` and prints a short summary.
 """
 
-import json
 import logging
-from pathlib import Path
-
-
-
 
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from mmcoconut.data.aokvqa import load_canonical
 from data_collator import MMCoconutCollator
 from mmcoconut.data.curriculum import CurriculumDataset
 from mmcoconut.text.prompt import step_text
-from modeling_mmcoconut import MMCoconutForConditionalGeneration
-from mmcoconut.processing import check_checkpoint_dir, load_internvl_processor
 
 logger = logging.getLogger(__name__)
 
@@ -97,14 +89,9 @@ def visible_key_counts(categories, positions):
 def filled_inputs_embeds(model, input_ids, pixel_values, last_hidden_state, positions):
     """The input embeddings the latent forward ran on: image features merged, latent p = `last_hidden_state[p - 1]`.
 
-    Built from InternVL's public API (the forward has already checked image tokens against tiles).
+    The image merge is the model's own (`embed_inputs`), so analysis sees exactly the embeddings the forward ran on.
     """
-    internvl = model.internvl
-    embeds = internvl.get_input_embeddings()(input_ids)  # (B, T, H)
-    if pixel_values is not None:
-        features = internvl.model.get_image_features(pixel_values=pixel_values).pooler_output  # (tiles, n, H)
-        image_mask = (input_ids == internvl.config.image_token_id)[..., None]
-        embeds = embeds.masked_scatter(image_mask, features.reshape(-1, features.shape[-1]).to(embeds.dtype))
+    embeds = model.embed_inputs(input_ids, pixel_values)  # (B, T, H): the model's own image merge
     rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None]
     embeds = embeds.clone()
     embeds[rows, positions] = last_hidden_state[rows, positions - 1].to(embeds.dtype)
@@ -455,8 +442,6 @@ __all__ = [
     "plot_attention",
     "plot_top_k",
     "format_summary",
-    "build_parser",
-    "main",
 ]
 
 

@@ -20,10 +20,7 @@ answering the training part's most frequent colour. Writes `probe.json` and `pro
 held-out accuracy minus chance) and prints the table.
 """
 
-import json
 import logging
-from pathlib import Path
-
 
 logger = logging.getLogger("probe_latents")
 
@@ -204,6 +201,6 @@ def plot_probe(table, path, title):
 
 
 __all__ = ["fit_probe", "probe_accuracy", "hop_targets", "collect_states", "state_names", "probe_table",
-           "format_table", "plot_probe", "build_parser", "main"]
+           "format_table", "plot_probe"]
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from mmcoconut.cli.help import DefaultsHelpFormatter
 from mmcoconut.constants import DTYPE_NAMES
 
+
 def build_parser():
     """The CLI's arguments (torch-free: `--help` answers at once)."""
     parser = argparse.ArgumentParser(

@@ -17,6 +17,7 @@ import os
 from mmcoconut.cli.help import DefaultsHelpFormatter
 from mmcoconut.constants import DTYPE_NAMES, QUANTIZATIONS
 
+
 def build_parser():
     """The CLI's arguments (torch-free: `--help` answers at once)."""
     parser = argparse.ArgumentParser(

@@ -38,7 +38,12 @@ import logging
 from pathlib import Path
 
 from mmcoconut.cli.help import DefaultsHelpFormatter
-from mmcoconut.data.synthetic import TASKS, official_to_hf, write_synthetic_aokvqa  # PIL and the standard library only: --help stays fast
+from mmcoconut.data.synthetic import (  # PIL and the standard library only: --help stays fast
+    TASKS,
+    official_to_hf,
+    write_synthetic_aokvqa,
+)
+
 
 def main(argv=None):
     parser = argparse.ArgumentParser(

@@ -12,7 +12,6 @@ table. See `mmcoconut.evaluation.aokvqa` for the modes and how unparseable answe
 import argparse
 import logging
 import os
-import sys
 
 from mmcoconut.cli.help import DefaultsHelpFormatter
 from mmcoconut.constants import DEFAULT_MAX_NEW_TOKENS, DTYPE_NAMES, EVAL_MODES, HF_AOKVQA_ID, THINKING_MODES

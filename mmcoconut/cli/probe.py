@@ -27,6 +27,7 @@ from pathlib import Path
 
 from mmcoconut.cli.help import DefaultsHelpFormatter
 
+
 def _latent_count(text):
     if text == "steps":
         return text
@@ -67,7 +68,14 @@ def main(argv=None):
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
 
     from mmcoconut.analysis.attention import default_num_latents
-    from mmcoconut.analysis.probes import collect_states, format_table, hop_targets, plot_probe, probe_table, state_names
+    from mmcoconut.analysis.probes import (
+        collect_states,
+        format_table,
+        hop_targets,
+        plot_probe,
+        probe_table,
+        state_names,
+    )
     from mmcoconut.data.aokvqa import load_canonical
     from mmcoconut.inference.loading import load_model
     from mmcoconut.processing import load_internvl_processor

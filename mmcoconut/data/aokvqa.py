@@ -22,6 +22,7 @@ from pathlib import Path
 import datasets
 
 from mmcoconut.constants import CHOICE_LETTERS, HF_AOKVQA_ID, RECORD_SOURCES, STEPS_FROM
+from mmcoconut.data.records import check_text_fields
 from mmcoconut.text.answers import parse_answer
 from mmcoconut.text.prompt import answer_text, render_choices
 
@@ -246,12 +247,7 @@ def _validate_canonical(item, position, path):
     record.update(item)
     record["id"] = str(item.get("id", position))
     where = f"{path} record {record['id']!r}"
-    if not isinstance(record["question"], str):
-        raise ValueError(f"{where}: 'question' must be a string")
-    if not isinstance(record["steps"], list) or not all(isinstance(s, str) for s in record["steps"]):
-        raise ValueError(f"{where}: 'steps' must be a list of strings")
-    if record["answer"] is not None and not isinstance(record["answer"], str):
-        raise ValueError(f"{where}: 'answer' must be a string or null")
+    check_text_fields(record, where)
     _check_multiple_choice(record, where)
     if record["image"] is not None:
         if not isinstance(record["image"], str):

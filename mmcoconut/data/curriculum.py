@@ -22,6 +22,7 @@ import datasets
 import torch
 
 from configuration_mmcoconut import END_LATENT_TOKEN, LATENT_TOKEN, START_LATENT_TOKEN
+from mmcoconut.data.records import check_text_fields
 from mmcoconut.data.images import decoded_size, image_size, load_image
 from mmcoconut.modes import LATENT_MODES, MODES
 from mmcoconut.text.prompt import answer_text, step_text, user_prompt
@@ -36,13 +37,7 @@ def _check_record(record, index):
     record_id = record.get("id") if isinstance(record, dict) else None
     if record_id is None:
         raise ValueError(f"record at position {index} has no 'id' (canonical records need id, question, steps, answer)")
-    if not isinstance(record.get("question"), str):
-        raise ValueError(f"record {record_id!r}: 'question' must be a string")
-    steps = record.get("steps")
-    if not isinstance(steps, (list, tuple)) or not all(isinstance(step, str) for step in steps):
-        raise ValueError(f"record {record_id!r}: 'steps' must be a list of strings")
-    if record.get("answer") is not None and not isinstance(record["answer"], str):
-        raise ValueError(f"record {record_id!r}: 'answer' must be a string or None")
+    check_text_fields(record, f"record {record_id!r}")
     return record_id
 
 

@@ -27,7 +27,6 @@ both settings, as it does here; the official script in strict mode rejects it (`
 than letting it pass as a choice. No answer is ever replaced by a default choice.
 """
 
-import functools
 import json
 import logging
 import math
@@ -40,12 +39,12 @@ import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
-from mmcoconut.evaluation.metric import aokvqa_accuracy
-from mmcoconut.text.answers import direct_answer_from, parse_answer
 from data_collator import MMCoconutCollator
-from mmcoconut.constants import DEFAULT_MAX_NEW_TOKENS, EVAL_MODES
+from mmcoconut.constants import EVAL_MODES
 from mmcoconut.data.curriculum import CurriculumDataset
+from mmcoconut.evaluation.metric import aokvqa_accuracy
 from mmcoconut.inference.decoding import after_thinking, eos_ids, until_eos
+from mmcoconut.text.answers import direct_answer_from, parse_answer
 
 logger = logging.getLogger(__name__)
 

@@ -10,6 +10,7 @@ from mmcoconut.data.images import load_image
 from mmcoconut.inference.decoding import after_thinking, eos_ids, until_eos
 from mmcoconut.text.answers import parse_answer, read_answer_line
 from mmcoconut.text.prompt import messages_for, render_choices
+from modeling_mmcoconut import position_ids_from_attention_mask
 
 
 @dataclass
@@ -133,7 +134,7 @@ def _add_thoughts(model, processor, inputs, prediction, top_k):
     batch = {
         "input_ids": inputs["input_ids"],
         "attention_mask": attention_mask,
-        "position_ids": (attention_mask.long().cumsum(-1) - 1).clamp_min(0),
+        "position_ids": position_ids_from_attention_mask(attention_mask),
         "pixel_values": inputs.get("pixel_values"),
     }
     if batch["pixel_values"] is not None:

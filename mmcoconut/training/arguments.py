@@ -5,7 +5,7 @@ A recipe is YAML over these and `CurriculumTrainingArguments`; see `mmcoconut.tr
 
 from dataclasses import dataclass, field
 
-from mmcoconut.constants import DATA_SOURCES, STEPS_FROM, TOKENIZERS
+from mmcoconut.constants import DATA_SOURCES, TOKENIZERS
 from mmcoconut.modes import MODES
 
 

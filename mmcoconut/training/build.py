@@ -64,8 +64,8 @@ def build_tiny_model(overrides, text_tokenizer, max_tiles, attn_implementation="
     """
     from transformers import InternVLForConditionalGeneration
 
-    from modeling_mmcoconut import MMCoconutForConditionalGeneration
     from mmcoconut.processing import INTERNVL3_VOCAB_SIZE, build_internvl_processor, tiny_internvl_config
+    from modeling_mmcoconut import MMCoconutForConditionalGeneration
 
     if len(text_tokenizer) > INTERNVL3_VOCAB_SIZE:
         internvl_config = tiny_internvl_config(**overrides)
@@ -82,8 +82,8 @@ def build_tiny_model(overrides, text_tokenizer, max_tiles, attn_implementation="
 
 def build_text_tokenizer(model_args, train_records):
     """The tokenizer of a tiny model: InternVL3's, or one trained on `train_records` (`tokenizer: task`)."""
-    from mmcoconut.text.prompt import tokenizer_texts
     from mmcoconut.processing import build_internvl_tokenizer, build_task_tokenizer
+    from mmcoconut.text.prompt import tokenizer_texts
 
     if model_args.tokenizer == "internvl":
         return build_internvl_tokenizer()
@@ -96,8 +96,8 @@ def build_model_and_processor(model_args, data_args, curriculum_args, train_reco
     """The model to train and its processor. `train_records` feed the task tokenizer (`tokenizer: task`)."""
     import torch
 
-    from modeling_mmcoconut import MMCoconutForConditionalGeneration
     from mmcoconut.processing import load_internvl_processor
+    from modeling_mmcoconut import MMCoconutForConditionalGeneration
 
     dtype = getattr(torch, model_args.model_dtype)
     if model_args.tokenizer != "internvl" and model_args.tiny_internvl is None:
@@ -124,7 +124,6 @@ def build_model_and_processor(model_args, data_args, curriculum_args, train_reco
         model = MMCoconutForConditionalGeneration.from_internvl(internvl, processor.tokenizer)
     model.config.c_thought = curriculum_args.c_thought
     model.config.training_mode = curriculum_args.mode
-    model.config.pause_as_thought = curriculum_args.mode == "pause"
     model.config.supervise_end_latent = curriculum_args.supervise_end_latent
     if model_args.freeze_vision_tower:
         model.internvl.model.vision_tower.requires_grad_(False)

@@ -8,7 +8,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from mmcoconut.constants import DATA_SOURCES, STEPS_FROM, TOKENIZERS
+from mmcoconut.constants import DATA_SOURCES
 from mmcoconut.modes import MODES
 from mmcoconut.training.arguments import SetupError
 

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import yaml
 
+from mmcoconut.modes import MODE_TABLE
+
 
 def final_eval_metrics(trainer):
     """The evaluation of the trained model: the one the last epoch already ran, else a new one (never twice).
@@ -60,7 +62,7 @@ def run_summary(trainer, eval_records, model_args, data_args, curriculum_args, e
         question = example["question"].split("\n")[0]  # the choices follow on their own lines
         lines.append(f"  python predict.py --model {loadable} --image {example['image']} --question "
                      f"{_shell_quote(question)} --choices {' '.join(map(_shell_quote, example['choices']))}")
-    eval_mode = {"cot": "cot", "no_cot": "vanilla"}.get(curriculum_args.mode, "coconut")
+    eval_mode = MODE_TABLE[curriculum_args.mode].eval_mode
     data = {
         "synthetic": f"--data-file {Path(data_args.synthetic_dir) / 'canonical' / 'val.jsonl'}",
         "canonical": f"--data-file {data_args.eval_file}",
