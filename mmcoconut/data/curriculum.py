@@ -188,13 +188,13 @@ class CurriculumDataset(torch.utils.data.Dataset):
         kept = []  # (record index, record without image, num_tiles)
         bad_logged = 0
         # Skipping promises that training will not stop on a bad image, so then every image is decoded now.
-        image_size = decoded_size if self.skip_bad_samples else image_size
+        size_of = decoded_size if self.skip_bad_samples else image_size
         for index, record in enumerate(_iter_undecoded(self.records)):
             record_id = _check_record(record, index)
             num_tiles = 0
             if record.get("image") is not None:
                 try:
-                    width, height = image_size(record["image"], record_id)
+                    width, height = size_of(record["image"], record_id)
                 except ValueError as error:
                     if not self.skip_bad_samples:
                         raise
