@@ -1,19 +1,23 @@
-"""Run README.md's command blocks, in README order, in a fresh copy of the repository: `make readme-check`.
+"""Run the command blocks of README.md, then of docs/*.md, in a fresh copy of the repository: `make readme-check`.
 
-    python tests/readme_check.py [--keep DIR] [--only N ...] [--list]
+    python tests/readme_check.py [--keep DIR] [--only N ...] [--list] [--readme FILE] [--docs DIR]
 
-Every fenced ```bash block runs as one bash script (`set -euo pipefail`) in a copy of the working tree (the files
-git tracks or would track: no outputs/, data/ or .venv), with the virtualenv that runs this script as `.venv`
-(README: "Every other command below runs inside it"), so the copy is what a fresh clone is after `make install`.
+Every fenced ```bash block runs as one bash script (`set -euo pipefail`) at the root of a copy of the working tree
+(the files git tracks or would track: no outputs/, data/ or .venv), with the virtualenv that runs this script as
+`.venv` and its bin/ first on PATH (README: "Every other command below runs inside it"), so the copy is what a fresh
+clone is after `make install`. The files run in this order: README.md, then each docs/*.md in name order
+(docs/benchmarks.md, docs/data.md, ...; not the folders below docs/), each file's blocks in their own order, all in
+the one copy: a page's commands may use what README's commands made (the demo's checkpoint in outputs/demo) and
+what its own earlier blocks or an earlier page made, as a reader who follows the README and then the page would.
 A block's fence line may say how the check treats it, after the language:
 
     ```bash readme-check: skip needs GPUs and the Hub          not run; the reason is printed
     ```bash readme-check: with 'OLD' 'NEW' ['OLD2' 'NEW2' ...]  run with OLD replaced by NEW (a small override
                                                                 that the README states next to the block)
 
-Blocks run in order and later blocks may use what earlier ones wrote (the demo's checkpoint, the experiment's
-runs). The first failing block stops the check and shows its output. Prints one line per block (seconds, ran or
-skipped and why) and the total wall time; with --keep, each block's output is in DIR/readme-check-logs/.
+Blocks are numbered 1..N over all the files, in the order they run (`--list` shows each block's file and line).
+The first failing block stops the check and shows its output. Prints one line per block (seconds, ran or skipped
+and why) and the total wall time; with --keep, each block's output is in DIR/readme-check-logs/.
 """
 
 import argparse
@@ -37,11 +41,16 @@ INSTALL_INPUTS = ("requirements.txt", "setup.cfg", "requirements.lock", "pyproje
 
 @dataclass
 class Block:
-    number: int  # 1-based, among the README's bash blocks
-    line: int  # of the opening fence in README.md
+    number: int  # 1-based, among the bash blocks of all the checked files, in the order they run
+    line: int  # of the opening fence in its file
     script: str
     skip: str | None = None  # the reason, when not run
     replacements: list = field(default_factory=list)  # [(old, new), ...]
+    source: str = "README.md"  # the file, relative to the repository root
+
+    @property
+    def where(self):
+        return f"{self.source}:{self.line}"
 
     @property
     def title(self):
@@ -52,13 +61,13 @@ class Block:
         script = self.script
         for old, new in self.replacements:
             if old not in script:
-                raise ValueError(f"README.md:{self.line}: readme-check replaces {old!r}, which the block lacks")
+                raise ValueError(f"{self.where}: readme-check replaces {old!r}, which the block lacks")
             script = script.replace(old, new)
         return script
 
 
-def parse_blocks(text):
-    """The README's ```bash blocks with their readme-check markers."""
+def parse_blocks(text, source="README.md"):
+    """The ```bash blocks of one Markdown file's `text` with their readme-check markers, numbered from 1."""
     blocks, lines, i = [], text.splitlines(), 0
     while i < len(lines):
         match = FENCE.match(lines[i])
@@ -75,24 +84,47 @@ def parse_blocks(text):
         i += 1
         if language != "bash":
             continue
-        block = Block(number=len(blocks) + 1, line=start + 1, script="\n".join(body) + "\n")
+        block = Block(number=len(blocks) + 1, line=start + 1, script="\n".join(body) + "\n", source=source)
         if rest:
             if not rest.startswith(MARKER):
-                raise ValueError(f"README.md:{start + 1}: unknown fence annotation {rest!r} (expected {MARKER} ...)")
+                raise ValueError(f"{source}:{start + 1}: unknown fence annotation {rest!r} (expected {MARKER} ...)")
             action, _, argument = rest[len(MARKER):].strip().partition(" ")
             if action == "skip":
                 if not argument.strip():
-                    raise ValueError(f"README.md:{start + 1}: `{MARKER} skip` needs a reason")
+                    raise ValueError(f"{source}:{start + 1}: `{MARKER} skip` needs a reason")
                 block.skip = argument.strip()
             elif action == "with":
                 words = shlex.split(argument)
                 if not words or len(words) % 2:
-                    raise ValueError(f"README.md:{start + 1}: `{MARKER} with` takes pairs 'OLD' 'NEW'")
+                    raise ValueError(f"{source}:{start + 1}: `{MARKER} with` takes pairs 'OLD' 'NEW'")
                 block.replacements = list(zip(words[::2], words[1::2]))
                 block.command()  # every OLD must be in the block
             else:
-                raise ValueError(f"README.md:{start + 1}: unknown {MARKER} action {action!r} (skip or with)")
+                raise ValueError(f"{source}:{start + 1}: unknown {MARKER} action {action!r} (skip or with)")
         blocks.append(block)
+    return blocks
+
+
+def checked_files(readme=REPO / "README.md", docs=REPO / "docs"):
+    """The Markdown files the check runs, in order: README, then docs/*.md by name (`docs=None`: README alone)."""
+    files = [Path(readme)]
+    if docs is not None and Path(docs).is_dir():
+        files += sorted(Path(docs).glob("*.md"))
+    return files
+
+
+def _relative(path):
+    path = Path(path).resolve()
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+
+
+def collect_blocks(files):
+    """The ```bash blocks of `files`, in order, numbered 1..N over all of them."""
+    blocks = []
+    for path in files:
+        for block in parse_blocks(Path(path).read_text(encoding="utf-8"), source=_relative(path)):
+            block.number = len(blocks) + 1
+            blocks.append(block)
     return blocks
 
 
@@ -133,15 +165,18 @@ def main(argv=None):
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     parser.add_argument("--readme", default=str(REPO / "README.md"))
+    parser.add_argument("--docs", default=str(REPO / "docs"),
+                        help="run the bash blocks of DIR/*.md after the README's; '' for the README alone")
     parser.add_argument("--keep", help="work in this (new) directory and keep it, instead of a temporary one")
     parser.add_argument("--only", type=int, nargs="+", help="run only these block numbers (see --list)")
     parser.add_argument("--list", action="store_true", help="list the blocks and what the check does with each")
     args = parser.parse_args(argv)
-    blocks = parse_blocks(Path(args.readme).read_text(encoding="utf-8"))
+    files = checked_files(args.readme, args.docs or None)
+    blocks = collect_blocks(files)
     if args.list:
         for block in blocks:
             what = f"skip: {block.skip}" if block.skip else ("run with overrides" if block.replacements else "run")
-            print(f"{block.number:>2}  README.md:{block.line:<4} {what:<50} {block.title}")
+            print(f"{block.number:>2}  {block.where:<26} {what:<50} {block.title}")
         return blocks
 
     workdir = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="readme-check-"))
@@ -155,19 +190,19 @@ def main(argv=None):
     env.pop("PYTHONPATH", None)  # the copy's own modules, as in a clone
     logs = workdir / "readme-check-logs"  # each block's output, kept with --keep
     logs.mkdir()
-    print(f"README check in {workdir}")
+    print(f"README check of {', '.join(map(_relative, files))} in {workdir}")
     started = time.perf_counter()
     try:
         for block in blocks:
             if args.only and block.number not in args.only:
                 continue
             if block.skip:
-                print(f"block {block.number:>2} (README.md:{block.line}) skipped: {block.skip} | {block.title}")
+                print(f"block {block.number:>2} ({block.where}) skipped: {block.skip} | {block.title}")
                 continue
             proc, seconds = run_block(block, workdir, env)
             (logs / f"block-{block.number:02d}.log").write_text(proc.stdout + proc.stderr, encoding="utf-8")
             status = "ok" if proc.returncode == 0 else f"FAILED (exit {proc.returncode})"
-            print(f"block {block.number:>2} (README.md:{block.line}) {seconds:6.0f} s {status} | {block.title}",
+            print(f"block {block.number:>2} ({block.where}) {seconds:6.0f} s {status} | {block.title}",
                   flush=True)
             if proc.returncode != 0:
                 print(block.command())
