@@ -24,7 +24,7 @@ import json
 import logging
 from pathlib import Path
 
-from mmcoconut.cli.help import DefaultsHelpFormatter
+from mmcoconut.cli.help import DefaultsHelpFormatter, command
 from mmcoconut.constants import DTYPE_NAMES
 
 
@@ -84,6 +84,9 @@ def main(argv=None):
     print(format_summary(results))
     print(f"wrote {out / 'latents.json'}, {out / 'attention_share.png'}, {out / 'top_k_decodings.png'}")
     return results
+
+
+run = command(main)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import argparse
 import logging
 import os
 
-from mmcoconut.cli.help import DefaultsHelpFormatter
+from mmcoconut.cli.help import DefaultsHelpFormatter, command
 from mmcoconut.constants import DEFAULT_MAX_NEW_TOKENS, DTYPE_NAMES, EVAL_MODES, HF_AOKVQA_ID, THINKING_MODES
 
 logger = logging.getLogger("evaluate_aokvqa")
@@ -227,6 +227,9 @@ def main(argv=None):
         print(format_summary(metrics))
     accelerator.wait_for_everyone()
     return metrics
+
+
+run = command(main)
 
 
 if __name__ == "__main__":

@@ -11,3 +11,14 @@ class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if "(default:" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
+
+
+def command(main):
+    """The console-script form of a `main(argv)` that returns its result (metrics, a prediction) to Python callers:
+    the installed command discards the result, since a console script exits with whatever its function returns."""
+
+    def run(argv=None):
+        main(argv)
+
+    run.__doc__ = main.__doc__
+    return run

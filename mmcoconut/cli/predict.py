@@ -18,7 +18,7 @@ import json
 import logging
 import os
 
-from mmcoconut.cli.help import DefaultsHelpFormatter
+from mmcoconut.cli.help import DefaultsHelpFormatter, command
 from mmcoconut.constants import DTYPE_NAMES, QUANTIZATIONS
 
 
@@ -73,6 +73,9 @@ def main(argv=None):
     else:
         print(format_prediction(prediction))
     return prediction
+
+
+run = command(main)
 
 
 if __name__ == "__main__":

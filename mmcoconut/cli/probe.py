@@ -25,7 +25,7 @@ import json
 import logging
 from pathlib import Path
 
-from mmcoconut.cli.help import DefaultsHelpFormatter
+from mmcoconut.cli.help import DefaultsHelpFormatter, command
 
 
 def _latent_count(text):
@@ -110,6 +110,9 @@ def main(argv=None):
     print(format_table(table))
     print(f"wrote {out / 'probe.json'}, {out / 'probe_accuracy.png'}")
     return results
+
+
+run = command(main)
 
 
 if __name__ == "__main__":
