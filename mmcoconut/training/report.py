@@ -60,7 +60,7 @@ def run_summary(trainer, eval_records, model_args, data_args, curriculum_args, e
     example = next((r for r in eval_records or () if r.get("image") and r.get("choices")), None)
     if example is not None:
         question = example["question"].split("\n")[0]  # the choices follow on their own lines
-        lines.append(f"  python predict.py --model {loadable} --image {example['image']} --question "
+        lines.append(f"  mmcoconut-predict --model {loadable} --image {example['image']} --question "
                      f"{_shell_quote(question)} --choices {' '.join(map(_shell_quote, example['choices']))}")
     eval_mode = MODE_TABLE[curriculum_args.mode].eval_mode
     data = {

@@ -1,0 +1,1 @@
+"""Records (A-OKVQA, canonical, synthetic), images, and the curriculum datasets built from them."""
