@@ -63,7 +63,7 @@ def bomb_png(path):
 
 def test_truncated_jpeg_is_skipped_at_build_when_skipping(latent_processor, tmp_path, caplog):
     records = [record("good", photo(tmp_path / "ok.png")), record("cut", truncated_jpeg(tmp_path / "cut.jpg"))]
-    with caplog.at_level(logging.WARNING, logger="data_curriculum"):
+    with caplog.at_level(logging.WARNING, logger="mmcoconut.data.curriculum"):
         dataset = CurriculumDataset(records, latent_processor, skip_bad_samples=True)
     assert len(dataset) == 1 and dataset.skipped == {"bad_image": 1} and dataset.skipped_ids == {"bad_image": ["cut"]}
     messages = [r.getMessage() for r in caplog.records]
@@ -172,7 +172,7 @@ def test_all_records_too_long_is_a_clear_error(latent_processor):
 
 def test_skip_line_names_the_first_skipped_ids(latent_processor, caplog):
     records = [record("short", steps=["A."])] + [record(f"long{i}", steps=["word " * 60]) for i in range(7)]
-    with caplog.at_level(logging.WARNING, logger="data_curriculum"):
+    with caplog.at_level(logging.WARNING, logger="mmcoconut.data.curriculum"):
         dataset = CurriculumDataset(records, latent_processor, mode="cot", max_length=40)
     assert dataset.skipped_ids["too_long"] == [f"long{i}" for i in range(7)]
     assert any(

@@ -189,11 +189,11 @@ def test_bad_image_skipped_counted_and_logged_once(latent_processor, tmp_path, c
         record("gone", image=str(tmp_path / "gone.jpg")),
         record("text"),
     ]
-    with caplog.at_level(logging.INFO, logger="data_curriculum"):
+    with caplog.at_level(logging.INFO, logger="mmcoconut.data.curriculum"):
         dataset = CurriculumDataset(records, latent_processor, skip_bad_samples=True)
     assert len(dataset) == 2 and dataset.skipped == {"bad_image": 1}
     assert [dataset.reference(i)["id"] for i in range(2)] == ["good", "text"]
-    messages = [r.getMessage() for r in caplog.records if r.name == "data_curriculum"]
+    messages = [r.getMessage() for r in caplog.records if r.name == "mmcoconut.data.curriculum"]
     assert any("'gone'" in m and "gone.jpg" in m for m in messages)
     assert sum("kept 2 of 3 records" in m and "bad_image: 1" in m for m in messages) == 1
 
@@ -211,7 +211,7 @@ def test_too_long_is_skipped_never_truncated(latent_processor, caplog):
     short, long = record("short", steps=["A."]), record("long", steps=["word " * 60])
     full = CurriculumDataset([short, long], latent_processor, mode="cot")
     limit = len(full[0]["input_ids"])
-    with caplog.at_level(logging.INFO, logger="data_curriculum"):
+    with caplog.at_level(logging.INFO, logger="mmcoconut.data.curriculum"):
         dataset = CurriculumDataset([short, long], latent_processor, mode="cot", max_length=limit)
     assert len(dataset) == 1 and dataset.skipped == {"too_long": 1}
     assert dataset[0]["input_ids"].tolist() == full[0]["input_ids"].tolist()

@@ -122,11 +122,11 @@ def _bad_examples():
 
 def test_official_skips_are_counted_and_logged_once(tmp_path, caplog):
     aokvqa_dir, coco_dir = _write_official(tmp_path, "train", _bad_examples())
-    with caplog.at_level(logging.INFO, logger="data_aokvqa"):
+    with caplog.at_level(logging.INFO, logger="mmcoconut.data.aokvqa"):
         records = load_official_aokvqa(aokvqa_dir, coco_dir, "train")
     assert [r["id"] for r in records] == ["g0", "g1", "g2"]
     assert records[0]["image"] == str(coco_dir / "train2017" / "000000000000.jpg")
-    messages = [r.getMessage() for r in caplog.records if r.name == "data_aokvqa"]
+    messages = [r.getMessage() for r in caplog.records if r.name == "mmcoconut.data.aokvqa"]
     assert len(messages) == 1
     assert "kept 3 records, skipped 3" in messages[0]
     assert "choices: 1" in messages[0] and "correct_choice_idx: 1" in messages[0] and "no_rationales: 1" in messages[0]

@@ -126,7 +126,7 @@ def test_prepare_writes_data_and_initial_model_only(tmp_path):
 
 
 def test_step_time_by_vocabulary_times_both_vocabularies(tmp_path):
-    import step_time_by_vocabulary
+    from experiments import step_time_by_vocabulary
 
     from mmcoconut.data.synthetic import write_synthetic_aokvqa
 
