@@ -127,7 +127,6 @@ def test_prepare_writes_data_and_initial_model_only(tmp_path):
 
 def test_step_time_by_vocabulary_times_both_vocabularies(tmp_path):
     from experiments import step_time_by_vocabulary
-
     from mmcoconut.data.synthetic import write_synthetic_aokvqa
 
     paths = write_synthetic_aokvqa(tmp_path, n_train=4, n_val=1, task="colour_chain")
