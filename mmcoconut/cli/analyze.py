@@ -3,20 +3,8 @@
     mmcoconut-analyze --model outputs/demo --data-file outputs/demo/data/canonical/val.jsonl \
         --limit 8 --top-k 5 --output-dir outputs/demo/latent_analysis
 
-For every sample the prompt is laid out as at evaluation, `question <|start-latent|> <|latent|>×K <|end-latent|>`,
-and the latent forward fills the K thoughts. Then:
-
-- **decoding**: thought k is the vector placed at latent position p_k, i.e. the last hidden state of p_k - 1
-  (already final-normed); it goes through the LM head and the top-k tokens and probabilities are kept.
-- **attention**: the filled sequence is run once more in a single eager pass (it gives the same hidden states as
-  the multi-pass forward; checked on every batch), and for the query at each latent position p_k the attention
-  probabilities of every layer, averaged over heads, are summed per key category (`ATTENTION_CATEGORIES`):
-  `image` (<IMG_CONTEXT> tokens), `text` (question and chat-template words), `special` (special tokens such as
-  <|im_start|>, <img>, <|start-latent|>), `thoughts` (earlier latent positions) and `self` (p_k itself). Padding is
-  masked out, so the five shares of one thought and layer sum to 1.
-
-Writes `latents.json` (everything), `attention_share.png` (heatmaps) and `top_k_decodings.png` (a table) to
-`--output-dir` and prints a short summary.
+Writes `latents.json`, `attention_share.png` and `top_k_decodings.png` to `--output-dir` and prints a summary; the
+method (decoding, attention categories) is described in `mmcoconut.analysis.attention`.
 """
 
 import argparse

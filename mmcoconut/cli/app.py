@@ -3,11 +3,8 @@
     mmcoconut-app --model outputs/demo                      # serves http://127.0.0.1:7860
     mmcoconut-app --model outputs/demo --screenshot docs/app.png --example-image X --example-question Q
 
-Upload an image, type a question and (optionally) one choice per line: the app shows the answer, the generated
-text, each continuous thought's attention over the image drawn as a heat map on the tiles the model saw, and each
-thought's top tokens through the LM head. Answers come from `mmcoconut.inference.prediction.predict` (the same prompt,
-generation and parsing as `mmcoconut-predict`); thoughts from `mmcoconut.analysis.attention` (as `mmcoconut-analyze`).
-Needs the `app` extra: `pip install -e ".[app]"` (gradio; `--screenshot` also needs a `chromium` binary).
+The page is `mmcoconut.app`. Needs the `app` extra: `pip install -e ".[app]"` (gradio; `--screenshot` also needs
+a `chromium` binary).
 """
 
 import argparse

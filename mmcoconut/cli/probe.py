@@ -3,21 +3,8 @@
     mmcoconut-probe --model outputs/experiment/coconut_3 \
         --data-file outputs/experiment/data/canonical/val.jsonl --output-dir outputs/experiment/probe
 
-`mmcoconut-analyze` decodes each thought through the LM head; a thought can carry the chain without decoding to
-it. This fits a linear probe, the field's standard test, from hidden states to the colour reached after each hop
-of a `colour_chain` / `colour_chain_depth` question (read from the record's steps, `ColourChainTask.parse_step`).
-
-The prompts are laid out as at evaluation (`... <|start-latent|> <|latent|>×K <|end-latent|>`), K the same for every
-record, or its own step count (`--num-latents steps`, the default for checkpoints trained to stop thinking, which
-think that many thoughts for it). Probed states:
-`prompt` (the last hidden state before `<|start-latent|>`: what the model holds before thinking, the baseline),
-`thought k` (the vector placed at latent k, i.e. the last hidden state of the position before it, as in
-`mmcoconut.analysis.attention`) and `last latent` (the last latent's output, from which `<|end-latent|>` is predicted).
-
-For every state × hop: a multinomial logistic regression (standardised features, L2, L-BFGS) is fitted on one part
-of the questions that have that hop and scored on the held-out rest; `chance` is the held-out accuracy of always
-answering the training part's most frequent colour. Writes `probe.json` and `probe_accuracy.png` (a heat map of
-held-out accuracy minus chance) and prints the table.
+Writes `probe.json` and `probe_accuracy.png` and prints the table; the probed states and the fit are described in
+`mmcoconut.analysis.probes`.
 """
 
 import argparse
