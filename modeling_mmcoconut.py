@@ -368,7 +368,7 @@ class MMCoconutForConditionalGeneration(MMCoconutPreTrainedModel, GenerationMixi
             past.append(chunk_kv)
         last_hidden_state = torch.cat(hidden_chunks, dim=1)  # (B, T, H)
         hidden_states = _join_hidden_states(pass_hidden_states) if output_hidden_states else None
-        attentions = _join_attentions(pass_attentions, seq_len) if output_attentions else None
+        attentions = _join_attentions(pass_attentions, seq_len, attention_mask) if output_attentions else None
 
         loss = None
         lm_head = self.internvl.lm_head
@@ -449,9 +449,11 @@ class MMCoconutForConditionalGeneration(MMCoconutPreTrainedModel, GenerationMixi
         hidden_states = outputs.hidden_states if output_hidden_states else None
         attentions = outputs.attentions if output_attentions else None
         if prefill is not None and hidden_states is not None and prefill.get("hidden_states") is not None:
-            hidden_states = _join_hidden_states([prefill["hidden_states"], hidden_states])
+            prompt_rows = tuple(layer[:, :past_len] for layer in prefill["hidden_states"])
+            hidden_states = _join_hidden_states([prompt_rows, hidden_states])
         if prefill is not None and attentions and prefill.get("attentions"):
-            attentions = _join_attentions([prefill["attentions"], attentions], past_len + new_len)
+            prompt_rows = tuple(layer[:, :, :past_len] for layer in prefill["attentions"])
+            attentions = _join_attentions([prompt_rows, attentions], past_len + new_len)
         return MMCoconutOutput(
             logits=logits,
             cache=cache if use_cache else None,
@@ -814,12 +816,13 @@ class MMCoconutForConditionalGeneration(MMCoconutPreTrainedModel, GenerationMixi
             )
         width = input_ids.shape[1]
         ends_with_image = bool((input_ids[:, -1] == self.internvl.config.image_token_id).any())
-        if width == 1 and not ends_with_image:
+        whole = ends_with_image or output_attentions or output_hidden_states
+        if width == 1 and not whole:
             if pixel_values is not None:
                 raise ValueError("A one-token prompt has no image tokens, but pixel_values were given")
             # A one-token prompt leaves nothing to prefill: transformers runs that token into an empty cache.
             return self._assemble_cache([])
-        run = width if ends_with_image else width - 1
+        run = width if whole else width - 1
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
         out = self(
             input_ids=input_ids[:, :run],
@@ -833,18 +836,18 @@ class MMCoconutForConditionalGeneration(MMCoconutPreTrainedModel, GenerationMixi
             output_hidden_states=output_hidden_states or ends_with_image,
             return_dict=True,
         )
-        cache, hidden_states, attentions = out.cache, out.hidden_states, out.attentions
-        prefill = {"length": width - 1, "embeds": None, "hidden_states": None, "attentions": None}
-        if ends_with_image:
-            cache.crop(width - 1)
-            prefill["embeds"] = hidden_states[0][:, -1:]  # the input embedding of the last token: its image feature
-            hidden_states = tuple(layer[:, :-1] for layer in hidden_states)
-            attentions = tuple(layer[:, :, :-1, :-1] for layer in attentions) if attentions else attentions
-        if output_hidden_states:
-            prefill["hidden_states"] = hidden_states
-        if output_attentions:
-            prefill["attentions"] = attentions
-        cache._mmcoconut_prefill = prefill
+        cache = out.cache
+        if not whole:
+            return cache
+        cache.crop(-1)  # the last token: transformers' first step runs it (a negative count removes tokens)
+        # Left for that first step: the prompt's hidden states and attentions from one forward over the whole prompt
+        # (exactly InternVL's first-step outputs), and the last token's input embedding (its image feature).
+        cache._mmcoconut_prefill = {
+            "length": width - 1,
+            "embeds": out.hidden_states[0][:, -1:] if ends_with_image else None,
+            "hidden_states": out.hidden_states if output_hidden_states else None,
+            "attentions": out.attentions if output_attentions else None,
+        }
         return cache
 
     def _think(self, input_ids, attention_mask, pixel_values, num_tiles, max_thoughts, threshold, pad_token_id,
@@ -962,16 +965,24 @@ def _join_hidden_states(parts):
     return tuple(torch.cat(layer, dim=1) for layer in zip(*parts))
 
 
-def _join_attentions(parts, seq_len):
+def _join_attentions(parts, seq_len, attention_mask=None):
     """Per-layer attention weights `(B, heads, queries, keys)` of consecutive query chunks, joined along the queries;
-    each chunk's keys are padded with zeros (the weight the causal softmax gives later positions) to `seq_len`."""
+    each chunk's keys are padded with zeros (the weight the causal softmax gives later positions) to `seq_len`.
+
+    With the 2-D `attention_mask`, the rows of padding queries get what one pass over the whole sequence gives them:
+    every key is masked, so the softmax spreads evenly over all `seq_len` keys (a chunk's pass spreads it over its own).
+    """
     parts = [part for part in parts if part]
     if not parts or any(weights is None for part in parts for weights in part):
         return None
-    return tuple(
+    joined = tuple(
         torch.cat([F.pad(weights, (0, seq_len - weights.shape[-1])) for weights in layer], dim=2)
         for layer in zip(*parts)
     )
+    if len(parts) > 1 and isinstance(attention_mask, torch.Tensor) and attention_mask.shape[-1] == seq_len:
+        padding = ~attention_mask.bool()[:, None, :, None]  # (B, 1, queries, 1)
+        joined = tuple(torch.where(padding, torch.full_like(w, 1.0 / seq_len), w) for w in joined)
+    return joined
 
 
 def _kept_positions(logits_to_keep, seq_len):
