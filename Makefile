@@ -14,7 +14,7 @@ $(VENV)/.installed: requirements.txt setup.cfg requirements.lock
 	$(VENV)/bin/pip install -c requirements.lock -e ".[dev]"
 	touch $@
 
-.PHONY: install test test-slow test-latest test-oldest test-cross-version lock demo readme-check
+.PHONY: install test test-slow test-latest test-next test-oldest test-cross-version lock demo readme-check
 install: $(VENV)/.installed
 
 test: $(VENV)/.installed
@@ -33,6 +33,22 @@ test-latest:
 	.venv-latest/bin/pip install -q --upgrade -e ".[dev]"
 	.venv-latest/bin/pip list 2>/dev/null | grep -iE '^(torch|transformers|accelerate|peft|datasets|tokenizers) '
 	.venv-latest/bin/$(FAST_SUITE)
+
+# The lock, with the newest transformers release over it: 5.25.0 needs `kernels>=0.19.1,<0.20`, which this machine's
+# index cannot resolve (it stops at 0.17.2), so it is installed with --no-deps and hub kernels are switched off
+# (USE_HUB_KERNELS=0; 5.25's from_pretrained otherwise defaults to use_kernels=True and raises without `kernels`).
+NEXT_TRANSFORMERS ?= 5.25.0
+.venv-next/.installed: requirements.txt setup.cfg requirements.lock
+	rm -rf .venv-next
+	$(PYTHON) -m venv .venv-next
+	.venv-next/bin/pip install -q -c requirements.lock --upgrade pip
+	.venv-next/bin/pip install -q -c requirements.lock -e ".[dev]"
+	.venv-next/bin/pip install -q --no-deps "transformers==$(NEXT_TRANSFORMERS)"
+	touch $@
+
+test-next: .venv-next/.installed
+	.venv-next/bin/pip list 2>/dev/null | grep -iE '^(torch|transformers|kernels) '
+	USE_HUB_KERNELS=0 .venv-next/bin/$(FAST_SUITE)
 
 # The lock, with transformers at the oldest version requirements.txt admits.
 .venv-oldest/.installed: requirements.txt setup.cfg requirements.lock

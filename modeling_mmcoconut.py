@@ -25,10 +25,12 @@ from transformers import (
     AutoModel,
     AutoModelForImageTextToText,
     DynamicCache,
+    GenerationConfig,
     GenerationMixin,
     InternVLForConditionalGeneration,
     PretrainedConfig,
     PreTrainedModel,
+    StaticCache,
 )
 from transformers.generation.utils import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput
 from transformers.utils import ModelOutput, can_return_tuple
@@ -63,6 +65,12 @@ class MMCoconutOutput(ModelOutput):
         `(batch, seq_len, hidden)`, the final-norm hidden states (the continuous thoughts' source).
     num_passes (`int`):
         Language-model passes run over the sequence.
+    hidden_states (`tuple(torch.FloatTensor)`, *optional*, with `output_hidden_states=True`):
+        The language model's, one `(batch, seq_len, hidden)` tensor for the embeddings (thoughts filled in) and one
+        per layer, as InternVL returns them; over the whole sequence they are the passes' joined along the sequence.
+    attentions (`tuple(torch.FloatTensor)`, *optional*, with `output_attentions=True` and eager attention):
+        The language model's, one `(batch, heads, seq_len, seq_len)` tensor per layer (future keys hold 0, as the
+        causal softmax gives them).
     """
 
     loss: torch.FloatTensor | None = None
@@ -70,6 +78,8 @@ class MMCoconutOutput(ModelOutput):
     cache: object | None = None
     last_hidden_state: torch.FloatTensor | None = None
     num_passes: int | None = None
+    hidden_states: tuple | None = None
+    attentions: tuple | None = None
 
 
 if not hasattr(MMCoconutOutput, "past_key_values"):  # transformers < 5.24 has no alias of its own
@@ -136,7 +146,11 @@ class MMCoconutForConditionalGeneration(MMCoconutPreTrainedModel, GenerationMixi
     # InternVL's own tie, seen from this level (applied only when `tie_word_embeddings` is set), so that
     # tools that look for ties on the top model (PEFT's trainable tokens, sharding) find it.
     _tied_weights_keys = {"internvl.lm_head.weight": "internvl.model.language_model.embed_tokens.weight"}
-    accepts_loss_kwargs = True  # the Trainer passes num_items_in_batch; the loss is sum / that count
+    # Set explicitly, not inferred from `forward`'s `**kwargs`: the Trainer then passes `num_items_in_batch` (the
+    # loss is sum / that count, right under gradient accumulation) and does not rescale the loss itself. A model whose
+    # forward took `**kwargs` but ignored the count would log a DDP loss multiplied by the number of processes
+    # (tests/test_ddp_loss.py checks the logged loss).
+    accepts_loss_kwargs = True
 
     def __init__(self, config: MMCoconutConfig, internvl: InternVLForConditionalGeneration | None = None):
         super().__init__(config)
@@ -262,6 +276,8 @@ class MMCoconutForConditionalGeneration(MMCoconutPreTrainedModel, GenerationMixi
         use_cache=False,
         logits_to_keep=None,
         inputs_embeds=None,
+        output_attentions=None,
+        output_hidden_states=None,
         **kwargs,
     ):
         r"""
@@ -291,6 +307,10 @@ class MMCoconutForConditionalGeneration(MMCoconutPreTrainedModel, GenerationMixi
             inputs_embeds (`torch.FloatTensor` of shape `(batch, new_len, hidden)`, *optional*):
                 Only with a cache, instead of `input_ids`: continue the sequence with these input embeddings
                 (adaptive generation feeds each continuous thought this way).
+            output_attentions (`bool`, *optional*): return the language model's attention weights (eager attention
+                only, as in transformers), over the whole sequence.
+            output_hidden_states (`bool`, *optional*): return the language model's hidden states (embeddings with the
+                thoughts filled in, then every layer), over the whole sequence.
             return_dict (`bool`, *optional*): `False` returns `MMCoconutOutput.to_tuple()` (`None` fields dropped).
         """
         cache = kwargs.pop(CACHE_KWARG, None)
@@ -303,7 +323,8 @@ class MMCoconutForConditionalGeneration(MMCoconutPreTrainedModel, GenerationMixi
                     "forward with a cache continues a sequence with text tokens only: no labels or pixel_values"
                 )
             return self._forward_from_cache(
-                input_ids, inputs_embeds, attention_mask, position_ids, cache, use_cache, logits_to_keep
+                input_ids, inputs_embeds, attention_mask, position_ids, cache, use_cache, logits_to_keep,
+                bool(output_attentions), bool(output_hidden_states),
             )
         if inputs_embeds is not None or input_ids is None:
             raise ValueError(
@@ -328,7 +349,8 @@ class MMCoconutForConditionalGeneration(MMCoconutPreTrainedModel, GenerationMixi
         latent_mask = self._latent_mask(input_ids, attention_mask)
         boundaries = self._pass_boundaries(latent_mask, seq_len)
 
-        hidden_chunks, past = [], []
+        extras = {"output_attentions": bool(output_attentions), "output_hidden_states": bool(output_hidden_states)}
+        hidden_chunks, past, pass_hidden_states, pass_attentions = [], [], [], []
         for start, end in zip(boundaries[:-1], boundaries[1:]):
             chunk = inputs_embeds[:, start:end]
             if hidden_chunks:
@@ -338,11 +360,17 @@ class MMCoconutForConditionalGeneration(MMCoconutPreTrainedModel, GenerationMixi
                 first = torch.where(is_latent, thought.to(chunk.dtype), chunk[:, 0])
                 chunk = torch.cat([first[:, None], chunk[:, 1:]], dim=1)
             hidden, *chunk_kv = self._language_model_pass(
-                chunk, attention_mask[:, :end], position_ids[:, start:end], past
+                chunk, attention_mask[:, :end], position_ids[:, start:end], past, **extras
             )
+            if output_attentions or output_hidden_states:
+                *chunk_kv, chunk_hidden_states, chunk_attentions = chunk_kv
+                pass_hidden_states.append(chunk_hidden_states)
+                pass_attentions.append(chunk_attentions)
             hidden_chunks.append(hidden)
             past.append(chunk_kv)
         last_hidden_state = torch.cat(hidden_chunks, dim=1)  # (B, T, H)
+        hidden_states = _join_hidden_states(pass_hidden_states) if output_hidden_states else None
+        attentions = _join_attentions(pass_attentions, seq_len, attention_mask) if output_attentions else None
 
         loss = None
         lm_head = self.internvl.lm_head
@@ -365,17 +393,50 @@ class MMCoconutForConditionalGeneration(MMCoconutPreTrainedModel, GenerationMixi
             cache=cache,
             last_hidden_state=last_hidden_state,
             num_passes=len(boundaries) - 1,
+            hidden_states=hidden_states,
+            attentions=attentions,
         )
 
     def _forward_from_cache(self, input_ids, inputs_embeds, attention_mask, position_ids, cache, use_cache,
-                            logits_to_keep):
+                            logits_to_keep, output_attentions=False, output_hidden_states=False):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("forward with a cache continues the sequence with input_ids or inputs_embeds: give one")
+        past_len = int(cache.get_seq_length())
+        # Input that repeats tokens the cache already holds (assisted decoding's first step sends the whole prompt
+        # plus the candidates, whatever the cache holds): only the tokens after the cached ones run. The sequence's
+        # length is the 2-D attention mask's, or (no padding, no mask) the last position + 1.
+        if input_ids is not None:
+            if isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2:
+                total_len = attention_mask.shape[1]
+            elif attention_mask is None and position_ids is not None and position_ids.ndim == 2:
+                total_len = int(position_ids[:, -1].max()) + 1
+            else:
+                total_len = None
+            repeated = 0 if total_len is None else past_len + input_ids.shape[1] - total_len
+            if repeated > 0:
+                input_ids = input_ids[:, repeated:]
+                if position_ids is not None and position_ids.shape[-1] > input_ids.shape[1]:
+                    position_ids = position_ids[..., -input_ids.shape[1] :]
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)  # (B, new_len, H)
         new_len = inputs_embeds.shape[1]
+        # What generate's prefill left for its first step: the embedding of the prompt's last token when that is an
+        # image token (its image feature), and the prompt's hidden states / attentions when they were asked for.
+        prefill = getattr(cache, "_mmcoconut_prefill", None)
+        if prefill is not None and past_len == prefill["length"]:
+            del cache._mmcoconut_prefill
+            if prefill.get("embeds") is not None:
+                first = prefill["embeds"].to(device=inputs_embeds.device, dtype=inputs_embeds.dtype)
+                inputs_embeds = torch.cat([first, inputs_embeds[:, 1:]], dim=1)
+        else:
+            prefill = None
         if position_ids is None and attention_mask is not None:  # per-sample positions, as in the full forward
             position_ids = position_ids_from_attention_mask(attention_mask)[:, -new_len:]
+        extras = {}
+        if output_attentions:
+            extras["output_attentions"] = True
+        if output_hidden_states:
+            extras["output_hidden_states"] = True
         # InternVL's own forward for text, unrolled: the last hidden states are the next continuous thoughts.
         outputs = self.internvl.model.language_model(
             inputs_embeds=inputs_embeds,
@@ -383,11 +444,25 @@ class MMCoconutForConditionalGeneration(MMCoconutPreTrainedModel, GenerationMixi
             position_ids=position_ids,
             use_cache=use_cache,
             **{CACHE_KWARG: cache},
+            **extras,
         )
         hidden = outputs.last_hidden_state  # (B, new_len, H)
         logits = self.internvl.lm_head(hidden[:, _kept_positions(logits_to_keep, new_len)])
+        hidden_states = outputs.hidden_states if output_hidden_states else None
+        attentions = outputs.attentions if output_attentions else None
+        if prefill is not None and hidden_states is not None and prefill.get("hidden_states") is not None:
+            prompt_rows = tuple(layer[:, :past_len] for layer in prefill["hidden_states"])
+            hidden_states = _join_hidden_states([prompt_rows, hidden_states])
+        if prefill is not None and attentions and prefill.get("attentions"):
+            prompt_rows = tuple(layer[:, :, :past_len] for layer in prefill["attentions"])
+            attentions = _join_attentions([prompt_rows, attentions], past_len + new_len)
         return MMCoconutOutput(
-            logits=logits, cache=cache if use_cache else None, last_hidden_state=hidden, num_passes=1
+            logits=logits,
+            cache=cache if use_cache else None,
+            last_hidden_state=hidden,
+            num_passes=1,
+            hidden_states=hidden_states,
+            attentions=attentions,
         )
 
     def embed_inputs(self, input_ids, pixel_values=None, num_tiles=None):
@@ -476,7 +551,8 @@ class MMCoconutForConditionalGeneration(MMCoconutPreTrainedModel, GenerationMixi
             boundaries.insert(widest + 1, boundaries[widest] + widths[widest] // 2)
         return boundaries
 
-    def _language_model_pass(self, chunk, attention_mask, position_ids, past):
+    def _language_model_pass(self, chunk, attention_mask, position_ids, past, output_attentions=False,
+                             output_hidden_states=False):
         """One language-model pass over `chunk` after the cached `past` passes.
 
         `past` is a list (one per earlier pass) of per-layer key and value tensors. The cache is
@@ -484,13 +560,20 @@ class MMCoconutForConditionalGeneration(MMCoconutPreTrainedModel, GenerationMixi
         recomputed under activation checkpointing; only this pass's keys and values are returned.
         """
         flat_past = [tensor for chunk_kv in past for tensor in chunk_kv]
+        if output_attentions or output_hidden_states:
+            # Also returns the pass's hidden states and attentions (inspection, not training: not checkpointed).
+            return self._pure_pass(
+                chunk, attention_mask, position_ids, len(past), *flat_past,
+                output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+            )
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
             return self._gradient_checkpointing_func(
                 self._pure_pass, chunk, attention_mask, position_ids, len(past), *flat_past
             )
         return self._pure_pass(chunk, attention_mask, position_ids, len(past), *flat_past)
 
-    def _pure_pass(self, chunk, attention_mask, position_ids, num_past, *flat_past):
+    def _pure_pass(self, chunk, attention_mask, position_ids, num_past, *flat_past, output_attentions=False,
+                   output_hidden_states=False):
         num_layers = self.internvl.config.text_config.num_hidden_layers
         per_pass = [flat_past[i * 2 * num_layers : (i + 1) * 2 * num_layers] for i in range(num_past)]
         cache = self._assemble_cache(per_pass)
@@ -501,10 +584,14 @@ class MMCoconutForConditionalGeneration(MMCoconutPreTrainedModel, GenerationMixi
             position_ids=position_ids,
             use_cache=True,
             **{CACHE_KWARG: cache},
+            **({"output_attentions": True} if output_attentions else {}),
+            **({"output_hidden_states": True} if output_hidden_states else {}),
         )
         # Copies, not views: a view would keep the whole concatenated past alive for every pass.
         new_keys = [layer.keys[:, :, past_len:].clone() for layer in cache.layers]
         new_values = [layer.values[:, :, past_len:].clone() for layer in cache.layers]
+        if output_attentions or output_hidden_states:
+            return (outputs.last_hidden_state, *new_keys, *new_values, outputs.hidden_states, outputs.attentions)
         return (outputs.last_hidden_state, *new_keys, *new_values)
 
     def _assemble_cache(self, past):
@@ -524,10 +611,21 @@ class MMCoconutForConditionalGeneration(MMCoconutPreTrainedModel, GenerationMixi
     @torch.no_grad()
     def generate(
         self,
-        input_ids,
+        inputs=None,
+        generation_config=None,
+        logits_processor=None,
+        stopping_criteria=None,
+        prefix_allowed_tokens_fn=None,
+        synced_gpus=None,
+        assistant_model=None,
+        streamer=None,
+        negative_prompt_ids=None,
+        negative_prompt_attention_mask=None,
+        custom_generate=None,
+        *,
+        input_ids=None,
         attention_mask=None,
         pixel_values=None,
-        *,
         num_tiles=None,
         thinking=None,
         max_thoughts=None,
@@ -544,6 +642,11 @@ class MMCoconutForConditionalGeneration(MMCoconutPreTrainedModel, GenerationMixi
         `num_return_sequences` expand the prefilled cache (see `_expand_inputs_for_generation`). A `<|latent|>` the
         model generates is fed its learned embedding, not a continuous thought (see `forward`'s `cache`), as in the
         original Coconut.
+
+        The positional parameters are transformers' own, in its order (`inputs`, `generation_config`,
+        `logits_processor`, ...); the prompt may also be given as `input_ids=`, and `attention_mask`, `pixel_values`
+        and `num_tiles` are keyword-only. Which transformers options are supported, and which are refused before any
+        work (with a `ValueError` that names them), is listed in docs/generation.md.
 
         Args:
             thinking (`str`, *optional*): how many continuous thoughts precede the answer.
@@ -574,75 +677,181 @@ class MMCoconutForConditionalGeneration(MMCoconutPreTrainedModel, GenerationMixi
                 "generate() builds its KV cache from the latent prefill, which embeds the prompt; it takes no cache "
                 "or inputs_embeds argument"
             )
+        if generation_config is not None and not isinstance(generation_config, GenerationConfig):
+            raise TypeError(
+                "generate()'s second positional parameter is generation_config, as in transformers, got a "
+                f"{type(generation_config).__name__}; pass attention_mask (and pixel_values) by keyword"
+            )
+        if inputs is not None and input_ids is not None:
+            raise ValueError("generate() got the prompt twice: pass it as `inputs` (first positional) or `input_ids`")
+        input_ids = inputs if inputs is not None else input_ids
+        if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2:
+            raise ValueError("generate() needs the prompts as input_ids, a 2-D tensor of token ids")
+        # The effective options, resolved as transformers resolves them (the call over our generation config).
+        resolved, _ = self._prepare_generation_config(generation_config, **kwargs)
+        self._refuse_unsupported_options(resolved, assistant_model, custom_generate, thinking, kwargs)
         thinking = self.config.default_thinking if thinking is None else thinking
         if thinking not in THINKING_MODES:
             raise ValueError(f"thinking must be one of {THINKING_MODES}, got {thinking!r}")
         if thinking == "fixed" and (max_thoughts is not None or end_latent_threshold is not None):
             raise ValueError("max_thoughts and end_latent_threshold apply to thinking='adaptive' only")
+        if thinking == "adaptive" and (resolved.output_attentions or resolved.output_hidden_states):
+            raise ValueError(
+                "output_attentions / output_hidden_states are supported with thinking='fixed' only; with adaptive "
+                "thinking, run the model's forward (output_hidden_states=True) over the returned sequences"
+            )
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if not bool(attention_mask[:, -1].all()):
             raise ValueError("generate() needs left-padded prompts: some prompt ends with padding")
-        if kwargs.get("synced_gpus") is None:
+        if synced_gpus is None:
             # Every rank runs every decoding step until all have finished: sharded models (FSDP, ZeRO-3) need it,
             # and it keeps ranks in step with the prefill's agreed pass count. The caller's value wins.
-            kwargs["synced_gpus"] = _world_size() > 1
+            synced_gpus = _world_size() > 1
         if thinking == "adaptive":
+            pad_token_id = resolved.pad_token_id
+            if pad_token_id is None:
+                raise ValueError(
+                    "thinking='adaptive' writes pad_token_id into the thinking columns of rows that stop early; set "
+                    "pad_token_id (in the call or in model.generation_config)"
+                )
             input_ids, attention_mask, cache, num_thoughts = self._think(
                 input_ids, attention_mask, pixel_values, num_tiles, max_thoughts, end_latent_threshold,
-                self._thinking_pad_id(kwargs), kwargs["synced_gpus"],
+                pad_token_id, synced_gpus,
             )
         else:
-            cache = self._prefill_fixed(input_ids, attention_mask, pixel_values, num_tiles)
+            cache = self._prefill_fixed(
+                input_ids, attention_mask, pixel_values, num_tiles,
+                bool(resolved.output_attentions), bool(resolved.output_hidden_states),
+            )
             if self.config.pause_as_thought:
                 num_thoughts = torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
             else:
                 num_thoughts = ((input_ids == self.config.latent_token_id) & attention_mask.bool()).sum(-1)
-        outputs = super().generate(input_ids, attention_mask=attention_mask, **{CACHE_KWARG: cache}, **kwargs)
+        # Our prefill made the cache, so transformers must decode from it: it must not build one of its own
+        # (`cache_implementation`) nor resend the whole sequence each step (`use_cache=False`); see
+        # `_prepare_generation_config`. The cache type asked for is made in `_expand_inputs_for_generation`.
+        cache._mmcoconut_generate = True
+        if resolved.cache_implementation == "static":
+            if resolved.max_new_tokens is not None:
+                max_cache_len = input_ids.shape[1] + resolved.max_new_tokens
+            else:
+                max_cache_len = max(resolved.max_length, input_ids.shape[1] + 1)
+            cache._mmcoconut_static_len = max(max_cache_len, resolved.max_cache_len or 0)
+        outputs = super().generate(
+            input_ids,
+            generation_config,
+            logits_processor,
+            stopping_criteria,
+            prefix_allowed_tokens_fn,
+            synced_gpus,
+            assistant_model,
+            streamer,
+            negative_prompt_ids,
+            negative_prompt_attention_mask,
+            attention_mask=attention_mask,
+            **{CACHE_KWARG: cache},
+            **kwargs,
+        )
         if not isinstance(outputs, ModelOutput):
             return outputs
+        if resolved.use_cache is False:  # as transformers returns it: no cache was asked for
+            outputs[CACHE_KWARG] = None
         beams = isinstance(outputs, GenerateBeamDecoderOnlyOutput)
         output_class = MMCoconutGenerateBeamOutput if beams else MMCoconutGenerateOutput
         per_prompt = outputs.sequences.shape[0] // input_ids.shape[0]  # num_return_sequences, prompt-major
         return output_class(**outputs, num_thoughts=num_thoughts.repeat_interleave(per_prompt))
 
-    def _prefill_fixed(self, input_ids, attention_mask, pixel_values, num_tiles):
-        """The KV cache of all but the last prompt token, its latents filled with thoughts."""
+    def _refuse_unsupported_options(self, resolved, assistant_model, custom_generate, thinking, kwargs):
+        """Refuse, before any work, the transformers options whose result would differ from the definition."""
+        if custom_generate is not None:
+            raise ValueError(
+                "custom_generate replaces transformers' decoding loop, which this model's prefill (thoughts, images) "
+                "feeds; it is not supported"
+            )
+        mode = resolved.get_generation_mode(assistant_model)
+        hub_modes = {"contrastive_search", "dola_generation", "constrained_beam_search", "group_beam_search"}
+        if str(getattr(mode, "value", mode)) in hub_modes:
+            raise ValueError(
+                f"The decoding strategy {getattr(mode, 'value', mode)!r} (penalty_alpha, dola_layers, constraints / "
+                "force_words_ids or num_beam_groups) runs from a Hub repository's custom_generate code with its own "
+                "prefill; it is not supported. Use greedy, sampling or beam search."
+            )
+        if resolved.assistant_early_exit is not None or getattr(resolved, "use_mtp", None):
+            option = "assistant_early_exit" if resolved.assistant_early_exit is not None else "use_mtp"
+            raise ValueError(
+                f"{option} drafts with this model's own layers outside its forward, which would skip the continuous "
+                "thoughts; it is not supported. Use prompt_lookup_num_tokens or an assistant_model instead"
+            )
+        implementation = resolved.cache_implementation
+        if implementation not in (None, "dynamic", "static"):
+            raise ValueError(
+                f"cache_implementation={implementation!r} is not supported: generate() builds its KV cache in the "
+                "latent prefill; use None/'dynamic' (the default) or 'static'"
+            )
+        if resolved.prefill_chunk_size is not None:
+            raise ValueError(
+                "prefill_chunk_size is not supported: the latent prefill runs the prompt in its own passes (one per "
+                "latent column); leave it unset"
+            )
+
+    def _prepare_generation_config(self, generation_config, **kwargs):
+        generation_config, model_kwargs = super()._prepare_generation_config(generation_config, **kwargs)
+        if getattr(model_kwargs.get(CACHE_KWARG), "_mmcoconut_generate", False):
+            # Called by transformers' generate on our prefilled cache: decode from it. `use_cache=False` would make
+            # transformers resend the whole sequence on top of the cache, and a `cache_implementation` would make it
+            # refuse the cache; generate() honours both itself (no cache returned; a static cache made from ours).
+            generation_config.use_cache = True
+            generation_config.cache_implementation = None
+        return generation_config, model_kwargs
+
+    def _prefill_fixed(self, input_ids, attention_mask, pixel_values, num_tiles, output_attentions=False,
+                       output_hidden_states=False):
+        """The KV cache of all but the last prompt token, its latents filled with thoughts.
+
+        transformers' decoding loop runs the last token. When that is an image token, the prompt runs whole (its
+        images all in place) and the cache is cropped; its image feature is left on the cache for that first step,
+        as are the prompt's hidden states and attentions when asked for (see `_forward_from_cache`).
+        """
         if bool((input_ids[:, -1] == self.config.latent_token_id).any()):
             raise ValueError(
                 "A prompt ends with <|latent|>; close the latent span with <|end-latent|> before generating"
             )
-        if input_ids.shape[1] > 1:
-            position_ids = position_ids_from_attention_mask(attention_mask)
-            return self(
-                input_ids=input_ids[:, :-1],
-                attention_mask=attention_mask[:, :-1],
-                position_ids=position_ids[:, :-1],
-                pixel_values=pixel_values,
-                num_tiles=num_tiles,
-                use_cache=True,
-                logits_to_keep=1,
-                return_dict=True,
-            ).cache
-        if pixel_values is not None:
-            raise ValueError("A one-token prompt has no image tokens, but pixel_values were given")
-        # A one-token prompt leaves nothing to prefill: transformers runs that token into an empty cache.
-        return self._assemble_cache([])
-
-    def _thinking_pad_id(self, kwargs):
-        """The token written into the thinking columns of rows that stopped early (masked out, so any id would
-        do; the pad token keeps the returned sequences readable): the caller's, else our generation config's."""
-        pad_token_id = kwargs.get("pad_token_id")
-        if pad_token_id is None and kwargs.get("generation_config") is not None:
-            pad_token_id = kwargs["generation_config"].pad_token_id
-        if pad_token_id is None:
-            pad_token_id = self.generation_config.pad_token_id
-        if pad_token_id is None:
-            raise ValueError(
-                "thinking='adaptive' writes pad_token_id into the thinking columns of rows that stop early; set "
-                "pad_token_id (in the call or in model.generation_config)"
-            )
-        return pad_token_id
+        width = input_ids.shape[1]
+        ends_with_image = bool((input_ids[:, -1] == self.internvl.config.image_token_id).any())
+        whole = ends_with_image or output_attentions or output_hidden_states
+        if width == 1 and not whole:
+            if pixel_values is not None:
+                raise ValueError("A one-token prompt has no image tokens, but pixel_values were given")
+            # A one-token prompt leaves nothing to prefill: transformers runs that token into an empty cache.
+            return self._assemble_cache([])
+        run = width if whole else width - 1
+        position_ids = position_ids_from_attention_mask(attention_mask)
+        out = self(
+            input_ids=input_ids[:, :run],
+            attention_mask=attention_mask[:, :run],
+            position_ids=position_ids[:, :run],
+            pixel_values=pixel_values,
+            num_tiles=num_tiles,
+            use_cache=True,
+            logits_to_keep=1,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states or ends_with_image,
+            return_dict=True,
+        )
+        cache = out.cache
+        if not whole:
+            return cache
+        cache.crop(-1)  # the last token: transformers' first step runs it (a negative count removes tokens)
+        # Left for that first step: the prompt's hidden states and attentions from one forward over the whole prompt
+        # (exactly InternVL's first-step outputs), and the last token's input embedding (its image feature).
+        cache._mmcoconut_prefill = {
+            "length": width - 1,
+            "embeds": out.hidden_states[0][:, -1:] if ends_with_image else None,
+            "hidden_states": out.hidden_states if output_hidden_states else None,
+            "attentions": out.attentions if output_attentions else None,
+        }
+        return cache
 
     def _think(self, input_ids, attention_mask, pixel_values, num_tiles, max_thoughts, threshold, pad_token_id,
                synced_gpus):
@@ -727,8 +936,27 @@ class MMCoconutForConditionalGeneration(MMCoconutPreTrainedModel, GenerationMixi
             expand_size, is_encoder_decoder, input_ids, **model_kwargs
         )
         cache = model_kwargs.get(CACHE_KWARG)
-        if expand_size > 1 and cache is not None:
+        if cache is None:
+            return input_ids, model_kwargs
+        prefill = getattr(cache, "_mmcoconut_prefill", None)
+        if expand_size > 1:
             cache.batch_repeat_interleave(expand_size)
+            if prefill is not None:
+                for key in ("embeds", "hidden_states", "attentions"):
+                    value = prefill[key]
+                    if isinstance(value, torch.Tensor):
+                        prefill[key] = value.repeat_interleave(expand_size, dim=0)
+                    elif value:
+                        prefill[key] = tuple(part.repeat_interleave(expand_size, dim=0) for part in value)
+        static_len = getattr(cache, "_mmcoconut_static_len", None)
+        if static_len is not None:  # cache_implementation="static": the same keys and values in a StaticCache
+            static = StaticCache(config=self.internvl.config.text_config, max_cache_len=static_len)
+            if cache.get_seq_length() > 0:
+                for layer_idx, layer in enumerate(cache.layers):
+                    static.update(layer.keys, layer.values, layer_idx)
+            if prefill is not None:
+                static._mmcoconut_prefill = prefill
+            model_kwargs[CACHE_KWARG] = static
         return input_ids, model_kwargs
 
 
@@ -736,6 +964,34 @@ def position_ids_from_attention_mask(attention_mask):
     """`(B, T)` positions that count only attended tokens: padding never shifts a sample's positions (padded
     columns get 0). The one definition the project uses (collator-free inputs, generation, analysis, benchmarks)."""
     return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def _join_hidden_states(parts):
+    """Per-layer hidden states of consecutive chunks of a sequence, joined along the sequence."""
+    parts = [part for part in parts if part]
+    if not parts:
+        return None
+    return tuple(torch.cat(layer, dim=1) for layer in zip(*parts))
+
+
+def _join_attentions(parts, seq_len, attention_mask=None):
+    """Per-layer attention weights `(B, heads, queries, keys)` of consecutive query chunks, joined along the queries;
+    each chunk's keys are padded with zeros (the weight the causal softmax gives later positions) to `seq_len`.
+
+    With the 2-D `attention_mask`, the rows of padding queries get what one pass over the whole sequence gives them:
+    every key is masked, so the softmax spreads evenly over all `seq_len` keys (a chunk's pass spreads it over its own).
+    """
+    parts = [part for part in parts if part]
+    if not parts or any(weights is None for part in parts for weights in part):
+        return None
+    joined = tuple(
+        torch.cat([F.pad(weights, (0, seq_len - weights.shape[-1])) for weights in layer], dim=2)
+        for layer in zip(*parts)
+    )
+    if len(parts) > 1 and isinstance(attention_mask, torch.Tensor) and attention_mask.shape[-1] == seq_len:
+        padding = ~attention_mask.bool()[:, None, :, None]  # (B, 1, queries, 1)
+        joined = tuple(torch.where(padding, torch.full_like(w, 1.0 / seq_len), w) for w in joined)
+    return joined
 
 
 def _kept_positions(logits_to_keep, seq_len):
@@ -790,7 +1046,9 @@ def _load_internvl(name_or_path, dtype=None, **load_kwargs):
             "`mmcoconut.inference.loading.load_base_internvl(path)` (which converts it) and pass the model to "
             "from_internvl, or convert it once with `mmcoconut-convert SOURCE DESTINATION`"
         )
-    return InternVLForConditionalGeneration.from_pretrained(name_or_path, dtype=dtype, **load_kwargs)
+    return InternVLForConditionalGeneration.from_pretrained(
+        name_or_path, dtype=dtype, **{"use_kernels": False, **load_kwargs}
+    )
 
 
 AutoModel.register(MMCoconutConfig, MMCoconutForConditionalGeneration)

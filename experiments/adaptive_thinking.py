@@ -131,7 +131,7 @@ class Evaluator:
     """One checkpoint, loaded once, evaluated on the validation records in several ways."""
 
     def __init__(self, run_dir, records, batch_size):
-        self.model = MMCoconutForConditionalGeneration.from_pretrained(run_dir)
+        self.model = MMCoconutForConditionalGeneration.from_pretrained(run_dir, use_kernels=False)
         self.processor = load_internvl_processor(run_dir)  # the saved tiling
         self.records, self.batch_size = records, batch_size
         self.hops_of = {record["id"]: len(record["steps"]) for record in records}

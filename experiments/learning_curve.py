@@ -248,7 +248,7 @@ def train_run(recipe, run_dir, mode, files, start_from, first_stage, epochs, sam
 
 
 def evaluate_run(run_dir, eval_mode, val_file, max_tiles, batch_size):
-    model = MMCoconutForConditionalGeneration.from_pretrained(run_dir)
+    model = MMCoconutForConditionalGeneration.from_pretrained(run_dir, use_kernels=False)
     processor = load_internvl_processor(run_dir, max_tiles)
     dataset = build_eval_dataset(load_canonical(val_file), processor, eval_mode, model.config, max_tiles=max_tiles)
     # The checkpoint's own latent count (latent_stage × c_thought); the dataset alone would lay prompts out at stage 0.

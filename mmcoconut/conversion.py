@@ -378,6 +378,7 @@ def load_internvl_chat(
     state_dict = convert_internvl_chat_state_dict(_read_safetensors(directory), config)
     if dtype is not None:
         from_pretrained_kwargs["dtype"] = dtype
+    from_pretrained_kwargs.setdefault("use_kernels", False)
     model = InternVLForConditionalGeneration.from_pretrained(
         None, config=config, state_dict=state_dict, **from_pretrained_kwargs
     )

@@ -51,7 +51,7 @@ def test_saved_sampling_settings_are_used_and_explicit_arguments_override_them(t
 
     model.generation_config.update(do_sample=True, temperature=5.0)
     model.save_pretrained(tmp_path)
-    loaded = MMCoconutForConditionalGeneration.from_pretrained(tmp_path).eval()
+    loaded = MMCoconutForConditionalGeneration.from_pretrained(tmp_path, use_kernels=False).eval()
     assert loaded.generation_config.do_sample and loaded.generation_config.temperature == 5.0
     for configured in (model, loaded):
         torch.manual_seed(0)
@@ -76,7 +76,7 @@ def test_the_wrapped_internvl_generation_config_is_never_consulted(tmp_path):
     poison(model.internvl)
     assert torch.equal(model.generate(**inputs), reference)
     model.save_pretrained(tmp_path)
-    loaded = MMCoconutForConditionalGeneration.from_pretrained(tmp_path).eval()
+    loaded = MMCoconutForConditionalGeneration.from_pretrained(tmp_path, use_kernels=False).eval()
     assert torch.equal(loaded.generate(**inputs), reference)
 
 
@@ -425,3 +425,22 @@ def test_image_prompts_need_their_pixels():
     inputs["pixel_values"] = None
     with pytest.raises(ValueError, match="4 image tokens but no pixel_values"):
         make_model().generate(**inputs, max_new_tokens=2)
+
+
+# ---------------------------------------------------------------- issue 22: output flags are forward arguments now
+
+
+def test_forward_takes_output_hidden_states_and_output_attentions_and_refuses_unknown_arguments():
+    """transformers' generate passes `output_hidden_states` / `output_attentions` to forward; other unknown arguments
+    are still an error (they would otherwise be silently ignored)."""
+    model = make_model()
+    batch = collate([make_sample(1, 2)])
+    batch.pop("labels")
+    with torch.no_grad():
+        out = model(**batch, output_hidden_states=True)
+        assert len(out.hidden_states) == model.internvl.config.text_config.num_hidden_layers + 1
+        assert out.hidden_states[0].shape[:2] == batch["input_ids"].shape
+        assert out.num_passes > 1  # the passes' hidden states are joined into one sequence
+        torch.testing.assert_close(out.hidden_states[-1], out.last_hidden_state)
+    with pytest.raises(TypeError, match=r"unexpected arguments \['output_router_logits'\]"):
+        model(input_ids=torch.tensor([[4, 5, 6]]), output_router_logits=True)

@@ -318,8 +318,8 @@ def test_returned_cache_is_a_transformers_cache_object():
 
 def test_unknown_forward_arguments_are_an_error():
     model = make_model()
-    with pytest.raises(TypeError, match=r"unexpected arguments \['output_hidden_states'\]"):
-        model(input_ids=torch.tensor([[4, 5, 6]]), output_hidden_states=True)
+    with pytest.raises(TypeError, match=r"unexpected arguments \['output_router_logits'\]"):
+        model(input_ids=torch.tensor([[4, 5, 6]]), output_router_logits=True)
 
 
 def test_inference_latents_follow_the_training_mode():

@@ -113,7 +113,8 @@ def load_model(model_path, quantization="none", dtype="auto", device=None, attn_
     tied = quantization != "none" and MMCoconutConfig.from_pretrained(model_path).tie_word_embeddings
     quantization_cfg = quantization_config(quantization, tied_embeddings=tied)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    load_kwargs = {"dtype": dtype}
+    # transformers 5.25 swaps in Hub kernels by default; these are not the layers the model was checked against.
+    load_kwargs = {"dtype": dtype, "use_kernels": False}
     if attn_implementation is not None:
         load_kwargs["attn_implementation"] = attn_implementation
     if (path / "adapter_config.json").is_file():
@@ -151,7 +152,7 @@ def load_base_internvl(name_or_path, dtype=None, attn_implementation=None, max_t
         tokenizer = load_internvl_chat_tokenizer(name_or_path)
         return internvl, build_internvl_processor(internvl.config, tokenizer, max_tiles)
     internvl = InternVLForConditionalGeneration.from_pretrained(
-        name_or_path, dtype=dtype, attn_implementation=attn_implementation
+        name_or_path, dtype=dtype, attn_implementation=attn_implementation, use_kernels=False
     )
     return internvl, load_internvl_processor(name_or_path, max_tiles)
 

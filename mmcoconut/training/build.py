@@ -105,7 +105,8 @@ def build_model_and_processor(model_args, data_args, curriculum_args, train_reco
                          "(a model trained from scratch); a loaded model keeps its own tokenizer")
     if model_args.load_model_path:
         model = MMCoconutForConditionalGeneration.from_pretrained(
-            model_args.load_model_path, dtype=dtype, attn_implementation=model_args.attn_implementation
+            model_args.load_model_path, dtype=dtype, attn_implementation=model_args.attn_implementation,
+            use_kernels=False,
         )
         processor = load_internvl_processor(model_args.load_model_path, data_args.max_tiles)
     elif model_args.tiny_internvl is not None:
