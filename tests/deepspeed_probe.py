@@ -9,8 +9,9 @@ Runs `train.main(argv)` unchanged, with one more callback on the `CurriculumTrai
 - `epochs`: at each epoch start (after the curriculum callback has run), the innermost torch optimizer's state:
   how many parameter states it holds and the largest |exp_avg| and |exp_avg_sq| in them;
 - `steps`: after each optimizer step, the learning rate and the Adam step counts held in that state;
-- `partition` (ZeRO-3): after each step, per parameter, its full size (`ds_numel`), the size of this rank's shard
-  (`ds_tensor`) and what is materialised in `param.data` outside a forward, plus a checksum of this rank's shards;
+- `partition` (ZeRO-3): after each step, summed over parameters, the full size (`ds_numel`), the size of this
+  rank's shards (`ds_tensor`) and what is materialised in `param.data` outside a forward; the parameters held
+  whole on this rank (persistent or gathered); a checksum of this rank's shards;
 - `evaluations`: per evaluation, the language-model forward calls this rank ran (loss pass and generation);
 - `initial_weights`: per parameter, the sum and standard deviation of the whole tensor when training starts;
 - `log_history`: the Trainer's logs at full precision.
@@ -61,7 +62,8 @@ def _partition(module):
         "full_numel": sum(int(p.ds_numel) for _, p in params),
         "local_numel": sum(int(p.ds_tensor.numel()) for _, p in params),
         "materialised_numel": sum(int(p.data.numel()) for _, p in params),
-        "params_whole_here": [n for n, p in params if p.ds_tensor.numel() >= p.ds_numel],
+        # Whole on this rank between steps: persistent (below stage3_param_persistence_threshold) or gathered.
+        "params_whole_here": [n for n, p in params if getattr(p, "ds_persist", False) or p.data.numel() >= p.ds_numel],
         "largest": max(((n, int(p.ds_numel), int(p.ds_tensor.numel())) for n, p in params), key=lambda x: x[1]),
         "shard_checksum": float(sum(p.ds_tensor.detach().double().sum() for _, p in params)),
     }

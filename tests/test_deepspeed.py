@@ -225,6 +225,7 @@ def test_readme_zero3_command_trains_saves_and_keeps_tiny_parameters_whole(zero3
         assert rank["deepspeed"] and "stage3" in " ".join(rank["optimizer_chain"])
         last = rank["partition"][-1]
         assert len(last["params_whole_here"]) == last["num_params"]
+        assert last["materialised_numel"] == last["full_numel"]
 
 
 @pytest.mark.xfail(strict=True, reason=(
