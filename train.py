@@ -481,7 +481,10 @@ def check_distributed_setup(trainer):
         raise RuntimeError("the accelerate config asks for FSDP but the Trainer would not use it (FSDP needs GPUs)")
     if wants_deepspeed and not trainer.is_deepspeed_enabled:
         raise RuntimeError(
-            "the accelerate config asks for DeepSpeed but the Trainer would not use it (DeepSpeed needs GPUs)"
+            "the accelerate config asks for DeepSpeed but the Trainer would not use it: accelerate was told to run on "
+            "CPU (`accelerate launch --cpu`, `use_cpu: true` in the accelerate config, or ACCELERATE_USE_CPU=true), "
+            "which sets up plain CPU processes without DeepSpeed. DeepSpeed itself runs without GPUs (its CPU "
+            "accelerator, gloo): launch with ds_configs/accelerate_zero2.yaml or accelerate_zero3.yaml as they are"
         )
 
 

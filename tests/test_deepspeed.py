@@ -390,3 +390,18 @@ def test_lora_under_zero2_matches_ddp(work, data_flags):
     assert (zero2["out"] / "adapter_model.safetensors").is_file()
     assert "LoRA merge skipped" in zero2["log"]
     assert (ddp["out"] / "merged" / "model.safetensors").is_file()
+
+
+def test_deepspeed_config_with_cpu_flag_is_refused_with_the_reason(work, data_flags):
+    """What really cannot run: a DeepSpeed config launched with accelerate's CPU flag (`--cpu`, `use_cpu: true` in
+    the accelerate config; both set ACCELERATE_USE_CPU), which would quietly train without DeepSpeed."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               accelerate_config("accelerate_zero2.yaml"), "--num_processes", "2", "--main_process_port",
+               str(free_port()), "train.py", "recipes/demo.yaml", *demo_flags(steps=1), *data_flags,
+               "--save_strategy", "no", "--output_dir", str(work / "refused")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "ACCELERATE_USE_CPU": "true"}
+    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    log = proc.stdout + proc.stderr
+    assert "asks for DeepSpeed but the Trainer would not use it: accelerate was told to run on CPU" in log, log[-4000:]
+    assert not (work / "refused" / "model.safetensors").exists()
