@@ -20,6 +20,7 @@ here); later starts reuse it from ~/.cache/torch_extensions.
 """
 
 import ast
+import importlib.util
 import json
 import os
 import re
@@ -30,10 +31,14 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow
-pytest.importorskip("deepspeed", reason="the deepspeed extra is not installed (pip install -e '.[deepspeed]')")
+import torch
 
-import torch  # noqa: E402
+# Not importorskip: importing deepspeed at collection would cost the fast suite seconds.
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
+                       reason="the deepspeed extra is not installed (pip install -e '.[deepspeed]')"),
+]
 
 REPO = Path(__file__).resolve().parents[1]
 PROBE = "tests/deepspeed_probe.py"
