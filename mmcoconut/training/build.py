@@ -1,5 +1,6 @@
 """What a run trains on and with: its records (generating the synthetic set once), its model and processor."""
 
+import contextlib
 import copy
 import json
 import logging
@@ -75,9 +76,28 @@ def build_tiny_model(overrides, text_tokenizer, max_tiles, attn_implementation="
         )
     internvl_config._attn_implementation = attn_implementation
     processor = build_internvl_processor(internvl_config, text_tokenizer, max_tiles)
-    internvl = InternVLForConditionalGeneration(internvl_config)
+    with _outside_zero3_init():
+        internvl = InternVLForConditionalGeneration(internvl_config)
     model = MMCoconutForConditionalGeneration.from_internvl(internvl, processor.tokenizer, dtype=dtype)
     return model, processor
+
+
+@contextlib.contextmanager
+def _outside_zero3_init():
+    """Construct a model whole, as without DeepSpeed, even when the accelerate config is ZeRO-3.
+
+    transformers builds sub-models (`AutoModel.from_config`) inside `deepspeed.zero.Init` with weight
+    initialisation skipped while a ZeRO-3 config is registered, so a from-scratch model would start from other
+    weights than under DDP. The tiny model fits on every rank; the DeepSpeed engine partitions it afterwards.
+    """
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    registered = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = registered
 
 
 def build_text_tokenizer(model_args, train_records):

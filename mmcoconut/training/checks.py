@@ -186,8 +186,9 @@ def require_hub_access(model_args, data_args):
 def check_distributed_setup(trainer):
     """Refuse the launches that accelerate/transformers would silently run as something else.
 
-    On a machine without GPUs, an FSDP or DeepSpeed accelerate config quietly becomes DDP or independent
-    single-process runs that overwrite each other's output.
+    Processes that each run alone overwrite each other's output; accelerate applies FSDP only on accelerator
+    devices (on CPU an FSDP config quietly becomes DDP); a DeepSpeed config launched with accelerate told to run on
+    CPU quietly becomes plain processes. DeepSpeed itself runs on CPU (gloo): see docs/distributed.md.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size > 1 and trainer.args.world_size == 1:
@@ -198,10 +199,17 @@ def check_distributed_setup(trainer):
     wants_fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
     wants_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     if wants_fsdp and not trainer.is_fsdp_enabled:
-        raise RuntimeError("the accelerate config asks for FSDP but the Trainer would not use it (FSDP needs GPUs)")
+        raise RuntimeError(
+            "the accelerate config asks for FSDP but the Trainer would not use it: accelerate applies FSDP only on "
+            "GPUs (or other accelerators), and on CPU would run plain DDP; on CPU use ds_configs/accelerate_ddp.yaml "
+            "or a DeepSpeed config"
+        )
     if wants_deepspeed and not trainer.is_deepspeed_enabled:
         raise RuntimeError(
-            "the accelerate config asks for DeepSpeed but the Trainer would not use it (DeepSpeed needs GPUs)"
+            "the accelerate config asks for DeepSpeed but the Trainer would not use it: accelerate was told to run on "
+            "CPU (`accelerate launch --cpu`, `use_cpu: true` in the accelerate config, or ACCELERATE_USE_CPU=true), "
+            "which sets up plain CPU processes without DeepSpeed. DeepSpeed itself runs without GPUs (its CPU "
+            "accelerator, gloo): launch with ds_configs/accelerate_zero2.yaml or accelerate_zero3.yaml as they are"
         )
 
 
