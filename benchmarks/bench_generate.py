@@ -17,29 +17,10 @@ per-token cost grows with the sequence, so the extrapolation slightly flatters t
 import argparse
 import time
 
+import torch
+
 from benchmarks.cli import add_common_args
-from mmcoconut.cli.help import DefaultsHelpFormatter
-
-
-def build_parser():
-    """The benchmark's flags; needs no torch, so `--help` answers before the imports below."""
-    parser = add_common_args(
-        argparse.ArgumentParser(
-            description=__doc__.split("\n")[0], formatter_class=DefaultsHelpFormatter
-        )
-    )
-    parser.add_argument("--new-tokens", type=int, default=64, help="new tokens per prompt")
-    parser.add_argument("--baseline-new-tokens", type=int, default=8,
-                        help="tokens per prompt timed for the original decoding (extrapolated to --new-tokens)")
-    return parser
-
-
-if __name__ == "__main__":  # `--help` and usage errors answer here, before the seconds-long imports below
-    build_parser().parse_args()
-
-import torch  # noqa: E402
-
-from benchmarks.common import (  # noqa: E402
+from benchmarks.common import (
     LATENT_ID,
     build_setup,
     collate_prompts,
@@ -52,7 +33,22 @@ from benchmarks.common import (  # noqa: E402
     time_runs,
     write_json,
 )
-from benchmarks.original_coconut import original_coconut_generate  # noqa: E402
+from benchmarks.original_coconut import original_coconut_generate
+from mmcoconut.cli.help import DefaultsHelpFormatter
+
+
+def build_parser():
+    """The benchmark's flags."""
+    parser = add_common_args(
+        argparse.ArgumentParser(
+            description=__doc__.split("\n")[0], formatter_class=DefaultsHelpFormatter
+        )
+    )
+    parser.add_argument("--new-tokens", type=int, default=64, help="new tokens per prompt")
+    parser.add_argument("--baseline-new-tokens", type=int, default=8,
+                        help="tokens per prompt timed for the original decoding (extrapolated to --new-tokens)")
+    return parser
+
 
 TARGETS = {
     "tokens_per_s_ours_over_original": (">=", 20.0),

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import _proc_status_bytes, format_table, peak_memory_bytes, write_json
+from mmcoconut.cli.help import DefaultsHelpFormatter
 
 MEMORY_NOTE = {
     "cpu": "RSS after loading and the peak RSS (VmHWM) while loading, both above the RSS before loading; the peak "
@@ -107,15 +108,17 @@ def compare(results):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="outputs/demo")
-    parser.add_argument("--data-file", default="outputs/demo/data/canonical/val.jsonl")
-    parser.add_argument("--limit", type=int, default=16)
-    parser.add_argument("--quantizations", nargs="+", default=list(DEFAULT_QUANTIZATIONS))
-    parser.add_argument("--max-new-tokens", type=int, default=None, help="default: the checkpoint's")
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads per variant process")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter)
+    parser.add_argument("--model", default="outputs/demo", help="checkpoint directory")
+    parser.add_argument("--data-file", default="outputs/demo/data/canonical/val.jsonl",
+                        help="canonical records to answer")
+    parser.add_argument("--limit", type=int, default=16, help="questions per variant")
+    parser.add_argument("--quantizations", nargs="+", default=list(DEFAULT_QUANTIZATIONS), help="variants to compare")
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="(default: the checkpoint's)")
+    parser.add_argument("--dtype", default="auto", help="load dtype")
+    parser.add_argument("--device", default=None, help="(default: cuda when available, else cpu)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per variant process "
+                        "(default: torch's)")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # one variant, in a child process
     args = parser.parse_args(argv)

@@ -19,12 +19,41 @@ the fast test suite keeps it working; toy numbers say nothing about speed.
 """
 
 import argparse
+import importlib.util
+import json
 import os
+import socket
 import sys
 import time
 from pathlib import Path
 
+import torch
+import torch.distributed as dist
+
+from benchmarks.bench_generate import generate_functions
+from benchmarks.bench_train_step import loss_functions
 from benchmarks.cli import add_common_args
+from benchmarks.common import (
+    END_LATENT_ID,
+    LATENT_ID,
+    MEMORY_METHOD,
+    PAD_ID,
+    START_LATENT_ID,
+    VOCAB_SIZE,
+    Setup,
+    build_setup,
+    collate_prompts,
+    collate_train,
+    describe,
+    format_table,
+    make_samples,
+    median,
+    peak_memory_bytes,
+    resolve_device,
+    shape_summary,
+    time_runs,
+    write_json,
+)
 from mmcoconut.cli.help import DefaultsHelpFormatter
 
 PARTS = ("train", "eval", "zero3", "fsdp2")
@@ -55,7 +84,7 @@ TOY = dict(layers=1, hidden_size=32, heads=2, kv_heads=1, intermediate_size=64, 
 
 
 def build_parser():
-    """The check's flags; needs no torch, so `--help` answers before the imports below."""
+    """The check's flags."""
     parser = add_common_args(
         argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=DefaultsHelpFormatter)
     )
@@ -74,41 +103,6 @@ def build_parser():
     parser.set_defaults(tiles=8, latents=6, batch_size=4, question_tokens=40, answer_tokens=60, repeats=3,
                         warmup=1)
     return parser
-
-
-if __name__ == "__main__":  # `--help` and usage errors answer here, before the seconds-long imports below
-    build_parser().parse_args()
-
-import importlib.util  # noqa: E402
-import json  # noqa: E402
-import socket  # noqa: E402
-
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-
-from benchmarks.bench_generate import generate_functions  # noqa: E402
-from benchmarks.bench_train_step import loss_functions  # noqa: E402
-from benchmarks.common import (  # noqa: E402
-    END_LATENT_ID,
-    LATENT_ID,
-    MEMORY_METHOD,
-    PAD_ID,
-    START_LATENT_ID,
-    VOCAB_SIZE,
-    Setup,
-    build_setup,
-    collate_prompts,
-    collate_train,
-    describe,
-    format_table,
-    make_samples,
-    median,
-    peak_memory_bytes,
-    resolve_device,
-    shape_summary,
-    time_runs,
-    write_json,
-)
 
 
 def real_internvl_config():

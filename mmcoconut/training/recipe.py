@@ -117,12 +117,38 @@ def help_parser():
     return parser
 
 
+TRAINING_ARGUMENTS_DOCS = "https://huggingface.co/docs/transformers/main_classes/trainer#transformers.TrainingArguments"
+
+
+def recipe_help_parser(recipe_path):
+    """`train.py RECIPE.yaml --help`: `help_parser` with the recipe's values as defaults, plus the TrainingArguments
+    keys the recipe sets. Without transformers (importing it takes seconds): transformers' own reference lists the
+    other TrainingArguments fields, each of which is a flag too."""
+    recipe = read_recipe(recipe_path)
+    parser = help_parser()
+    parser.usage = f"train.py {recipe_path} [--field value ...]"
+    ours = {action.dest for action in parser._actions}
+    parser.set_defaults(**{key: value for key, value in recipe.items() if key in ours})
+    group = parser.add_argument_group("TrainingArguments set by this recipe")
+    for key, value in recipe.items():
+        if key not in ours:
+            group.add_argument(f"--{key}", default=value, help="as set by the recipe")
+    parser.epilog = (
+        f"Every other field of transformers' TrainingArguments is a flag too, with transformers' default: "
+        f"{TRAINING_ARGUMENTS_DOCS}"
+    )
+    return parser
+
+
 def parse_args(argv):
     if argv and argv[0] in ("-h", "--help"):
         help_parser().print_help()
         raise SystemExit(0)
     if not argv or not argv[0].endswith((".yaml", ".yml")):
         raise SystemExit(f"usage: {USAGE}\n(train.py --help lists the fields)")
+    if "-h" in argv[1:] or "--help" in argv[1:]:
+        recipe_help_parser(argv[0]).print_help()
+        raise SystemExit(0)
     from transformers import HfArgumentParser
 
     from trainer_curriculum import CurriculumTrainingArguments
@@ -156,4 +182,7 @@ def check_device_support(args, recipe_path):
         )
 
 
-__all__ = ["USAGE", "read_recipe", "check_recipe_types", "help_parser", "parse_args", "check_device_support"]
+__all__ = [
+    "USAGE", "read_recipe", "check_recipe_types", "help_parser", "recipe_help_parser", "parse_args",
+    "check_device_support",
+]
