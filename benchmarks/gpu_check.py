@@ -59,7 +59,7 @@ from mmcoconut.cli.help import DefaultsHelpFormatter
 PARTS = ("train", "eval", "zero3", "fsdp2")
 REPO = Path(__file__).resolve().parents[1]
 
-# InternVL3-1B-Pretrained's published config.json, the fields that shape the model (tests/test_convert_internvl_chat
+# InternVL3-1B-Pretrained's published config.json, the fields that shape the model (tests/test_conversion.py
 # checks the full published config maps to 938,193,024 parameters, as this one does).
 INTERNVL3_1B = {
     "model_type": "internvl_chat", "downsample_ratio": 0.5, "force_image_size": 448, "ps_version": "v2",

@@ -9,7 +9,7 @@ import pytest
 from mmcoconut import app  # gradio is imported where the demo is built
 from mmcoconut.cli import app as app_cli
 from mmcoconut.inference.loading import load
-from tests.test_predict import QUESTION, _run_predict
+from tests.test_inference_prediction import QUESTION, _run_predict
 
 pytest.importorskip("gradio")
 gradio_client = pytest.importorskip("gradio_client")

@@ -18,7 +18,7 @@ from modeling_mmcoconut import (
     MMCoconutGenerateBeamOutput,
     MMCoconutGenerateOutput,
 )
-from tests.test_curriculum_data import STEPS, ids, record
+from tests.test_data_curriculum import STEPS, ids, record
 from tests.test_generate_conventions import naive_beam_search
 from tests.test_modeling_mmcoconut import assert_matches_naive, naive_greedy, naive_hidden
 from tests.tiny_models import END, LATENT, PAD, START, collate, make_model, make_sample

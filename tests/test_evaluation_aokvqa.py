@@ -87,7 +87,7 @@ def test_cli_end_to_end(tiny_checkpoint, synthetic_aokvqa, tmp_path, mode, sourc
 def test_adaptive_thinking_logs_the_thoughts_each_question_used(tiny_checkpoint, synthetic_aokvqa, tmp_path, capsys):
     # The threshold on P(<|end-latent|>) decides: 1.0 is never reached (every question thinks the 3 thoughts
     # allowed), a tiny one at once (0 thoughts). Rows stopping at different steps are tested on generate itself
-    # (tests/test_adaptive_thinking.py); here the CLI's per-sample counts, their mean and the answer after
+    # (tests/test_generate_adaptive.py); here the CLI's per-sample counts, their mean and the answer after
     # <|end-latent|>.
     model = MMCoconutForConditionalGeneration.from_pretrained(tiny_checkpoint).eval()
     data_file = synthetic_aokvqa["canonical_dir"] / "val.jsonl"
