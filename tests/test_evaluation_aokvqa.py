@@ -12,6 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from accelerate import PartialState
 from transformers import GenerationConfig, TrainingArguments
 
 from mmcoconut.cli import evaluate as evaluate_aokvqa
@@ -295,13 +296,89 @@ def test_unlabeled_split_is_predicted_not_scored(loaded, synthetic_aokvqa):
     assert [s["prediction"]["multiple_choice"] for s in result.samples] == [r["choices"][0] for r in records]
 
 
+class _Rank:
+    """Process `rank` of `world_size` as accelerate splits for it: `PartialState.split_between_processes` itself,
+    run on this process's index and count instead of the launched state's."""
+
+    split_between_processes = PartialState.split_between_processes
+
+    def __init__(self, rank, world_size):
+        self.process_index, self.num_processes = rank, world_size
+        self.is_main_process = rank == 0
+        self.device = torch.device("cpu")
+
+
 @pytest.mark.parametrize("num_samples, world_size", [(3, 2), (7, 3), (1, 3), (4, 4)])
 def test_shards_are_equal_length_and_cover_every_sample_once(num_samples, world_size):
-    shards = [_shard(num_samples, rank, world_size) for rank in range(world_size)]
+    shards = [_shard(num_samples, _Rank(rank, world_size)) for rank in range(world_size)]
     assert len({len(positions) for positions, _ in shards}) == 1  # same number of generate calls per rank
     real = [p for positions, num_real in shards for p in positions[:num_real]]
     assert real == list(range(num_samples))
     assert math.ceil(num_samples / world_size) == len(shards[0][0])
+
+
+@pytest.mark.parametrize(
+    "num_samples, world_size",
+    [(1, 1), (5, 1), (5, 2), (6, 2), (7, 3), (10, 4), (5, 4), (3, 4), (1, 2), (1, 8), (2, 5), (8, 8), (9, 8)],
+)
+def test_the_ranks_positions_with_padding_marked_are_each_question_exactly_once(num_samples, world_size):
+    marked = []  # (position, rank, is_padding) over every rank, in gather order
+    for rank in range(world_size):
+        positions, num_real = _shard(num_samples, _Rank(rank, world_size))
+        assert len(positions) == math.ceil(num_samples / world_size)  # lock-step: as many generate calls
+        assert 0 <= num_real <= len(positions)
+        marked += [(position, rank, index >= num_real) for index, position in enumerate(positions)]
+    real = [position for position, _, padding in marked if not padding]
+    assert real == list(range(num_samples))  # each question once, in dataset order, rank after rank
+    padding = [position for position, _, is_padding in marked if is_padding]
+    assert len(padding) == world_size * math.ceil(num_samples / world_size) - num_samples
+    assert set(padding) <= {num_samples - 1}  # a repeat of a real question, never out of range
+    # Contiguous slices, lower ranks first: the ranks' real positions are in rank order.
+    ranks = [rank for _, rank, is_padding in marked if not is_padding]
+    assert ranks == sorted(ranks)
+    # One process (no accelerator) takes everything, unpadded.
+    if world_size == 1:
+        assert _shard(num_samples, None) == (list(range(num_samples)), num_samples)
+
+
+def test_an_empty_dataset_is_refused_before_sharding():
+    # No split of 0 questions is needed: there is nothing to generate, and generate_answers says so first.
+    with pytest.raises(ValueError, match="empty"):
+        generate_answers(object(), [], show_progress=False)
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_every_rank_generates_as_often_and_the_padding_is_dropped(loaded, synthetic_aokvqa, monkeypatch, world_size):
+    """3 questions, one per generate call, over 2 ranks (2 + 1, rank 1 repeats question 2) and 4 ranks (rank 3 has
+    none of its own): each rank in turn, in this process; the gather hands back what each rank kept."""
+    import accelerate.utils
+
+    _, processor = loaded
+    records = load_canonical(synthetic_aokvqa["canonical_dir"] / "val.jsonl")
+    dataset = build_eval_dataset(records, processor, "cot", SimpleNamespace(c_thought=1, latent_stage=0), max_tiles=4)
+    stub = _stub(dataset, [f"Answer: {'ABCD'[i]}<|im_end|>" for i in range(3)])
+    alone = generate_answers(stub, dataset, batch_size=1, show_progress=False)
+
+    calls, kept = [], []
+    generate = stub.generate
+
+    def counting(*args, **kwargs):
+        calls[-1] += 1
+        return generate(*args, **kwargs)
+
+    def gathered(local):
+        kept.append(local)
+        return list(enumerate(alone))  # what the other ranks would add
+
+    stub.generate = counting
+    monkeypatch.setattr(accelerate.utils, "gather_object", gathered)
+    for rank in range(world_size):
+        calls.append(0)
+        generate_answers(stub, dataset, batch_size=1, accelerator=_Rank(rank, world_size), show_progress=False)
+    assert calls == [math.ceil(3 / world_size)] * world_size  # lock-step
+    union = [item for local in kept for item in local]
+    assert [position for position, _ in union] == [0, 1, 2]  # each question once, the padded repeats dropped
+    assert [record for _, record in union] == alone
 
 
 @pytest.mark.parametrize(
@@ -323,7 +400,8 @@ def test_cli_rejects_conflicting_options(extra, message, capsys):
 
 @pytest.mark.slow
 def test_accelerate_launch_two_processes_matches_one(tiny_checkpoint, synthetic_aokvqa, tmp_path):
-    """5 questions over 2 CPU processes (3 + 2, the short rank repeats one): gathered in order, same answers."""
+    """5 questions over 2 CPU processes (3 + 2, the short rank repeats one): gathered in order, same answers,
+    samples and metrics."""
     repo = Path(__file__).resolve().parents[1]
     common = ["--model", str(tiny_checkpoint), "--data-file", str(synthetic_aokvqa["canonical_dir"] / "train.jsonl"),
               "--split", "train", "--mode", "coconut", "--batch-size", "2", "--limit", "5", "--max-new-tokens", "5",
@@ -338,3 +416,7 @@ def test_accelerate_launch_two_processes_matches_one(tiny_checkpoint, synthetic_
     assert two[0] == one[0]  # predictions file
     assert [s["generated_text"] for s in two[1]] == [s["generated_text"] for s in one[1]]
     assert two[2]["num_processes"] == 2 and two[2]["num_samples"] == 5
+    # Each question once, in dataset order: the whole per-sample log and every metric but the timing agree.
+    assert two[1] == one[1]
+    timing = {"num_processes", "seconds", "samples_per_second"}
+    assert {k: v for k, v in two[2].items() if k not in timing} == {k: v for k, v in one[2].items() if k not in timing}

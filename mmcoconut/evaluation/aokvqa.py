@@ -116,16 +116,29 @@ def decoding_settings(generation_config, do_sample=None, temperature=None, top_p
     return settings
 
 
-def _shard(num_samples, rank, world_size):
-    """Contiguous positions of `rank`, padded (by repeating a position) so every rank gets the same count.
+def _shard(num_samples, state):
+    """This process's positions of `range(num_samples)`: (positions, number of real ones at the front).
 
-    Equal counts mean equal numbers of `generate` calls per rank, which sharded models need. Returns
-    (positions, number of real ones at the front)."""
-    per_rank = math.ceil(num_samples / world_size)
-    start, stop = min(rank * per_rank, num_samples), min((rank + 1) * per_rank, num_samples)
-    real = list(range(start, stop))
-    filler = real[-1] if real else num_samples - 1
-    return real + [filler] * (per_rank - len(real)), len(real)
+    accelerate's `split_between_processes(apply_padding=True)` gives every process a contiguous slice, lower ranks
+    first, all of the same length `ceil(num_samples / num_processes)`: a short slice is padded with copies of the last
+    position. Equal lengths mean equal numbers of `generate` calls per rank, which sharded models need (generate runs
+    with `synced_gpus`: a rank that stopped calling it would leave the others waiting forever). The padded copies are
+    generated and dropped. accelerate does not say which entries are padding, and a copy of the last position cannot
+    be told from the real one by value (padded copies on earlier ranks even come before it in the gathered order), so
+    the same split without padding gives the number of real positions: accelerate pads by appending to that slice.
+
+    Args:
+        num_samples: the number of questions.
+        state: an `Accelerator` or `PartialState` (anything with `split_between_processes`); None: this process
+            alone takes every position.
+    """
+    positions = list(range(num_samples))
+    if state is None:
+        return positions, num_samples
+    with state.split_between_processes(positions) as real:
+        num_real = len(real)
+    with state.split_between_processes(positions, apply_padding=True) as padded:
+        return list(padded), num_real
 
 
 def _prompt_text(tokenizer, ids, image_token_id, image_token):
@@ -232,8 +245,7 @@ def generate_answers(
             f"{latent_token_id}; load the processor saved with this checkpoint"
         )
     eos = eos_ids(model)
-    rank, world_size = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
-    positions, num_real = _shard(len(dataset), rank, world_size)
+    positions, num_real = _shard(len(dataset), accelerator)
 
     parameter = next(model.parameters())
     device = accelerator.device if accelerator is not None else parameter.device
@@ -290,11 +302,18 @@ def generate_answers(
     finally:
         model.train(was_training)
 
-    if world_size > 1:
+    if accelerator is not None and accelerator.num_processes > 1:
         from accelerate.utils import gather_object
 
-        local = gather_object(local)
-    return [record for _, record in sorted(local, key=lambda item: item[0])]
+        local = gather_object(local)  # every rank's real results, rank after rank: contiguous slices in order
+    scored = [position for position, _ in local]
+    if scored != list(range(len(dataset))):  # the split's promise, checked: each question once, in dataset order
+        wrong = next(i for i, position in enumerate(scored + [None]) if position != i)
+        raise RuntimeError(
+            f"the processes returned {len(scored)} results for {len(dataset)} questions, the first out of place at "
+            f"index {wrong}; each question must be scored exactly once, in dataset order"
+        )
+    return [record for _, record in local]
 
 
 def _metric_reference(reference):
