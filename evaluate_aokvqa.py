@@ -4,7 +4,7 @@ The command itself is `mmcoconut.cli.evaluate` (installed as `mmcoconut-evaluate
 `accelerate launch evaluate_aokvqa.py ...` working from a checkout. `--help` lists the options.
 """
 
-from mmcoconut.cli.evaluate import main
+from mmcoconut.cli.evaluate import run
 
 if __name__ == "__main__":
-    main()
+    run()

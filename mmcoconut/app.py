@@ -11,7 +11,6 @@ Needs the `app` extra: `pip install -e ".[app]"` (gradio; `--screenshot` also ne
 """
 
 import logging
-import shutil
 import socket
 import subprocess
 import tempfile
@@ -25,6 +24,7 @@ from PIL import Image
 
 from mmcoconut.analysis.attention import display_token
 from mmcoconut.inference.prediction import predict
+from mmcoconut.preflight import chromium_binary
 from mmcoconut.processing import IMAGENET_MEAN, IMAGENET_STD
 from mmcoconut.text.prompt import default_latents
 
@@ -149,7 +149,7 @@ def free_port(host="127.0.0.1"):
 
 def take_screenshot(url, path, width=1400, height=1000):
     """A PNG of `url` from headless Chromium (Debian's `chromium` package)."""
-    binary = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    binary = chromium_binary()
     if binary is None:
         raise FileNotFoundError("--screenshot needs Chromium (apt-get install chromium)")
     with tempfile.TemporaryDirectory() as profile:

@@ -6,8 +6,6 @@ published tokenizer with no Hub access: tests and the demo tokenize exactly as t
 With Hub access, `load_internvl_processor(model_id)` loads the published files instead.
 """
 
-import json
-import os
 from pathlib import Path
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -21,6 +19,7 @@ from transformers import (
 )
 from transformers.convert_slow_tokenizer import TikTokenConverter
 
+from mmcoconut.preflight import CHECKPOINT_PARTS, check_checkpoint_dir  # torch-free: the commands check first
 from mmcoconut.text.prompt import chat_template, default_latents
 
 # Qwen2's pre-tokenizer: digits are split one by one (not in runs of three as in tiktoken's cl100k).
@@ -43,7 +42,6 @@ INTERNVL3_VOCAB_SIZE = 151674
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_MAX_TILES = 8
-CHECKPOINT_PARTS = ("config", "weights", "tokenizer", "processor")
 
 
 def build_internvl_tokenizer() -> PreTrainedTokenizerFast:
@@ -139,63 +137,6 @@ def build_internvl_processor(internvl_config: InternVLConfig, tokenizer=None, ma
     )
 
 
-def _missing_weights(directory):
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [shard for shard in shards if not (directory / shard).is_file()]
-    if (directory / "model.safetensors").is_file():
-        return []
-    return ["model.safetensors (or model.safetensors.index.json)"]
-
-
-def _missing_tokenizer(directory):
-    missing = [] if (directory / "tokenizer_config.json").is_file() else ["tokenizer_config.json"]
-    # A fast tokenizer file, or Qwen2's slow vocabulary + merges (OpenGVLab's original checkpoints ship those).
-    if not (directory / "tokenizer.json").is_file() and not (
-        (directory / "vocab.json").is_file() and (directory / "merges.txt").is_file()
-    ):
-        missing.append("tokenizer.json (or vocab.json + merges.txt)")
-    return missing
-
-
-def check_checkpoint_dir(name_or_path, parts=CHECKPOINT_PARTS):
-    """Fail at once, naming the missing files, when a local checkpoint directory is incomplete.
-
-    Without `config.json`, `from_pretrained` builds a default full-size InternVL (a 32×4096 language model) before
-    it notices the weights do not fit; without the tokenizer files it asks for sentencepiece. `parts` are among
-    `CHECKPOINT_PARTS`: `config` (config.json), `weights` (model.safetensors or an index and all its shards),
-    `tokenizer` and `processor` (processor_config.json or preprocessor_config.json). A name that is not a local
-    path is taken for a Hub id and left to `from_pretrained`.
-    """
-    unknown = set(parts) - set(CHECKPOINT_PARTS)
-    if unknown:
-        raise ValueError(f"unknown checkpoint parts {sorted(unknown)}; expected some of {CHECKPOINT_PARTS}")
-    directory = Path(name_or_path)
-    if not directory.exists():
-        if os.path.isabs(name_or_path) or str(name_or_path).startswith("."):
-            raise FileNotFoundError(f"no such checkpoint directory: {name_or_path}")
-        return
-    if not directory.is_dir():
-        raise NotADirectoryError(f"{name_or_path} is a file; expected a checkpoint directory")
-    missing = []
-    if "config" in parts and not (directory / "config.json").is_file():
-        missing.append("config.json")
-    if "weights" in parts:
-        missing += _missing_weights(directory)
-    if "tokenizer" in parts:
-        missing += _missing_tokenizer(directory)
-    if "processor" in parts and not any(
-        (directory / name).is_file() for name in ("processor_config.json", "preprocessor_config.json")
-    ):
-        missing.append("processor_config.json (or preprocessor_config.json)")
-    if missing:
-        hint = ""
-        if (directory / "adapter_config.json").is_file():
-            hint = "; it holds LoRA adapters: load the merged model in its merged/ folder"
-        raise FileNotFoundError(f"{name_or_path} is not a complete checkpoint: missing {', '.join(missing)}{hint}")
-
-
 def load_internvl_processor(name_or_path, max_tiles=None):
     """The published processor of an `-hf` InternVL checkpoint (or one saved by us).
 
@@ -284,6 +225,7 @@ __all__ = [
     "build_task_tokenizer",
     "build_internvl_image_processor",
     "build_internvl_processor",
+    "CHECKPOINT_PARTS",
     "check_checkpoint_dir",
     "load_internvl_processor",
     "set_chat_template",

@@ -16,8 +16,15 @@ OURS = {"mmcoconut", "configuration_mmcoconut", "modeling_mmcoconut", "data_coll
         "evaluate_aokvqa", "benchmarks", "experiments", "tests"}
 ENTRY_SCRIPTS = {"train", "evaluate_aokvqa"}
 # layer → the project modules it may not import (prefix match)
+HEAVY = ("torch", "transformers", "datasets", "peft", "accelerate")
 FORBIDDEN = {
     "mmcoconut.constants": ("mmcoconut.", "configuration_mmcoconut", "modeling_mmcoconut"),
+    "mmcoconut.errors": ("mmcoconut.", "configuration_mmcoconut", "modeling_mmcoconut", *HEAVY),
+    # the checks before loading: the standard library and mmcoconut.errors (huggingface_hub and PIL inside functions)
+    "mmcoconut.preflight": ("mmcoconut.constants", "mmcoconut.modes", "mmcoconut.text", "mmcoconut.data",
+                            "mmcoconut.processing", "mmcoconut.conversion", "mmcoconut.training",
+                            "mmcoconut.evaluation", "mmcoconut.inference", "mmcoconut.analysis", "mmcoconut.cli",
+                            "mmcoconut.app", "configuration_mmcoconut", "modeling_mmcoconut", *HEAVY),
     "mmcoconut.modes": ("mmcoconut.", "configuration_mmcoconut", "modeling_mmcoconut"),
     "mmcoconut.text": ("mmcoconut.data", "mmcoconut.training", "mmcoconut.evaluation", "mmcoconut.inference",
                        "mmcoconut.analysis", "mmcoconut.cli", "modeling_mmcoconut"),

@@ -4,9 +4,14 @@ README's "Bad input" table lists these cases."""
 import io
 import json
 import logging
+import os
 import re
 import shutil
+import socket
 import struct
+import subprocess
+import sys
+import time
 import zlib
 from pathlib import Path
 
@@ -316,3 +321,301 @@ def test_checkpoint_check_details(tiny_checkpoint, tmp_path):
     (adapters / "adapter_config.json").write_text("{}")
     with pytest.raises(FileNotFoundError, match="missing config.json.*LoRA adapters: load the merged model"):
         check_checkpoint_dir(adapters, parts=("config",))
+
+
+# ---- commands: a user error is one line on stderr, exit status 2, no traceback; the fail-fast ones before torch ----
+
+REPO = Path(__file__).resolve().parents[1]
+HEAVY = ("torch", "transformers", "datasets")
+# Runs a command as its console script does (`run`, through `__main__`), hiding the modules named in PROBE_HIDE
+# (importlib.util.find_spec then finds nothing, as when they are not installed), and reports on its last stderr line
+# which heavy modules were imported by the time it exited.
+COMMAND_PROBE = """
+import os, runpy, sys
+kind, target, *args = sys.argv[1:]
+for name in filter(None, os.environ.get("PROBE_HIDE", "").split(",")):
+    sys.modules[name] = None
+sys.argv = [target if kind == "path" else "mmcoconut-" + target.rsplit(".", 1)[-1], *args]
+try:
+    runpy.run_path(target, run_name="__main__") if kind == "path" else runpy.run_module(target, run_name="__main__")
+except SystemExit as exit:
+    code = exit.code
+else:
+    code = 0
+heavy = [name for name in {heavy!r} if sys.modules.get(name) is not None]
+print("PROBE", ",".join(heavy) or "-", file=sys.stderr)
+sys.exit(code)
+""".format(heavy=HEAVY)
+
+
+def free_port():
+    """A loopback port nothing listens on: connecting to it is refused at once, as without network."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_command(target, *args, hide=(), env=None, kind="module"):
+    """(exit status, stderr lines before the probe's, heavy modules imported, seconds) of one command run."""
+    environment = {**os.environ, "PYTHONPATH": str(REPO), "PROBE_HIDE": ",".join(hide), **(env or {})}
+    for name in ("MMCOCONUT_DEBUG", *[key for key, value in (env or {}).items() if value is None]):
+        environment.pop(name, None)
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", COMMAND_PROBE, kind, target, *map(str, args)], cwd=REPO,
+                          env=environment, capture_output=True, text=True, timeout=300)
+    seconds = time.monotonic() - started
+    lines = proc.stderr.strip().splitlines()
+    assert lines and lines[-1].startswith("PROBE "), proc.stderr[-3000:]
+    return proc.returncode, lines[:-1], lines[-1].split()[1], seconds
+
+
+def assert_one_line(result, prog, *fragments, status=2, fast=True):
+    """The command printed exactly one line, `PROG: ...` naming every fragment, exited with `status`, and (`fast`)
+    failed before importing torch, within a few seconds."""
+    code, lines, heavy, seconds = result
+    assert code == status, (code, lines)
+    assert not any("Traceback" in line for line in lines), "\n".join(lines)
+    assert len(lines) == 1, "\n".join(lines)
+    assert lines[0].startswith(f"{prog}: "), lines[0]
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    if fast:
+        assert heavy == "-", f"imported {heavy} before failing: {lines[0]}"
+        assert seconds < 10, seconds
+    return lines[0]
+
+
+OFFLINE = {"HF_ENDPOINT": None, "HF_HUB_OFFLINE": None}
+
+
+def unreachable_hub():
+    return {"HF_ENDPOINT": f"http://127.0.0.1:{free_port()}", "HF_HUB_OFFLINE": None}
+
+
+@pytest.mark.parametrize("command", ["predict", "evaluate", "analyze", "probe", "app"])
+@pytest.mark.parametrize("model", ["tests/no-such-checkpoint", "./no-such-checkpoint", "/no/such/checkpoint",
+                                   "no-such-checkpoint"])
+def test_a_missing_local_model_is_one_line_before_torch_and_no_hub_call(command, model):
+    """A name that looks local (a separator beyond owner/name, a leading `.`, an existing parent directory, no
+    owner) is a path: missing, it is an error at once, and the Hub (here: unreachable) is never asked."""
+    args = {
+        "predict": ["--question", "q"],
+        "evaluate": ["--data-file", "x.jsonl", "--output-dir", "o"],
+        "analyze": ["--data-file", "x.jsonl", "--output-dir", "o"],
+        "probe": ["--data-file", "x.jsonl", "--output-dir", "o"],
+        "app": [],
+    }[command]
+    result = run_command(f"mmcoconut.cli.{command}", "--model", model, *args, env=unreachable_hub())
+    assert_one_line(result, f"mmcoconut-{command}", f"--model {model}: no such checkpoint directory")
+
+
+def test_a_near_miss_is_named():
+    line = assert_one_line(run_command("mmcoconut.cli.predict", "--model", "tests/test_bad_inpt.py", "--question", "q"),
+                           "mmcoconut-predict")
+    assert "did you mean tests/test_bad_input.py?" in line
+
+
+@pytest.mark.parametrize("command", ["predict", "evaluate", "analyze", "probe", "app", "convert"])
+def test_an_unreachable_hub_is_one_line_in_seconds_before_torch(command):
+    """A Hub id is probed once, with a short timeout, before anything is imported: no minute of retries.
+    (Exit status 1: a `SetupError`, the machine rather than the command line; train.py's status for it.)"""
+    args = {
+        "predict": ["--model", "someone/model", "--question", "q"],
+        "evaluate": ["--model", "someone/model", "--data-file", __file__, "--output-dir", "o"],
+        "analyze": ["--model", "someone/model", "--data-file", __file__, "--output-dir", "o"],
+        "probe": ["--model", "someone/model", "--data-file", __file__, "--output-dir", "o"],
+        "app": ["--model", "someone/model"],
+        "convert": ["someone/model", "out"],
+    }[command]
+    line = assert_one_line(run_command(f"mmcoconut.cli.{command}", *args, env=unreachable_hub()),
+                           f"mmcoconut-{command}", "cannot reach http://127.0.0.1:", "'someone/model'", status=1)
+    assert "HF_HUB_OFFLINE=1" in line and "local copy" in line
+
+
+def test_offline_without_the_model_in_the_cache_is_one_line(tmp_path):
+    env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path), "HF_ENDPOINT": None}
+    assert_one_line(run_command("mmcoconut.cli.predict", "--model", "someone/model", "--question", "q", env=env),
+                    "mmcoconut-predict", "HF_HUB_OFFLINE is set", "'someone/model' is not in the cache", status=1)
+
+
+def test_evaluate_checks_a_hub_dataset_before_torch(tiny_checkpoint):
+    assert_one_line(
+        run_command("mmcoconut.cli.evaluate", "--model", tiny_checkpoint, "--hf-dataset", "someone/dataset",
+                    "--output-dir", "o", env=unreachable_hub()),
+        "mmcoconut-evaluate", "cannot reach", "the dataset 'someone/dataset'", "--hf-dataset", status=1,
+    )
+
+
+@pytest.mark.parametrize("flag, make, fragment", [
+    ("--image", lambda tmp: tmp / "missing.jpg", "missing.jpg: no such file"),
+    ("--image", lambda tmp: tmp, "is a directory; expected a file"),
+    ("--image", lambda tmp: (tmp / "notes.png").write_text("not a picture") and tmp / "notes.png", "not an image"),
+])
+def test_predict_checks_the_image_before_the_model(tmp_path, flag, make, fragment):
+    # The model is a Hub id on an unreachable Hub: the image is checked first, without the network.
+    result = run_command("mmcoconut.cli.predict", "--model", "someone/model", "--question", "q", flag, make(tmp_path),
+                         env=unreachable_hub())
+    assert_one_line(result, "mmcoconut-predict", f"{flag} ", fragment)
+
+
+def test_app_checks_its_example_image(tmp_path):
+    assert_one_line(run_command("mmcoconut.cli.app", "--example-image", tmp_path / "missing.png"),
+                    "mmcoconut-app", "--example-image", "no such file")
+
+
+@pytest.mark.parametrize("choices", [["cat", "dog"], ["green, blue, yellow, purple"], ["a", "b", "c", "d", "e"],
+                                     ["green,blue,yellow,purple"]])
+def test_predict_takes_exactly_the_trained_number_of_choices_as_separate_arguments(choices):
+    line = assert_one_line(
+        run_command("mmcoconut.cli.predict", "--model", "someone/model", "--question", "q", "--choices", *choices,
+                    env=unreachable_hub()),
+        "mmcoconut-predict", "--choices takes",
+    )
+    assert "--choices green blue yellow purple" in line  # the form that works
+
+
+@pytest.mark.parametrize("command, args, module, install", [
+    ("predict", ["--model", "m", "--question", "q", "--quantization", "torchao-int8"], "torchao",
+     "pip install 'mmcoconut[quantization]'"),
+    ("predict", ["--model", "m", "--question", "q", "--quantization", "bnb-4bit"], "bitsandbytes",
+     "pip install bitsandbytes"),
+    ("app", ["--model", "m", "--quantization", "torchao-int8"], "torchao", "pip install 'mmcoconut[quantization]'"),
+    ("app", ["--model", "m"], "gradio", "pip install 'mmcoconut[app]'"),
+])
+def test_a_missing_extra_names_the_pip_command_before_torch(command, args, module, install):
+    line = assert_one_line(run_command(f"mmcoconut.cli.{command}", *args, hide=[module, "torchao", "bitsandbytes"]),
+                           f"mmcoconut-{command}", f"needs {module}", install)
+    if module == "torchao":
+        assert line.startswith(f"mmcoconut-{command}: --quantization torchao-int8 needs torchao")
+
+
+def test_preflight_extras_are_setup_cfgs():
+    """`mmcoconut.preflight.EXTRAS` names extras setup.cfg defines, each installing the module it is named for."""
+    import configparser
+
+    from mmcoconut.preflight import EXTRAS
+
+    config = configparser.ConfigParser()
+    config.read(REPO / "setup.cfg")
+    extras = config["options.extras_require"]
+    for module, extra in EXTRAS.items():
+        if extra is not None:
+            assert extra in extras and module in extras[extra], (module, extra)
+
+
+def test_bad_flags_are_one_line():
+    assert_one_line(run_command("mmcoconut.cli.predict", "--model", "m", "--question", "q", "--no-such-flag"),
+                    "mmcoconut-predict", "unrecognized arguments: --no-such-flag", "--help")
+    assert_one_line(run_command("mmcoconut.cli.evaluate", "--model", "m"), "mmcoconut-evaluate",
+                    "required: --output-dir")
+    assert_one_line(run_command("mmcoconut.cli.predict", "--model", "m", "--question", "q", "--num-latents", "-1"),
+                    "mmcoconut-predict", "--num-latents must be >= 0")
+
+
+def test_missing_data_paths_are_one_line_before_loading(tiny_checkpoint, tmp_path):
+    """analyze and probe check their data file before torch; evaluate after its output-directory check (which lives
+    in mmcoconut.evaluation), still before loading."""
+    common = ["--model", tiny_checkpoint, "--output-dir", tmp_path / "out"]
+    for command in ("analyze", "probe"):
+        assert_one_line(run_command(f"mmcoconut.cli.{command}", *common, "--data-file", tmp_path / "val.jsonl"),
+                        f"mmcoconut-{command}", "--data-file", "val.jsonl: no such file")
+    assert_one_line(run_command("mmcoconut.cli.evaluate", *common, "--data-file", tmp_path / "val.jsonl"),
+                    "mmcoconut-evaluate", "--data-file", "val.jsonl: no such file", fast=False)
+    assert_one_line(run_command("mmcoconut.cli.evaluate", *common, "--aokvqa-dir", tmp_path / "a", "--coco-dir", tmp_path),
+                    "mmcoconut-evaluate", "--aokvqa-dir", "no such directory", fast=False)
+
+
+def test_an_incomplete_checkpoint_is_one_line_before_torch(incomplete, tmp_path):
+    path = incomplete("config.json")
+    assert_one_line(run_command("mmcoconut.cli.predict", "--model", path, "--question", "q"),
+                    "mmcoconut-predict", f"{path} is not a complete checkpoint: missing config.json")
+
+
+def test_existing_results_without_overwrite_are_one_line(tiny_checkpoint, synthetic_aokvqa, tmp_path):
+    """Checked after the library is imported (that check lives in mmcoconut.evaluation), still before loading; also
+    through the checkout's script, `python evaluate_aokvqa.py`."""
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / "metrics_val.json").write_text("{}")
+    args = ["--model", tiny_checkpoint, "--data-file", synthetic_aokvqa["canonical_dir"] / "val.jsonl",
+            "--output-dir", out]
+    assert_one_line(run_command("mmcoconut.cli.evaluate", *args), "mmcoconut-evaluate",
+                    "already holds results of split 'val'", "--overwrite", fast=False)
+    assert_one_line(run_command("evaluate_aokvqa.py", *args, kind="path"), "evaluate_aokvqa.py",
+                    "already holds results of split 'val'", fast=False)
+
+
+def _train_recipe(tmp_path, text=""):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(
+        f"tiny_internvl: {{}}\ndata_source: synthetic\nsynthetic_dir: {tmp_path / 'data'}\n"
+        f"output_dir: {tmp_path / 'out'}\nuse_cpu: true\nbf16: false\nreport_to: none\n{text}\n"
+    )
+    return path
+
+
+@pytest.mark.parametrize("text, args, fragments", [
+    ("", ["--c_thought", "0"], ["invalid configuration:", "c_thought must be >= 1, got 0"]),
+    ("load_model_path: tests/no-such-checkpoint", [], ["no such checkpoint directory: tests/no-such-checkpoint"]),
+    ("report_to: wandb", [], ["report_to wandb needs wandb", "pip install 'mmcoconut[wandb]'"]),
+    ("deepspeed: ds_configs/zero2.json", [], ["needs deepspeed", "pip install 'mmcoconut[deepspeed]'"]),
+])
+def test_train_py_user_errors_are_one_line_without_traceback(tmp_path, text, args, fragments):
+    code, lines, _, _ = run_command("train.py", _train_recipe(tmp_path, text), *args, kind="path",
+                                    hide=["wandb", "deepspeed"])
+    assert code == 2 and not any("Traceback" in line for line in lines), "\n".join(lines)
+    # The error is the last thing said, once (an invalid configuration lists each problem on a line of its own).
+    starts = [i for i, line in enumerate(lines) if line.startswith("train.py: ")]
+    assert len(starts) == 1, "\n".join(lines)
+    said = "\n".join(lines[starts[0]:])
+    assert all(line.startswith("  - ") for line in lines[starts[0] + 1:]), said
+    for fragment in fragments:
+        assert fragment in said, (fragment, said)
+
+
+def test_a_missing_recipe_is_one_line(tmp_path):
+    code, lines, _, _ = run_command("train.py", tmp_path / "missing.yaml", kind="path")
+    assert code == 2 and lines == [f"train.py: recipe {tmp_path / 'missing.yaml'}: no such file"], lines
+
+
+@pytest.mark.parametrize("how", [["--debug"], []])
+def test_debug_shows_the_traceback_of_a_user_error(how, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MMCOCONUT_DEBUG": "0" if how else "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "mmcoconut.cli.predict", "--model", "m", "--question", "q",
+         "--image", str(tmp_path / "missing.jpg"), *how],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 1 and "Traceback" in proc.stderr
+    assert "UserFileNotFoundError: --image" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_an_unexpected_error_keeps_its_traceback(monkeypatch, capsys):
+    """Only user errors become one line: a bug (here, a TypeError inside the checks) is raised as it is."""
+    from mmcoconut.cli import predict as predict_cli
+
+    def broken(args):
+        raise TypeError("a bug")
+
+    monkeypatch.setattr(predict_cli, "check_before_loading", broken)
+    with pytest.raises(TypeError, match="a bug"):
+        predict_cli.run(["--model", "m", "--question", "q"])
+    assert capsys.readouterr().err == ""
+
+
+def test_user_errors_are_the_builtin_types_too():
+    """Callers that catch the built-in types (tests, scripts) keep working: a user error is both."""
+    from mmcoconut import errors
+
+    assert issubclass(errors.UserFileNotFoundError, FileNotFoundError)
+    assert issubclass(errors.UserFileExistsError, FileExistsError)
+    assert issubclass(errors.UserValueError, ValueError)
+    assert issubclass(errors.MissingExtraError, ImportError)
+    assert issubclass(errors.SetupError, RuntimeError) and errors.SetupError.exit_status == 1
+    assert all(issubclass(getattr(errors, name), errors.UserError) for name in errors.__all__)
+    from mmcoconut import preflight
+    from mmcoconut.training.arguments import SetupError
+    from mmcoconut.training.checks import require_hub
+
+    assert SetupError is errors.SetupError and require_hub is preflight.require_hub
+    assert check_checkpoint_dir is preflight.check_checkpoint_dir

@@ -1,6 +1,7 @@
 """Quick CLIs: every command-line tool answers `--help` without importing torch, and shows its defaults; the
 values the parsers name without importing their modules stay equal to those modules' own."""
 
+import argparse
 import re
 import subprocess
 import sys
@@ -112,3 +113,35 @@ def test_the_one_copy_of_thinking_modes_equals_the_models():
     from mmcoconut import constants
 
     assert constants.THINKING_MODES == modeling_mmcoconut.THINKING_MODES
+
+
+def _parsers():
+    """(name, parser) of every command (train.py: its `--help` parser of the recipe fields)."""
+    from mmcoconut.cli import analyze, app, convert, data, evaluate, predict, probe
+    from mmcoconut.training.recipe import help_parser
+
+    commands = {"analyze": analyze, "app": app, "convert": convert, "data": data, "evaluate": evaluate,
+                "predict": predict, "probe": probe}
+    return [(name, module.build_parser()) for name, module in commands.items()] + [("train", help_parser())]
+
+
+PARSERS = _parsers()
+
+
+@pytest.mark.parametrize("name, parser", PARSERS, ids=[name for name, _ in PARSERS])
+def test_every_option_has_help_and_shows_one_default_at_most(name, parser):
+    """Every option says what it does; a required option shows no default (it is never used), an option shows one
+    default at most (`--device`: not its own "default: cuda ..." and argparse's "(default: None)" as well), and
+    every command but train.py has `--debug` (train.py: MMCOCONUT_DEBUG=1, since TrainingArguments owns `--debug`)."""
+    formatter = parser._get_formatter()
+    for action in parser._actions:
+        if action.help == argparse.SUPPRESS or isinstance(action, argparse._HelpAction):
+            continue
+        option = "/".join(action.option_strings) or action.dest
+        assert action.help and action.help.strip(), f"{name} {option} has no help text"
+        shown = formatter._expand_help(action)  # as --help prints it, defaults filled in
+        if action.required:
+            assert "default" not in shown.lower(), f"{name} {option} is required but shows a default: {shown!r}"
+        assert shown.lower().count("default:") <= 1, f"{name} {option} shows two defaults: {shown!r}"
+    if name != "train":
+        assert "--debug" in parser._option_string_actions, name

@@ -312,6 +312,12 @@ def test_torchao_int8_weight_only_runs_on_cpu(inference_checkpoint, question_ima
     assert prediction.num_latents == 2 and isinstance(prediction.generated_text, str)
 
 
+def test_a_missing_torchao_names_the_extra_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchao", None)  # importlib.util.find_spec then finds nothing
+    with pytest.raises(ImportError, match=r"--quantization torchao-int8 needs torchao.*pip install 'mmcoconut\[quantization\]'"):
+        quantization_config("torchao-int8")
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
 @pytest.mark.parametrize("name", ["bnb-8bit", "bnb-4bit"])
 def test_bitsandbytes_is_refused_without_cuda(name):

@@ -7,34 +7,52 @@ The page is `mmcoconut.app`. Needs the `app` extra: `pip install -e ".[app]"` (g
 a `chromium` binary).
 """
 
-import argparse
 import logging
 import os
 
-from mmcoconut.cli.help import DefaultsHelpFormatter
+from mmcoconut.cli.help import Parser, command
 from mmcoconut.constants import DTYPE_NAMES, QUANTIZATIONS
+from mmcoconut.errors import UserError
+from mmcoconut.preflight import chromium_binary, require_extra, require_file, require_model, require_quantization
 
 
 def build_parser():
     """The CLI's arguments (torch-free: `--help` answers at once)."""
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter
-    )
-    parser.add_argument("--model", default="outputs/demo", help="checkpoint or LoRA adapter directory")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=7860)
-    parser.add_argument("--quantization", choices=QUANTIZATIONS, default="none")
-    parser.add_argument("--dtype", choices=DTYPE_NAMES, default="auto")
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--screenshot", help="serve on a free loopback port, save a PNG of the page here, exit")
+    parser = Parser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="outputs/demo",
+                        help="checkpoint directory, Hub id (owner/name) or LoRA adapter directory")
+    parser.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every interface)")
+    parser.add_argument("--port", type=int, default=7860, help="port to serve on")
+    parser.add_argument("--quantization", choices=QUANTIZATIONS, default="none",
+                        help="load the weights quantized: torchao-int8 (CPU or GPU; needs the quantization extra) or "
+                             "bitsandbytes 8/4-bit (CUDA only)")
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, default="auto",
+                        help="dtype of the loaded weights (auto: the checkpoint's)")
+    parser.add_argument("--device", default=None, help="cuda, cpu, cuda:1, ... (default: cuda when available, else cpu)")
+    parser.add_argument("--screenshot", help="serve on a free loopback port, save a PNG of the page here, exit "
+                                             "(needs a chromium binary)")
     parser.add_argument("--example-image", help="pre-filled image (its answer is shown on load)")
-    parser.add_argument("--example-question", default="What colour is the shape to the right of the circle?")
-    parser.add_argument("--example-choices", nargs="*", default=[])
+    parser.add_argument("--example-question", default="What colour is the shape to the right of the circle?",
+                        help="pre-filled question (with --example-image)")
+    parser.add_argument("--example-choices", nargs="*", default=[], metavar="CHOICE",
+                        help="pre-filled choices, each its own argument (with --example-image) (default: none)")
     return parser
+
+
+def check_before_loading(args):
+    """Everything that can fail without torch, in one line each: the extras, the files, the model."""
+    require_extra("gradio", "mmcoconut-app")
+    require_quantization(args.quantization)
+    if args.screenshot and chromium_binary() is None:
+        raise UserError("--screenshot needs Chromium, and there is none on PATH (apt-get install chromium)")
+    if args.example_image:
+        require_file(args.example_image, "--example-image", image=True)
+    require_model(args.model)
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    check_before_loading(args)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a local demo
     from mmcoconut.app import build_demo, free_port, take_screenshot
@@ -56,5 +74,8 @@ def main(argv=None):
     demo.launch(server_name=args.host, server_port=args.port)
 
 
+run = command(main)
+
+
 if __name__ == "__main__":
-    main()
+    run()

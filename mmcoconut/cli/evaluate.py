@@ -11,21 +11,21 @@ table. See `mmcoconut.evaluation.aokvqa` for the modes and how unparseable answe
 
 import argparse
 import logging
-import os
+from pathlib import Path
 
-from mmcoconut.cli.help import DefaultsHelpFormatter, command
+from mmcoconut.cli.help import Parser, command
 from mmcoconut.constants import DEFAULT_MAX_NEW_TOKENS, DTYPE_NAMES, EVAL_MODES, HF_AOKVQA_ID, THINKING_MODES
+from mmcoconut.errors import UserError, UserFileExistsError
+from mmcoconut.preflight import looks_local, require_dir, require_file, require_hub, require_model
 
 logger = logging.getLogger("evaluate_aokvqa")
 
 
-
 def build_parser():
     """The CLI's argument parser."""
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter
-    )
-    parser.add_argument("--model", required=True, help="checkpoint directory or Hub id (model + processor)")
+    parser = Parser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True,
+                        help="checkpoint directory, Hub id (owner/name) or LoRA adapter directory (model + processor)")
     parser.add_argument("--split", default="val", help="train, val or test (a label only with --data-file)")
     source = parser.add_argument_group("data (exactly one source)")
     source.add_argument("--hf-dataset", help=f"Hub dataset id (e.g. {HF_AOKVQA_ID}) or a save_to_disk directory")
@@ -34,7 +34,8 @@ def build_parser():
     )
     source.add_argument("--coco-dir", help="COCO 2017 images ({split}2017/*.jpg)")
     source.add_argument("--data-file", help="canonical records, JSON or JSONL")
-    parser.add_argument("--mode", choices=EVAL_MODES, default="coconut")
+    parser.add_argument("--mode", choices=EVAL_MODES, default="coconut",
+                        help="the prompt: no reasoning (vanilla), written steps (cot) or continuous thoughts (coconut)")
     parser.add_argument(
         "--num-latents", type=int, default=None,
         help="latents in coconut prompts (default: the checkpoint's latent_stage × c_thought); implies --thinking fixed",
@@ -62,13 +63,15 @@ def build_parser():
     parser.add_argument("--top-p", type=float, default=None,
                         help="nucleus sampling (default: the checkpoint's generation_config)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (offset per process)")
-    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N questions")
-    parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--limit", type=int, default=None,
+                        help="evaluate only the first N questions (default: all)")
+    parser.add_argument("--output-dir", required=True, help="where the predictions, samples and metrics are written")
     parser.add_argument(
         "--max-tiles", type=int, default=None,
         help="InternVL tiles per image, at most (default: the tiling saved with the checkpoint)",
     )
-    parser.add_argument("--dtype", choices=DTYPE_NAMES, default="auto")
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, default="auto",
+                        help="dtype of the loaded weights (auto: the checkpoint's)")
     parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (image tiling)")
     parser.add_argument(
         "--skip-bad-samples", action="store_true",
@@ -106,15 +109,33 @@ def _check_args(parser, args):
         parser.error("--max-new-tokens must be >= 1")
 
 
-def check_before_loading(args):
-    """What can fail without the model: earlier results in the way, an incomplete checkpoint directory."""
-    from mmcoconut.evaluation.aokvqa import check_outputs_free
-    from mmcoconut.processing import check_checkpoint_dir
+def check_sources(args):
+    """Torch-free, in a fraction of a second: the model (a complete local checkpoint, or a Hub id the Hub answers
+    for) and a `--hf-dataset` Hub id (or the local directory it names)."""
+    require_model(args.model)
+    if args.hf_dataset is not None and not Path(args.hf_dataset).exists():
+        if looks_local(args.hf_dataset):
+            require_dir(args.hf_dataset, "--hf-dataset")
+        require_hub(args.hf_dataset, "dataset", "--hf-dataset")
 
-    check_outputs_free(args.output_dir, args.split, args.overwrite)
-    # A LoRA adapter directory has no weights of its own: `load_model` finds the base it names (or says why not).
-    lora = os.path.isfile(os.path.join(args.model, "adapter_config.json"))
-    check_checkpoint_dir(args.model, **({"parts": ("tokenizer", "processor")} if lora else {}))
+
+def check_before_loading(args):
+    """What can fail without the model, each in one line: the sources (`check_sources`), earlier results in the
+    way, the local data files."""
+    check_sources(args)
+    from mmcoconut.evaluation.aokvqa import check_outputs_free
+
+    try:
+        check_outputs_free(args.output_dir, args.split, args.overwrite)
+    except FileExistsError as error:
+        if isinstance(error, UserError):
+            raise
+        raise UserFileExistsError(str(error)) from None
+    if args.data_file is not None:
+        require_file(args.data_file, "--data-file")
+    if args.aokvqa_dir is not None:
+        require_dir(args.aokvqa_dir, "--aokvqa-dir")
+        require_dir(args.coco_dir, "--coco-dir")
 
 
 def load_records(args):
@@ -172,8 +193,8 @@ def main(argv=None):
     if args.mode == "coconut":
         thinking = "fixed" if args.num_latents is not None else args.thinking or model.config.default_thinking
         if (args.max_thoughts is not None or args.end_latent_threshold is not None) and thinking == "fixed":
-            raise SystemExit("--max-thoughts and --end-latent-threshold apply to adaptive thinking; this checkpoint "
-                             "thinks a fixed number of thoughts by default (pass --thinking adaptive)")
+            raise UserError("--max-thoughts and --end-latent-threshold apply to adaptive thinking; this checkpoint "
+                            "thinks a fixed number of thoughts by default (pass --thinking adaptive)")
         if thinking == "fixed":
             num_latents = args.num_latents if args.num_latents is not None else default_num_latents(model.config)
             logger.info(
@@ -233,4 +254,4 @@ run = command(main)
 
 
 if __name__ == "__main__":
-    main()
+    run()

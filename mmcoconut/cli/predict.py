@@ -13,24 +13,29 @@ thoughts to think, and `--num-latents N` forces N). `--model` may be a merged ch
 head and measures where it attends (`mmcoconut.analysis.attention`).
 """
 
-import argparse
 import json
 import logging
-import os
+import shlex
 
-from mmcoconut.cli.help import DefaultsHelpFormatter, command
-from mmcoconut.constants import DTYPE_NAMES, QUANTIZATIONS
+from mmcoconut.cli.help import Parser, command
+from mmcoconut.constants import CHOICE_LETTERS, DTYPE_NAMES, QUANTIZATIONS
+from mmcoconut.errors import UserValueError
+from mmcoconut.preflight import require_file, require_model, require_quantization
+
+EXAMPLE_CHOICES = ("green", "blue", "yellow", "purple")
 
 
 def build_parser():
     """The CLI's arguments (torch-free: `--help` answers at once)."""
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter
-    )
-    parser.add_argument("--model", required=True, help="checkpoint directory, Hub id or LoRA adapter directory")
-    parser.add_argument("--image", help="image file (omit for a text-only question)")
-    parser.add_argument("--question", required=True)
-    parser.add_argument("--choices", nargs="+", help="answer choices: the answer is then a letter and its text")
+    parser = Parser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="checkpoint directory, Hub id (owner/name) or LoRA adapter "
+                                                       "directory")
+    parser.add_argument("--image", help="image file (default: none, a text-only question)")
+    parser.add_argument("--question", required=True, help="the question, one string")
+    parser.add_argument("--choices", nargs="+", metavar="CHOICE",
+                        help=f"the {len(CHOICE_LETTERS)} answer choices, each its own argument (e.g. --choices "
+                             f"{' '.join(EXAMPLE_CHOICES)}): the answer is then a letter and its text (default: none, "
+                             "a free-text answer)")
     parser.add_argument("--num-latents", type=int, default=None,
                         help="latents in the prompt (default: the checkpoint's, latent_stage × c_thought; a "
                              "checkpoint trained with supervise_end_latent decides, up to that many)")
@@ -39,11 +44,45 @@ def build_parser():
     parser.add_argument("--top-k", type=int, default=5, help="decoded tokens shown per thought")
     parser.add_argument("--max-new-tokens", type=int, default=None,
                         help="generation budget (default: the checkpoint's generation_config)")
-    parser.add_argument("--quantization", choices=QUANTIZATIONS, default="none")
-    parser.add_argument("--dtype", choices=DTYPE_NAMES, default="auto")
-    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    parser.add_argument("--quantization", choices=QUANTIZATIONS, default="none",
+                        help="load the weights quantized: torchao-int8 (CPU or GPU; needs the quantization extra) or "
+                             "bitsandbytes 8/4-bit (CUDA only)")
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, default="auto",
+                        help="dtype of the loaded weights (auto: the checkpoint's)")
+    parser.add_argument("--device", default=None, help="cuda, cpu, cuda:1, ... (default: cuda when available, else cpu)")
     parser.add_argument("--json", action="store_true", help="print the prediction as JSON")
     return parser
+
+
+def check_choices(choices):
+    """`--choices` as the checkpoint was trained: exactly `len(CHOICE_LETTERS)` separate arguments (A-OKVQA's four).
+
+    One string with commas (`--choices "green, blue, yellow, purple"`) or another count is one line showing the
+    form that works."""
+    if choices is None:
+        return
+    count = len(CHOICE_LETTERS)
+    if len(choices) == 1 and "," in choices[0]:
+        parts = [part.strip() for part in choices[0].split(",") if part.strip()]
+        raise UserValueError(
+            f"--choices takes the {count} choices as separate arguments, not one string with commas: "
+            f"--choices {' '.join(shlex.quote(part) for part in parts)}"
+        )
+    if len(choices) != count:
+        raise UserValueError(
+            f"--choices takes exactly {count} choices ({CHOICE_LETTERS[0]}-{CHOICE_LETTERS[-1]}, as the checkpoint "
+            f"was trained), each its own argument, e.g. --choices {' '.join(EXAMPLE_CHOICES)}; got {len(choices)}: "
+            f"{' '.join(shlex.quote(choice) for choice in choices)}"
+        )
+
+
+def check_before_loading(args):
+    """Everything that can fail without torch, in one line each: the choices, the extras, the image, the model."""
+    check_choices(args.choices)
+    require_quantization(args.quantization)
+    if args.image is not None:
+        require_file(args.image, "--image", image=True)
+    require_model(args.model)
 
 
 def main(argv=None):
@@ -51,8 +90,11 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.num_latents is not None and args.num_latents < 0:
         parser.error("--num-latents must be >= 0")
-    if args.image is not None and not os.path.isfile(args.image):
-        parser.error(f"--image {args.image}: no such file")
+    if args.top_k < 1:
+        parser.error("--top-k must be >= 1")
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        parser.error("--max-new-tokens must be >= 1")
+    check_before_loading(args)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
     from mmcoconut.inference.loading import load
     from mmcoconut.inference.prediction import format_prediction, predict
@@ -79,4 +121,4 @@ run = command(main)
 
 
 if __name__ == "__main__":
-    main()
+    run()

@@ -12,7 +12,8 @@ import json
 import logging
 from pathlib import Path
 
-from mmcoconut.cli.help import DefaultsHelpFormatter, command
+from mmcoconut.cli.help import Parser, command
+from mmcoconut.preflight import require_file, require_model
 
 
 def _latent_count(text):
@@ -25,12 +26,12 @@ def _latent_count(text):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter
-    )
-    parser.add_argument("--model", required=True, help="checkpoint directory (model + processor)")
+    """The CLI's arguments (torch-free: `--help` answers at once)."""
+    parser = Parser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True,
+                        help="checkpoint directory, Hub id (owner/name) or LoRA adapter directory (model + processor)")
     parser.add_argument("--data-file", required=True, help="canonical colour_chain records, JSON or JSONL")
-    parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--output-dir", required=True, help="where probe.json and probe_accuracy.png are written")
     parser.add_argument("--limit", type=int, default=None, help="probe the first N records (default: all)")
     parser.add_argument(
         "--num-latents", type=_latent_count, default=None,
@@ -41,7 +42,7 @@ def build_parser():
     parser.add_argument("--test-fraction", type=float, default=0.5, help="held-out share of the questions")
     parser.add_argument("--l2", type=float, default=1e-2, help="L2 penalty on the probe's weights")
     parser.add_argument("--seed", type=int, default=0, help="seed of the train / held-out split")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass")
     parser.add_argument("--max-tiles", type=int, default=None,
                         help="InternVL tiles per image, at most (default: the checkpoint's saved processor)")
     return parser
@@ -52,6 +53,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if not 0 < args.test_fraction < 1:
         parser.error("--test-fraction must be in (0, 1)")
+    require_model(args.model)  # torch-free: a missing or incomplete checkpoint, an unreachable Hub, in one line
+    require_file(args.data_file, "--data-file")
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
 
     from mmcoconut.analysis.attention import default_num_latents
@@ -103,4 +106,4 @@ run = command(main)
 
 
 if __name__ == "__main__":
-    main()
+    run()

@@ -10,7 +10,7 @@ import logging
 import sys
 from pathlib import Path
 
-from mmcoconut.training.arguments import SetupError
+from mmcoconut.cli.help import command
 from mmcoconut.training.build import build_model_and_processor, export_merged, load_records
 from mmcoconut.training.checks import check_args, check_distributed_setup, prepare_output_dir, require_hub_access
 from mmcoconut.training.recipe import parse_args
@@ -101,12 +101,9 @@ def main(argv=None):
     return trainer
 
 
-def run(argv=None):
-    """The console entry point: a `SetupError` (what to change) is one line, not a traceback."""
-    try:
-        main(argv)
-    except SetupError as error:
-        sys.exit(f"train.py: {error}")
+# The console entry point: a user error (`mmcoconut.errors`: a bad recipe, a previous run in output_dir, no network
+# for a Hub id) is one line, not a traceback; MMCOCONUT_DEBUG=1 shows it (`--debug` is TrainingArguments' own flag).
+run = command(main)
 
 
 if __name__ == "__main__":

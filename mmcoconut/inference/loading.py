@@ -17,6 +17,8 @@ from transformers import InternVLForConditionalGeneration
 from configuration_mmcoconut import MMCoconutConfig
 from mmcoconut.constants import QUANTIZATIONS
 from mmcoconut.conversion import is_internvl_chat_checkpoint, load_internvl_chat, load_internvl_chat_tokenizer
+from mmcoconut.errors import UserFileNotFoundError, UserValueError
+from mmcoconut.preflight import require_quantization
 from mmcoconut.processing import (
     build_internvl_processor,
     check_checkpoint_dir,
@@ -39,15 +41,17 @@ def quantization_config(name, tied_embeddings=True):
     if name == "none":
         return None
     if name == "torchao-int8":
+        require_quantization(name)
         from torchao.quantization import Int8WeightOnlyConfig
         from transformers import TorchAoConfig
 
         return TorchAoConfig(Int8WeightOnlyConfig(), include_input_output_embeddings=not tied_embeddings)
     if not torch.cuda.is_available():
-        raise ValueError(
+        raise UserValueError(
             f"--quantization {name} uses bitsandbytes, which needs a CUDA GPU and there is none here; "
             "on CPU use --quantization torchao-int8"
         )
+    require_quantization(name)
     from transformers import BitsAndBytesConfig
 
     if name == "bnb-8bit":
@@ -68,7 +72,7 @@ def _base_model_path(base, adapter_dir):
         return snapshot_download(base, local_files_only=offline)
     except (LocalEntryNotFoundError, HFValidationError, OSError) as error:
         where = "HF_HUB_OFFLINE is set, and it is not in the local Hugging Face cache" if offline else str(error)
-        raise FileNotFoundError(
+        raise UserFileNotFoundError(
             f"{adapter_dir} holds LoRA adapters for the base model {base!r}, which is not a local directory and "
             f"could not be loaded ({where}). It needs the Hub (huggingface-cli download {base}) or a local copy: "
             f"point base_model_name_or_path in {Path(adapter_dir) / 'adapter_config.json'} to it."
@@ -82,14 +86,14 @@ def _load_lora(path, **load_kwargs):
 
     base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
     if not base:
-        raise ValueError(
+        raise UserValueError(
             f"{path} holds LoRA adapters whose adapter_config.json names no base model (a model built from a fresh "
             f"InternVL); use the merged model train.py writes to {path / 'merged'}"
         )
     base_path = _base_model_path(base, path)
     base_config = json.loads((Path(base_path) / "config.json").read_text())
     if base_config.get("model_type") != MMCoconutConfig.model_type:
-        raise ValueError(
+        raise UserValueError(
             f"the LoRA base {base!r} is a {base_config.get('model_type')!r} model, not an MMCoconut checkpoint; "
             f"use the merged model train.py writes to {path / 'merged'}"
         )
@@ -119,7 +123,7 @@ def load_model(model_path, quantization="none", dtype="auto", device=None, attn_
         load_kwargs["attn_implementation"] = attn_implementation
     if (path / "adapter_config.json").is_file():
         if quantization_cfg is not None:
-            raise ValueError(f"{path} holds LoRA adapters; quantize the merged model ({path / 'merged'}) instead")
+            raise UserValueError(f"{path} holds LoRA adapters; quantize the merged model ({path / 'merged'}) instead")
         model = _load_lora(path, **load_kwargs).to(device)
     elif quantization_cfg is not None:
         device_map = {"": 0} if quantization.startswith("bnb") else device

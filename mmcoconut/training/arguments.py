@@ -6,14 +6,8 @@ A recipe is YAML over these and `CurriculumTrainingArguments`; see `mmcoconut.tr
 from dataclasses import dataclass, field
 
 from mmcoconut.constants import DATA_SOURCES, TOKENIZERS
+from mmcoconut.errors import SetupError  # its home is mmcoconut.errors; imported from here too
 from mmcoconut.modes import MODES
-
-
-class SetupError(RuntimeError):
-    """This machine cannot run the recipe as it stands (no network for a Hub id, no GPU for bf16).
-
-    Run from the command line, train.py prints the message as one line (no traceback) and exits with status 1.
-    """
 
 
 @dataclass
@@ -99,7 +93,7 @@ class CurriculumArguments:
     epochs_per_stage: int = field(default=3, metadata={"help": "Epochs each curriculum stage lasts."})
     first_stage_epochs: int | None = field(
         default=None,
-        metadata={"help": "Epochs of the run's first stage (default: epochs_per_stage). From scratch, a longer "
+        metadata={"help": "Epochs of the run's first stage (None: epochs_per_stage). From scratch, a longer "
                           "stage 0 gives CoT the budget Coconut gives it as a separate run."},
     )
     max_latent_stage: int = field(default=3, metadata={"help": "Last stage; later epochs stay at it."})

@@ -4,13 +4,12 @@ import json
 import logging
 import os
 import shutil
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 from mmcoconut.constants import DATA_SOURCES
+from mmcoconut.errors import UserFileExistsError, UserFileNotFoundError, UserValueError
 from mmcoconut.modes import MODES
-from mmcoconut.training.arguments import SetupError
+from mmcoconut.preflight import HUB_PROBE_TIMEOUT_S, require_extra, require_hub  # require_hub's home: preflight
 
 logger = logging.getLogger(__name__)
 
@@ -19,7 +18,7 @@ def check_args(model_args, data_args, curriculum_args, eval_args, training_args)
     """Validate the whole configuration before any model or data is loaded (minutes, for InternVL3-1B).
 
     Raises one ValueError listing every problem; an incomplete checkpoint directory is a FileNotFoundError
-    naming the missing files.
+    naming the missing files (both user errors, `mmcoconut.errors`: the command prints them without a traceback).
     """
     from mmcoconut.data import aokvqa as data_aokvqa
     from mmcoconut.processing import CHECKPOINT_PARTS, check_checkpoint_dir
@@ -81,7 +80,9 @@ def check_args(model_args, data_args, curriculum_args, eval_args, training_args)
     # max_steps > 0 overrides the epochs; otherwise no epoch would save an untrained model and exit 0.
     need(t.max_steps > 0 or t.num_train_epochs > 0, f"num_train_epochs must be > 0, got {t.num_train_epochs}")
     if problems:
-        raise ValueError("invalid configuration:\n  - " + "\n  - ".join(problems))
+        raise UserValueError("invalid configuration:\n  - " + "\n  - ".join(problems))
+    if "wandb" in (t.report_to or []):
+        require_extra("wandb", "report_to wandb")
 
     if m.load_model_path:
         check_checkpoint_dir(m.load_model_path)
@@ -117,7 +118,7 @@ def prepare_output_dir(training_args):
     if isinstance(resume, str) and resume.lower() in ("true", "latest"):
         resume = get_last_checkpoint(output_dir) if output_dir.is_dir() else None
         if resume is None:
-            raise FileNotFoundError(
+            raise UserFileNotFoundError(
                 f"resume_from_checkpoint {training_args.resume_from_checkpoint}: no checkpoint-* folder in {output_dir}"
             )
         logger.info("Resuming from the latest checkpoint, %s", resume)
@@ -128,7 +129,7 @@ def prepare_output_dir(training_args):
     if not training_args.overwrite_output_dir:
         if checkpoints or final:
             found = [Path(c).name for c in checkpoints] + final
-            raise FileExistsError(
+            raise UserFileExistsError(
                 f"output_dir {output_dir} holds a previous run ({', '.join(found)}); resume it with "
                 "--resume_from_checkpoint true, replace it with --overwrite_output_dir true, "
                 "or choose another output_dir"
@@ -141,36 +142,6 @@ def prepare_output_dir(training_args):
             for checkpoint in checkpoints:
                 shutil.rmtree(checkpoint)
     return None
-
-
-HUB_PROBE_TIMEOUT_S = 5
-
-
-def require_hub(name_or_path, what, field_name):
-    """Fail in seconds, naming `name_or_path` and the two ways out, when it is a Hub id the Hub cannot serve.
-
-    Without this, a missing network shows up as half a minute of retries and a long traceback in which the id
-    appears only in warnings. A local directory and a Hub id in the cache under HF_HUB_OFFLINE=1 pass.
-    """
-    if Path(name_or_path).exists():
-        return
-    from huggingface_hub import constants, try_to_load_from_cache
-
-    fixes = f"set {field_name} to a local copy (a directory), or run with HF_HUB_OFFLINE=1 with it in the cache"
-    if constants.HF_HUB_OFFLINE:
-        if what == "model" and not isinstance(try_to_load_from_cache(name_or_path, "config.json"), str):
-            raise SetupError(f"HF_HUB_OFFLINE is set and the {what} {name_or_path!r} is not in the cache "
-                             f"({constants.HF_HUB_CACHE}): {fixes.split(', or ')[0]}")
-        return
-    try:
-        # One request, no retries: any HTTP answer (even an error status) means the Hub is reachable.
-        urllib.request.urlopen(urllib.request.Request(constants.ENDPOINT, method="HEAD"), timeout=HUB_PROBE_TIMEOUT_S)
-    except urllib.error.HTTPError:
-        return
-    except OSError as error:  # URLError, refused, timeout
-        reason = getattr(error, "reason", error)
-        raise SetupError(f"cannot reach {constants.ENDPOINT} ({reason}) to load the {what} {name_or_path!r}: "
-                         f"{fixes}") from None
 
 
 def require_hub_access(model_args, data_args):
@@ -213,4 +184,7 @@ def check_distributed_setup(trainer):
         )
 
 
-__all__ = ["check_args", "prepare_output_dir", "require_hub", "require_hub_access", "check_distributed_setup"]
+__all__ = [
+    "check_args", "prepare_output_dir", "HUB_PROBE_TIMEOUT_S", "require_hub", "require_hub_access",
+    "check_distributed_setup",
+]

@@ -6,6 +6,7 @@ the recipe: `train.py recipes/cot.yaml --learning_rate 1e-5 --output_dir outputs
 
 import argparse
 import enum
+import os
 import types
 import typing
 from dataclasses import MISSING, fields
@@ -13,6 +14,8 @@ from pathlib import Path
 
 import yaml
 
+from mmcoconut.errors import UserFileNotFoundError, UserValueError
+from mmcoconut.preflight import require_extra
 from mmcoconut.training.arguments import RECIPE_DATACLASSES, SetupError
 
 
@@ -21,18 +24,20 @@ def read_recipe(path, _chain=()):
     path = Path(path)
     chain = (*_chain, path)
     if path.resolve() in {link.resolve() for link in _chain}:
-        raise ValueError(f"recipe base chain loops: {' -> '.join(map(str, chain))}")
+        raise UserValueError(f"recipe base chain loops: {' -> '.join(map(str, chain))}")
+    if not path.is_file():
+        raise UserFileNotFoundError(f"recipe {path}: no such file")
     with open(path, encoding="utf-8") as f:
         recipe = yaml.safe_load(f) or {}
     if not isinstance(recipe, dict):
-        raise ValueError(f"{path}: a recipe must be a YAML mapping, got {type(recipe).__name__}")
+        raise UserValueError(f"{path}: a recipe must be a YAML mapping, got {type(recipe).__name__}")
     base = recipe.pop("base", None)
     if base is None:
         return recipe
     if not isinstance(base, str):
-        raise ValueError(f"{path}: base must be a recipe path, got {base!r}")
+        raise UserValueError(f"{path}: base must be a recipe path, got {base!r}")
     if not (path.parent / base).is_file():
-        raise FileNotFoundError(f"{path}: base recipe {path.parent / base} not found")
+        raise UserFileNotFoundError(f"{path}: base recipe {path.parent / base} not found")
     return {**read_recipe(path.parent / base, chain), **recipe}
 
 
@@ -91,7 +96,7 @@ def check_recipe_types(recipe, dataclass_types, source):
         if not isinstance(value, str) and not _accepts(hints[key], value)
     ]
     if problems:
-        raise ValueError(f"{source}: wrong recipe value types: " + "; ".join(problems))
+        raise UserValueError(f"{source}: wrong recipe value types: " + "; ".join(problems))
 
 
 USAGE = "train.py RECIPE.yaml [--field value ...]"
@@ -155,10 +160,11 @@ def parse_args(argv):
 
     parser = HfArgumentParser((*RECIPE_DATACLASSES, CurriculumTrainingArguments))
     recipe = read_recipe(argv[0])
+    check_deepspeed_installed(recipe, argv[1:])
     known = {action.dest for action in parser._actions}
     unknown = sorted(set(recipe) - known)
     if unknown:
-        raise ValueError(f"{argv[0]}: unknown recipe keys {unknown}")
+        raise UserValueError(f"{argv[0]}: unknown recipe keys {unknown}")
     if isinstance(recipe.get("resume_from_checkpoint"), bool):  # YAML `true`: TrainingArguments holds a string
         recipe["resume_from_checkpoint"] = str(recipe["resume_from_checkpoint"]).lower()
     check_recipe_types(recipe, parser.dataclass_types, argv[0])
@@ -169,6 +175,14 @@ def parse_args(argv):
     parser.set_defaults(**recipe)
     check_device_support(parser.parse_known_args(argv[1:])[0], argv[0])
     return parser.parse_args_into_dataclasses(args=argv[1:])
+
+
+def check_deepspeed_installed(recipe, flags):
+    """A DeepSpeed run (`deepspeed` in the recipe or the flags, or an accelerate DeepSpeed config) needs the
+    `deepspeed` extra; without it, building the TrainingArguments fails with an unrelated TypeError."""
+    launched = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    if recipe.get("deepspeed") or any(flag.split("=")[0] == "--deepspeed" for flag in flags) or launched:
+        require_extra("deepspeed", "DeepSpeed (the recipe's deepspeed, or an accelerate DeepSpeed config)")
 
 
 def check_device_support(args, recipe_path):
@@ -184,5 +198,5 @@ def check_device_support(args, recipe_path):
 
 __all__ = [
     "USAGE", "read_recipe", "check_recipe_types", "help_parser", "recipe_help_parser", "parse_args",
-    "check_device_support",
+    "check_deepspeed_installed", "check_device_support",
 ]

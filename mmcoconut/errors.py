@@ -1,0 +1,51 @@
+"""The errors a user can fix (a wrong flag, a missing file, an unreachable Hub, a missing extra): standard library only.
+
+Every command catches `UserError` in one place (`mmcoconut.cli.help.command`) and prints its message as one line,
+`PROG: message`, on stderr, with no traceback, exiting with the error's `exit_status`; `--debug` (or
+MMCOCONUT_DEBUG=1) shows the traceback as well. Any other exception is a bug and keeps its traceback. Each subclass is
+also the built-in type the error would otherwise be (`UserFileNotFoundError` is a `FileNotFoundError`), so callers
+that catch the built-in types keep working. docs/errors.md lists the cases.
+"""
+
+
+class UserError(Exception):
+    """An expected error whose message says what to change: a command prints it as one line and exits with 2 (as
+    argparse does for a bad flag)."""
+
+    exit_status = 2
+
+
+class SetupError(UserError, RuntimeError):
+    """This machine cannot run the command as it stands (no network for a Hub id, no GPU for bf16).
+
+    Its exit status is 1, not 2: the command line is fine, the machine is not (train.py has exited 1 for it since it
+    was introduced, and tests/test_training.py keeps that).
+    """
+
+    exit_status = 1
+
+
+class UserValueError(UserError, ValueError):
+    """A value the user gave is wrong (`--choices` in one string, an invalid recipe)."""
+
+
+class UserFileNotFoundError(UserError, FileNotFoundError):
+    """A file or directory the user named does not exist, or a checkpoint directory lacks files."""
+
+
+class UserNotADirectoryError(UserError, NotADirectoryError):
+    """A path the user gave as a directory is a file."""
+
+
+class UserFileExistsError(UserError, FileExistsError):
+    """The command would replace an earlier run's results (pass --overwrite, or another output directory)."""
+
+
+class MissingExtraError(UserError, ModuleNotFoundError):
+    """An optional dependency (a pip extra) the chosen option needs is not installed."""
+
+
+__all__ = [
+    "UserError", "SetupError", "UserValueError", "UserFileNotFoundError", "UserNotADirectoryError",
+    "UserFileExistsError", "MissingExtraError",
+]

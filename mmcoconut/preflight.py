@@ -1,0 +1,213 @@
+"""Checks that run before anything heavy is imported or loaded: local paths, checkpoint directories, the Hub, optional
+extras. Standard library only at the top (huggingface_hub and PIL inside the two checks that need them), so a command
+fails in a fraction of a second, in one line (`mmcoconut.errors`), instead of after torch's import or a model's load.
+
+A model or dataset name is either a local path or a Hub id. `looks_local` tells them apart without the network: a
+name that cannot be a Hub id (`owner/name`), or whose parent directory exists, is a path, and a missing path is an
+error at once; a Hub id is probed once, with a short timeout, instead of transformers' minute of retries.
+"""
+
+import difflib
+import importlib.util
+import json
+import os
+import shutil
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from mmcoconut.errors import (
+    MissingExtraError,
+    SetupError,
+    UserError,
+    UserFileNotFoundError,
+    UserNotADirectoryError,
+)
+
+HUB_PROBE_TIMEOUT_S = 5
+CHECKPOINT_PARTS = ("config", "weights", "tokenizer", "processor")
+# The module an option needs → the pip extra that installs it (setup.cfg [options.extras_require]; None: no extra).
+EXTRAS = {"torchao": "quantization", "gradio": "app", "wandb": "wandb", "deepspeed": "deepspeed", "bitsandbytes": None}
+# `--quantization` choice → the module it needs (mmcoconut.constants.QUANTIZATIONS; "none" needs nothing).
+QUANTIZATION_MODULES = {"torchao-int8": "torchao", "bnb-8bit": "bitsandbytes", "bnb-4bit": "bitsandbytes"}
+
+
+def looks_local(name):
+    """Whether `name` is meant as a local path rather than a Hub id (`owner/name`).
+
+    A path: an absolute one, one starting with `.` or `~`, one with a backslash or with no or several `/`, or one
+    whose parent directory exists (`outputs/demo` when `outputs/` is there).
+    """
+    text = os.fspath(name)
+    if os.path.isabs(text) or text.startswith((".", "~")) or "\\" in text or text.count("/") != 1:
+        return True
+    return text.endswith("/") or Path(text).parent.is_dir()
+
+
+def _did_you_mean(path):
+    """` (did you mean X?)` for a near miss among `path`'s siblings, else ``."""
+    try:
+        siblings = os.listdir(path.parent)
+    except OSError:
+        return ""
+    close = difflib.get_close_matches(path.name, siblings, n=1)
+    return f" (did you mean {path.parent / close[0]}?)" if close else ""
+
+
+def require_hub(name_or_path, what, field_name):
+    """Fail in seconds, naming `name_or_path` and the two ways out, when it is a Hub id the Hub cannot serve.
+
+    Without this, a missing network shows up as half a minute of retries and a long traceback in which the id
+    appears only in warnings. A local directory and a Hub id in the cache under HF_HUB_OFFLINE=1 pass.
+    """
+    if Path(name_or_path).exists():
+        return
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    fixes = f"set {field_name} to a local copy (a directory), or run with HF_HUB_OFFLINE=1 with it in the cache"
+    if constants.HF_HUB_OFFLINE:
+        if what == "model" and not isinstance(try_to_load_from_cache(name_or_path, "config.json"), str):
+            raise SetupError(f"HF_HUB_OFFLINE is set and the {what} {name_or_path!r} is not in the cache "
+                             f"({constants.HF_HUB_CACHE}): {fixes.split(', or ')[0]}")
+        return
+    try:
+        # One request, no retries: any HTTP answer (even an error status) means the Hub is reachable.
+        urllib.request.urlopen(urllib.request.Request(constants.ENDPOINT, method="HEAD"), timeout=HUB_PROBE_TIMEOUT_S)
+    except urllib.error.HTTPError:
+        return
+    except OSError as error:  # URLError, refused, timeout
+        reason = getattr(error, "reason", error)
+        raise SetupError(f"cannot reach {constants.ENDPOINT} ({reason}) to load the {what} {name_or_path!r}: "
+                         f"{fixes}") from None
+
+
+def _missing_weights(directory):
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [shard for shard in shards if not (directory / shard).is_file()]
+    if (directory / "model.safetensors").is_file():
+        return []
+    return ["model.safetensors (or model.safetensors.index.json)"]
+
+
+def _missing_tokenizer(directory):
+    missing = [] if (directory / "tokenizer_config.json").is_file() else ["tokenizer_config.json"]
+    # A fast tokenizer file, or Qwen2's slow vocabulary + merges (OpenGVLab's original checkpoints ship those).
+    if not (directory / "tokenizer.json").is_file() and not (
+        (directory / "vocab.json").is_file() and (directory / "merges.txt").is_file()
+    ):
+        missing.append("tokenizer.json (or vocab.json + merges.txt)")
+    return missing
+
+
+def check_checkpoint_dir(name_or_path, parts=CHECKPOINT_PARTS):
+    """Fail at once, naming the missing files, when a local checkpoint directory is incomplete.
+
+    Without `config.json`, `from_pretrained` builds a default full-size InternVL (a 32×4096 language model) before
+    it notices the weights do not fit; without the tokenizer files it asks for sentencepiece. `parts` are among
+    `CHECKPOINT_PARTS`: `config` (config.json), `weights` (model.safetensors or an index and all its shards),
+    `tokenizer` and `processor` (processor_config.json or preprocessor_config.json). A missing name that
+    `looks_local` is an error; any other is taken for a Hub id and left to `from_pretrained`.
+    """
+    unknown = set(parts) - set(CHECKPOINT_PARTS)
+    if unknown:
+        raise ValueError(f"unknown checkpoint parts {sorted(unknown)}; expected some of {CHECKPOINT_PARTS}")
+    directory = Path(name_or_path)
+    if not directory.exists():
+        if looks_local(name_or_path):
+            raise UserFileNotFoundError(f"no such checkpoint directory: {name_or_path}{_did_you_mean(directory)}")
+        return
+    if not directory.is_dir():
+        raise UserNotADirectoryError(f"{name_or_path} is a file; expected a checkpoint directory")
+    missing = []
+    if "config" in parts and not (directory / "config.json").is_file():
+        missing.append("config.json")
+    if "weights" in parts:
+        missing += _missing_weights(directory)
+    if "tokenizer" in parts:
+        missing += _missing_tokenizer(directory)
+    if "processor" in parts and not any(
+        (directory / name).is_file() for name in ("processor_config.json", "preprocessor_config.json")
+    ):
+        missing.append("processor_config.json (or preprocessor_config.json)")
+    if missing:
+        hint = ""
+        if (directory / "adapter_config.json").is_file():
+            hint = "; it holds LoRA adapters: load the merged model in its merged/ folder"
+        raise UserFileNotFoundError(
+            f"{name_or_path} is not a complete checkpoint: missing {', '.join(missing)}{hint}"
+        )
+
+
+def require_model(name_or_path, flag="--model"):
+    """A checkpoint the loader can take, checked without loading it: a complete local directory (for a LoRA adapter
+    directory, its tokenizer and processor: the loader finds the base), or a Hub id the Hub answers for."""
+    path = Path(name_or_path)
+    if path.exists():
+        lora = (path / "adapter_config.json").is_file()
+        check_checkpoint_dir(name_or_path, ("tokenizer", "processor") if lora else CHECKPOINT_PARTS)
+    elif looks_local(name_or_path):
+        raise UserFileNotFoundError(f"{flag} {name_or_path}: no such checkpoint directory{_did_you_mean(path)} "
+                                    "(a Hub id is written owner/name)")
+    else:
+        require_hub(name_or_path, "model", flag)
+
+
+def require_file(path, flag, image=False):
+    """`path` exists, is a file and can be read (with `image`, PIL recognises it): else one line naming `flag`."""
+    path_ = Path(path)
+    if not path_.exists():
+        raise UserFileNotFoundError(f"{flag} {path}: no such file{_did_you_mean(path_)}")
+    if path_.is_dir():
+        raise UserError(f"{flag} {path} is a directory; expected a file")
+    try:
+        with open(path_, "rb") as handle:
+            handle.read(1)
+    except OSError as error:
+        raise UserError(f"{flag} {path}: cannot read it ({error.strerror or error})") from None
+    if image:
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(path_):
+                pass
+        except (UnidentifiedImageError, OSError) as error:
+            raise UserError(f"{flag} {path}: not an image ({error})") from None
+
+
+def require_dir(path, flag):
+    """`path` exists and is a directory: else one line naming `flag`."""
+    path_ = Path(path)
+    if not path_.exists():
+        raise UserFileNotFoundError(f"{flag} {path}: no such directory{_did_you_mean(path_)}")
+    if not path_.is_dir():
+        raise UserNotADirectoryError(f"{flag} {path} is a file; expected a directory")
+
+
+def require_extra(module, what, note=""):
+    """`module` is installed, else one line: what needs it and the pip command (`EXTRAS`) that installs it."""
+    if importlib.util.find_spec(module) is None:
+        extra = EXTRAS.get(module)
+        install = f"pip install 'mmcoconut[{extra}]'" if extra else f"pip install {module}"
+        raise MissingExtraError(f"{what} needs {module}, which is not installed: {install}{note}", name=module)
+
+
+def require_quantization(name):
+    """The package a `--quantization` choice needs is installed (that bitsandbytes also needs a CUDA GPU is checked
+    where torch is imported: `mmcoconut.inference.loading.quantization_config`)."""
+    if name in QUANTIZATION_MODULES:
+        note = " (CUDA only; on CPU use --quantization torchao-int8)" if name.startswith("bnb") else ""
+        require_extra(QUANTIZATION_MODULES[name], f"--quantization {name}", note)
+
+
+def chromium_binary():
+    """The path of a headless-capable Chromium (Debian's `chromium`), or None."""
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+__all__ = [
+    "HUB_PROBE_TIMEOUT_S", "CHECKPOINT_PARTS", "EXTRAS", "QUANTIZATION_MODULES", "looks_local", "require_hub",
+    "check_checkpoint_dir", "require_model", "require_file", "require_dir", "require_extra", "require_quantization",
+    "chromium_binary",
+]
