@@ -10,8 +10,7 @@ a `chromium` binary).
 import logging
 import os
 
-from mmcoconut.cli.help import Parser, command
-from mmcoconut.constants import DTYPE_NAMES, QUANTIZATIONS
+from mmcoconut.cli.help import Parser, add_loading_args, command
 from mmcoconut.errors import UserError
 from mmcoconut.preflight import chromium_binary, require_extra, require_file, require_model, require_quantization
 
@@ -23,12 +22,7 @@ def build_parser():
                         help="checkpoint directory, Hub id (owner/name) or LoRA adapter directory")
     parser.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=7860, help="port to serve on")
-    parser.add_argument("--quantization", choices=QUANTIZATIONS, default="none",
-                        help="load the weights quantized: torchao-int8 (CPU or GPU; needs the quantization extra) or "
-                             "bitsandbytes 8/4-bit (CUDA only)")
-    parser.add_argument("--dtype", choices=DTYPE_NAMES, default="auto",
-                        help="dtype of the loaded weights (auto: the checkpoint's)")
-    parser.add_argument("--device", default=None, help="cuda, cpu, cuda:1, ... (default: cuda when available, else cpu)")
+    add_loading_args(parser)
     parser.add_argument("--screenshot", help="serve on a free loopback port, save a PNG of the page here, exit "
                                              "(needs a chromium binary)")
     parser.add_argument("--example-image", help="pre-filled image (its answer is shown on load)")

@@ -5,6 +5,7 @@ import argparse
 import os
 import sys
 
+from mmcoconut.constants import DTYPE_NAMES, QUANTIZATIONS
 from mmcoconut.errors import UserError
 
 DEBUG_ENV = "MMCOCONUT_DEBUG"
@@ -60,3 +61,15 @@ def command(main):
 
     run.__doc__ = main.__doc__
     return run
+
+
+def add_loading_args(parser):
+    """The options of the commands that load a trained checkpoint to answer with it (predict, app)."""
+    parser.add_argument("--quantization", choices=QUANTIZATIONS, default="none",
+                        help="load the weights quantized: torchao-int8 (CPU or GPU; needs the quantization extra) or "
+                             "bitsandbytes 8/4-bit (CUDA only)")
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, default="auto",
+                        help="dtype of the loaded weights (auto: the checkpoint's)")
+    parser.add_argument("--device", default=None, help="cuda, cpu, cuda:1, ... (default: cuda when available, else cpu)")
+    return parser
+

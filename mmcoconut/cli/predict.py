@@ -17,8 +17,8 @@ import json
 import logging
 import shlex
 
-from mmcoconut.cli.help import Parser, command
-from mmcoconut.constants import CHOICE_LETTERS, DTYPE_NAMES, QUANTIZATIONS
+from mmcoconut.cli.help import Parser, add_loading_args, command
+from mmcoconut.constants import CHOICE_LETTERS
 from mmcoconut.errors import UserValueError
 from mmcoconut.preflight import require_file, require_model, require_quantization
 
@@ -44,12 +44,7 @@ def build_parser():
     parser.add_argument("--top-k", type=int, default=5, help="decoded tokens shown per thought")
     parser.add_argument("--max-new-tokens", type=int, default=None,
                         help="generation budget (default: the checkpoint's generation_config)")
-    parser.add_argument("--quantization", choices=QUANTIZATIONS, default="none",
-                        help="load the weights quantized: torchao-int8 (CPU or GPU; needs the quantization extra) or "
-                             "bitsandbytes 8/4-bit (CUDA only)")
-    parser.add_argument("--dtype", choices=DTYPE_NAMES, default="auto",
-                        help="dtype of the loaded weights (auto: the checkpoint's)")
-    parser.add_argument("--device", default=None, help="cuda, cpu, cuda:1, ... (default: cuda when available, else cpu)")
+    add_loading_args(parser)
     parser.add_argument("--json", action="store_true", help="print the prediction as JSON")
     return parser
 
