@@ -16,13 +16,7 @@ class UserError(Exception):
 
 
 class SetupError(UserError, RuntimeError):
-    """This machine cannot run the command as it stands (no network for a Hub id, no GPU for bf16).
-
-    Its exit status is 1, not 2: the command line is fine, the machine is not (train.py has exited 1 for it since it
-    was introduced, and tests/test_training.py keeps that).
-    """
-
-    exit_status = 1
+    """This machine cannot run the command as it stands (no network for a Hub id, no GPU for bf16)."""
 
 
 class UserValueError(UserError, ValueError):
