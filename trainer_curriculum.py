@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import unwrap_peft_model
@@ -403,65 +404,117 @@ then decodes the remaining steps and the `Answer:` line. To force a count, promp
 span `<|start-latent|>` + N x `<|latent|>` + `<|end-latent|>`) and pass `thinking="fixed"` to `generate`."""
 
 
-def render_model_card(trainer, model_name):
-    config = trainer.model.config
-    info = trainer.model_card_info
-    base_model = info.get("base_model")
-    base_description = info.get("base_description") or f"`{base_model}`"
-    evals = [entry for entry in trainer.state.log_history if any(k.startswith("eval_") for k in entry)]
-    metrics = {k: v for k, v in (evals[-1] if evals else {}).items() if k.startswith("eval_")}
-    stage = config.latent_stage
-    c_thought = config.c_thought
-    recipe = info.get("recipe", "")
-    # The path a reader can load: the Hub repo when pushed, else the directory itself (the merged export for LoRA).
-    load_path = info.get("hub_model_id") or info.get("load_path") or str(Path(trainer.args.output_dir))
-    thoughts, usage = _thinking_usage(config, load_path)
-    metric_lines = "\n".join(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items())
-    stage_table = format_stage_table(trainer.state.log_history)
-    stage_section = f"\nPer curriculum stage (its last evaluation):\n\n{stage_table}\n" if stage_table else ""
-    front_matter = f"base_model: {base_model}\n" if base_model and not Path(base_model).exists() else ""
-    lora_note = (
-        f"\nTrained with LoRA: `{trainer.args.output_dir}` holds the PEFT adapters (they need `peft` and the base "
-        f"model); `{load_path}` is the standalone model with the adapters merged in, which is what loads below "
-        "and what evaluation takes.\n"
-        if info.get("lora") else ""
-    )
-    return f"""---
-library_name: transformers
-pipeline_tag: image-text-to-text
-{front_matter}tags: [mmcoconut, coconut, continuous-thought, internvl, a-okvqa]
+# The card's body, a Jinja template that `ModelCard.from_template` renders under the YAML header that `ModelCardData`
+# writes ({{ card_data }}). The body stays hand-written Markdown: the metadata has no fields for the curriculum, the
+# per-stage table or the usage snippet, and the Hub shows the body as written.
+MODEL_CARD_TEMPLATE = """---
+{{ card_data }}
 ---
 
-# {model_name}
+# {{ model_name }}
 
 An InternVL model trained with [mmcoconut](https://arxiv.org/abs/2412.06769)'s curriculum to reason in
 continuous latent space (Coconut, "Chain of Continuous Thought").
 
 | | |
 |---|---|
-| base model | {base_description} |
-| mode | `{info.get("mode", "coconut")}` |
-| final curriculum stage | {stage} |
-| c_thought | {c_thought} |
-| continuous thoughts at inference | {thoughts} |
-| epochs | {round(trainer.state.epoch or 0, 2):g} |
+| base model | {{ base_description }} |
+| mode | `{{ mode }}` |
+| final curriculum stage | {{ stage }} |
+| c_thought | {{ c_thought }} |
+| continuous thoughts at inference | {{ thoughts }} |
+| epochs | {{ epochs }} |
 
 ## Metrics
 
 | metric | value |
 |---|---|
-{metric_lines or "| (no evaluation was run) | |"}
-{stage_section}
+{% for name, value in metric_rows %}| {{ name }} | {{ value }} |
+{% else %}| (no evaluation was run) | |
+{% endfor %}{% if stage_table %}
+Per curriculum stage (its last evaluation):
+
+{{ stage_table }}
+{% endif %}
 ## Use
-{lora_note}
-{usage}
+{% if lora %}
+Trained with LoRA: `{{ output_dir }}` holds the PEFT adapters (they need `peft` and the base model); `{{ load_path }}`
+is the standalone model with the adapters merged in, which is what loads below and what evaluation takes.
+{% endif %}
+{{ usage }}
 
 ## Training recipe
 
 ```yaml
-{recipe.strip()}
+{{ recipe }}
 ```
 """
+
+# The final evaluation's metrics that the card's model-index reports: {log key: (metric type, metric name)}.
+EVAL_RESULT_METRICS = {
+    "eval_mc_accuracy": ("accuracy", "MC accuracy"),
+    "eval_da_accuracy": ("accuracy", "DA accuracy"),
+    "eval_loss": ("loss", "loss"),
+}
+
+
+def _eval_results(metrics, dataset):
+    """`EvalResult`s of the final evaluation on `dataset` ({type, name, split}, from `model_card_info`)."""
+    if not dataset:
+        return []
+    return [
+        EvalResult(
+            task_type="visual-question-answering", task_name="Visual Question Answering",
+            dataset_type=dataset["type"], dataset_name=dataset["name"], dataset_split=dataset.get("split"),
+            metric_type=metric_type, metric_name=metric_name, metric_value=metrics[key],
+        )
+        for key, (metric_type, metric_name) in EVAL_RESULT_METRICS.items()
+        if isinstance(metrics.get(key), (int, float))
+    ]
+
+
+def render_model_card(trainer, model_name):
+    """The README.md of a trained checkpoint: `ModelCardData`'s YAML header + `MODEL_CARD_TEMPLATE`."""
+    config = trainer.model.config
+    info = trainer.model_card_info
+    base_model = info.get("base_model")
+    evals = [entry for entry in trainer.state.log_history if any(k.startswith("eval_") for k in entry)]
+    metrics = {k: v for k, v in (evals[-1] if evals else {}).items() if k.startswith("eval_")}
+    # The path a reader can load: the Hub repo when pushed, else the directory itself (the merged export for LoRA).
+    load_path = info.get("hub_model_id") or info.get("load_path") or str(Path(trainer.args.output_dir))
+    thoughts, usage = _thinking_usage(config, load_path)
+    eval_results = _eval_results(metrics, info.get("eval_dataset"))
+    card_data = ModelCardData(
+        # A local directory is no Hub model to link to.
+        base_model=base_model if base_model and not Path(base_model).exists() else None,
+        license=info.get("license"),
+        datasets=info.get("datasets"),
+        library_name="transformers",
+        pipeline_tag="image-text-to-text",
+        tags=["mmcoconut", "coconut", "continuous-thought", "internvl", "a-okvqa"],
+        # model_name names the model-index; without results it would be a stray key in the header.
+        model_name=model_name if eval_results else None,
+        eval_results=eval_results or None,
+    )
+    card = ModelCard.from_template(
+        card_data,
+        template_str=MODEL_CARD_TEMPLATE,
+        model_name=model_name,
+        base_description=info.get("base_description") or f"`{base_model}`",
+        mode=info.get("mode", "coconut"),
+        stage=config.latent_stage,
+        c_thought=config.c_thought,
+        thoughts=thoughts,
+        epochs=f"{round(trainer.state.epoch or 0, 2):g}",
+        metric_rows=[(k, f"{v:.4g}" if isinstance(v, float) else v) for k, v in metrics.items()],
+        stage_table=format_stage_table(trainer.state.log_history),
+        lora=info.get("lora"),
+        output_dir=trainer.args.output_dir,
+        load_path=load_path,
+        usage=usage,
+        recipe=info.get("recipe", "").strip(),
+    )
+    return f"{card}\n"  # Jinja drops the template's final newline
 
 
 __all__ = [

@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from huggingface_hub import ModelCard
 from transformers import GenerationConfig
 
 from configuration_mmcoconut import MMCoconutConfig
@@ -24,7 +25,7 @@ from mmcoconut.training.checks import HUB_PROBE_TIMEOUT_S, check_distributed_set
 from mmcoconut.training.recipe import parse_args
 from mmcoconut.training.report import model_card_info
 from modeling_mmcoconut import MMCoconutForConditionalGeneration
-from trainer_curriculum import render_model_card
+from trainer_curriculum import CurriculumTrainer, render_model_card
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPES = sorted(p.name for p in Path("recipes").glob("*.yaml"))
@@ -78,6 +79,12 @@ def test_demo_recipe_trains_through_stages_and_saves_a_loadable_checkpoint(tmp_p
     assert all(0.0 <= entry["eval_mc_accuracy"] <= 1.0 and entry["eval_num_samples"] == 4 for entry in evals)
     assert json.loads((out / "eval_results.json").read_text())["eval_mc_accuracy"] == evals[-1]["eval_mc_accuracy"]
     assert "eval_mc_accuracy" in card
+    metadata = ModelCard.load(out / "README.md").data  # the header parses back as the Hub reads it
+    assert metadata.base_model is None  # no Hub model to name
+    results = {result.metric_name: result for result in metadata.eval_results}
+    assert results["MC accuracy"].metric_value == evals[-1]["eval_mc_accuracy"]
+    assert results["loss"].metric_value == evals[-1]["eval_loss"]
+    assert results["MC accuracy"].dataset_name == "mmcoconut synthetic (colour_chain)"
     assert list((out / "runs").rglob("events.out.tfevents.*")), "tensorboard logged nothing"
     for name, param in model.named_parameters():
         torch.testing.assert_close(param, trainer.model.state_dict()[name], msg=name)
@@ -134,6 +141,7 @@ def test_demo_card_says_random_init_and_loads_from_its_real_path(tmp_path):
     ])
     card = (out / "README.md").read_text()
     assert "base_model:" not in card  # no Hub model to name: the model was built from a config
+    assert ModelCard.load(out / "README.md").data.base_model is None
     assert "| base model | random init: tiny config (task tokenizer) |" in card
     merged = out / "merged"
     assert f'AutoModel.from_pretrained("{merged}", trust_remote_code=True)' in card
@@ -182,15 +190,54 @@ def test_model_card_of_an_adaptive_checkpoint_says_the_model_decides_and_its_sni
     assert scope["out"].num_thoughts.shape == (1,) and 0 <= int(scope["out"].num_thoughts[0]) <= 2
 
 
-def test_model_card_names_the_hub_base_model():
-    info = model_card_info(
-        ModelArguments(), DataArguments(), CurriculumArguments(),
-        type("Args", (), {"output_dir": "outputs/x", "hub_model_id": None, "push_to_hub": False,
+def run_card_info(output_dir, model_args=None):
+    """`model_card_info` of a run with the default arguments: the Hub base model, trained on the Hub's A-OKVQA."""
+    return model_card_info(
+        model_args or ModelArguments(), DataArguments(), CurriculumArguments(),
+        type("Args", (), {"output_dir": str(output_dir), "hub_model_id": None, "push_to_hub": False,
                           **{k: None for k in ("learning_rate", "num_train_epochs", "per_device_train_batch_size",
                                                "gradient_accumulation_steps", "lr_scheduler_type", "warmup_steps",
                                                "weight_decay", "bf16", "activation_checkpointing", "seed")}})(),
     )
+
+
+def test_model_card_names_the_hub_base_model():
+    info = run_card_info("outputs/x")
     assert info["base_model"] == "OpenGVLab/InternVL3-1B-Pretrained" and info["load_path"] == "outputs/x"
+    assert info["license"] is None  # a fine-tune's license is its base model's
+    assert run_card_info("outputs/x", ModelArguments(tiny_internvl={}))["license"] == "mit"  # all mmcoconut's
+
+
+def test_written_model_card_parses_back_with_base_model_tags_and_eval_results(tmp_path):
+    """`create_model_card` writes README.md into the output directory; huggingface_hub reads its header back."""
+    last_eval = {"eval_loss": 0.8125, "eval_mc_accuracy": 0.75, "eval_da_accuracy": None,
+                 "eval_mean_generated_tokens": 10.0, "eval_stage": 1, "epoch": 2.0}
+    trainer = SimpleNamespace(
+        model=SimpleNamespace(config=MMCoconutConfig(latent_stage=1, c_thought=2)),
+        model_card_info=run_card_info(tmp_path), args=SimpleNamespace(output_dir=str(tmp_path)),
+        state=SimpleNamespace(log_history=[{"loss": 1.0, "epoch": 1.0}, last_eval], epoch=2),
+        is_world_process_zero=lambda: True,
+    )
+    CurriculumTrainer.create_model_card(trainer, "run")
+    card = ModelCard.load(tmp_path / "README.md")
+    assert card.data.base_model == "OpenGVLab/InternVL3-1B-Pretrained"
+    assert card.data.license is None  # a fine-tune's license is its base model's
+    assert card.data.datasets == ["HuggingFaceM4/A-OKVQA"]
+    assert card.data.tags == ["mmcoconut", "coconut", "continuous-thought", "internvl", "a-okvqa"]
+    assert (card.data.library_name, card.data.pipeline_tag) == ("transformers", "image-text-to-text")
+    assert card.data.model_name == "run"
+    results = {result.metric_name: result for result in card.data.eval_results}
+    assert set(results) == {"MC accuracy", "loss"}  # da_accuracy is None: no direct answers to score
+    assert (results["MC accuracy"].metric_type, results["MC accuracy"].metric_value) == ("accuracy", 0.75)
+    assert results["loss"].metric_value == 0.8125
+    assert {(r.dataset_type, r.dataset_name, r.dataset_split) for r in results.values()} == {
+        ("HuggingFaceM4/A-OKVQA", "A-OKVQA", "val")}
+    # The body keeps the run's facts.
+    assert "| base model | `OpenGVLab/InternVL3-1B-Pretrained` |" in card.text
+    assert "| final curriculum stage | 1 |" in card.text and "| c_thought | 2 |" in card.text
+    assert "| eval_mc_accuracy | 0.75 |" in card.text and "| epochs | 2 |" in card.text
+    assert f'AutoModel.from_pretrained("{tmp_path}", trust_remote_code=True)' in card.text
+    assert "PEFT adapters" not in card.text
 
 
 def test_task_tokenizer_needs_a_model_built_from_scratch():

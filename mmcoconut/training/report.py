@@ -28,9 +28,23 @@ def model_card_info(model_args, data_args, curriculum_args, training_args):
         base_model = model_args.load_model_path or model_args.model_name_or_path
         base_description = f"`{base_model}`"
     output_dir = Path(training_args.output_dir)
+    hub_dataset = data_args.data_source == "aokvqa_hf" and not Path(data_args.hf_dataset_id).exists()
+    # The evaluation set as the card's model-index names it: a Hub dataset id where there is one.
+    eval_dataset = {
+        "aokvqa_hf": dict(type=data_args.hf_dataset_id if hub_dataset else "a-okvqa", name="A-OKVQA",
+                          split=data_args.eval_split),
+        "aokvqa_official": dict(type="a-okvqa", name="A-OKVQA", split=data_args.eval_split),
+        "synthetic": dict(type="synthetic", name=f"mmcoconut synthetic ({data_args.synthetic_task})", split="val"),
+        "canonical": dict(type="canonical", name=str(data_args.eval_file), split="val"),
+    }.get(data_args.data_source)
     return dict(
         base_model=base_model,
         base_description=base_description,
+        # mmcoconut's license (MIT) covers a model it built from scratch; a fine-tune's license is its base model's,
+        # which the Hub shows through base_model and which the card does not restate.
+        license="mit" if base_model is None else None,
+        datasets=[data_args.hf_dataset_id] if hub_dataset else None,
+        eval_dataset=eval_dataset,
         mode=curriculum_args.mode,
         recipe=yaml.safe_dump(recipe_as_trained(model_args, data_args, curriculum_args, training_args)),
         hub_model_id=training_args.hub_model_id if training_args.push_to_hub else None,
