@@ -14,7 +14,7 @@ $(VENV)/.installed: requirements.txt setup.cfg requirements.lock
 	$(VENV)/bin/pip install -c requirements.lock -e ".[dev]"
 	touch $@
 
-.PHONY: install test test-slow test-latest test-next test-oldest test-cross-version lock demo readme-check gpu-check
+.PHONY: install test test-slow test-latest test-next test-oldest test-cross-version lock demo demo-cot readme-check gpu-check
 install: $(VENV)/.installed
 
 test: $(VENV)/.installed
@@ -86,7 +86,17 @@ lock:
 
 # `make demo` again replaces the previous demo; train.py itself refuses to train over a previous run.
 demo: $(VENV)/.installed
+	@echo "make demo: Coconut's stages 1-3 on a generated 3-hop visual task, from the tiny CoT model in checkpoints/demo-cot."
+	@echo "About 3 minutes on 2 quiet CPU cores (up to 8 when busy); it ends with a table of MC accuracy per stage"
+	@echo "(the CoT model: 100%; the last stage, 3 thoughts and no written step: at least 80%) and the tokens each generates."
 	$(PY) train.py recipes/demo.yaml --overwrite_output_dir true
+
+# Re-makes the demo's starting point, checkpoints/demo-cot (the tiny model trained with written chain-of-thought).
+demo-cot: $(VENV)/.installed
+	$(PY) train.py recipes/demo_cot.yaml --overwrite_output_dir true
+	rm -rf checkpoints/demo-cot && mkdir -p checkpoints/demo-cot
+	cd outputs/demo-cot && cp README.md chat_template.jinja config.json eval_results.json generation_config.json \
+	    model.safetensors processor_config.json tokenizer.json tokenizer_config.json ../../checkpoints/demo-cot/
 
 # Every ```bash block of README.md, in order, in a fresh copy of the working tree (tests/readme_check.py).
 readme-check: $(VENV)/.installed

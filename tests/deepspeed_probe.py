@@ -1,7 +1,7 @@
 """`train.py`, watched from inside every rank: what the DeepSpeed tests (tests/test_deepspeed.py) cannot see from outside.
 
     accelerate launch --config_file ds_configs/accelerate_zero3.yaml --num_processes 2 \
-        tests/deepspeed_probe.py recipes/demo.yaml --max_steps 6 ...   (the same arguments as train.py)
+        tests/deepspeed_probe.py recipes/tiny.yaml --max_steps 6 ...   (the same arguments as train.py)
 
 Runs `train.main(argv)` unchanged, with one more callback on the `CurriculumTrainer` that writes
 `$MMCOCONUT_PROBE_DIR/rank{R}.json` on every rank at the end of training:

@@ -67,3 +67,21 @@ def test_screenshot_in_headless_chromium(inference_checkpoint, question_image, t
     with Image.open(out) as image:
         assert image.size == (1400, 1000)
         assert len(np.unique(np.asarray(image.convert("L")))) > 50  # a rendered page, not a blank one
+
+
+def test_the_app_opens_with_the_runs_own_validation_question(tmp_path):
+    """A run that kept its generated data (the demo) pre-fills the page with its first validation question."""
+    import json
+
+    from mmcoconut.cli.app import run_example
+
+    assert run_example(tmp_path) is None  # a checkpoint without generated data: no example
+    canonical = tmp_path / "data" / "canonical"
+    (tmp_path / "data" / "coco").mkdir(parents=True)
+    canonical.mkdir(parents=True)
+    (tmp_path / "data" / "coco" / "1.jpg").write_bytes(b"")
+    record = {"image": "../coco/1.jpg", "question": "Which colour?\nA. green\nB. blue", "choices": ["green", "blue"]}
+    (canonical / "val.jsonl").write_text(json.dumps(record) + "\n")
+    image, question, choices = run_example(tmp_path)
+    assert image == str((tmp_path / "data" / "coco" / "1.jpg").resolve())
+    assert question == "Which colour?" and choices == "green\nblue"

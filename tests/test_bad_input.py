@@ -29,7 +29,7 @@ from mmcoconut.evaluation.aokvqa import format_summary
 from mmcoconut.processing import check_checkpoint_dir, load_internvl_processor
 from mmcoconut.training.recipe import parse_args
 
-DEMO = str(Path("recipes/demo.yaml").resolve())
+DEMO = str(Path("recipes/tiny.yaml").resolve())
 CHOICES = ["green", "red", "blue", "yellow"]
 
 

@@ -94,7 +94,7 @@ def test_train_recipe_help_lists_the_recipes_values_without_heavy_imports():
         [sys.executable, "-c", PROBE, "path", "train.py"], cwd=REPO, capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    recipe_help = PROBE.replace('[target, "--help"]', '[target, "recipes/demo.yaml", "--seed", "3", "--help"]')
+    recipe_help = PROBE.replace('[target, "--help"]', '[target, "recipes/tiny.yaml", "--seed", "3", "--help"]')
     proc = subprocess.run(
         [sys.executable, "-c", recipe_help, "path", "train.py"], cwd=REPO, capture_output=True, text=True, timeout=120,
     )

@@ -1,7 +1,7 @@
 """DeepSpeed ZeRO-2 and ZeRO-3 on two CPU processes (gloo), driven through `accelerate launch`, against DDP.
 
-Every run is README's 2-process command on the demo recipe, 6 steps: 32 questions / (2 ranks x 8) = 2 steps per
-epoch, a stage per epoch, so steps 1-2 are stage 0, 3-4 stage 1, 5-6 stage 2, and the optimizer and LR schedule
+Every run is README's 2-process command on recipes/tiny.yaml (the demo's model, from scratch), 6 steps: 32
+questions / (2 ranks x 8) = 2 steps per epoch, a stage per epoch, so steps 1-2 are stage 0, 3-4 stage 1, 5-6 stage 2, and the optimizer and LR schedule
 restart at steps 3 and 5. Runs that need to be seen from inside go through `tests/deepspeed_probe.py`, which is
 `train.py` plus an observing callback (it writes one JSON per rank).
 
@@ -67,10 +67,10 @@ def accelerate_config(name):
 
 
 def launch(config, script, args, probe_dir=None, timeout=900):
-    """`accelerate launch --config_file CONFIG --num_processes 2 SCRIPT recipes/demo.yaml ARGS`; returns the log."""
+    """`accelerate launch --config_file CONFIG --num_processes 2 SCRIPT recipes/tiny.yaml ARGS`; returns the log."""
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, "--num_processes", "2",
-        "--main_process_port", str(free_port()), script, "recipes/demo.yaml", *args,
+        "--main_process_port", str(free_port()), script, "recipes/tiny.yaml", *args,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)}
     if probe_dir is not None:
@@ -396,7 +396,7 @@ def test_deepspeed_config_with_cpu_flag_is_refused_with_the_reason(work, data_fl
     the accelerate config; both set ACCELERATE_USE_CPU), which would quietly train without DeepSpeed."""
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                accelerate_config("accelerate_zero2.yaml"), "--num_processes", "2", "--main_process_port",
-               str(free_port()), "train.py", "recipes/demo.yaml", *demo_flags(steps=1), *data_flags,
+               str(free_port()), "train.py", "recipes/tiny.yaml", *demo_flags(steps=1), *data_flags,
                "--save_strategy", "no", "--output_dir", str(work / "refused")]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "ACCELERATE_USE_CPU": "true"}
     proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)

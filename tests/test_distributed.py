@@ -260,7 +260,7 @@ def test_accelerate_launch_two_cpu_processes_trains_the_demo(tmp_path):
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--config_file", "ds_configs/accelerate_ddp.yaml",
         "--num_processes", "2", "--main_process_port", str(free_port()),
-        "train.py", "recipes/demo.yaml",
+        "train.py", "recipes/tiny.yaml",
         "--output_dir", str(out), "--synthetic_dir", str(tmp_path / "data"), "--synthetic_train", "32",
         "--per_device_train_batch_size", "8", "--max_steps", "6", "--first_stage_epochs", "1",
         "--epochs_per_stage", "1", "--eval_strategy", "no", "--save_strategy", "no", "--logging_steps", "1",

@@ -402,7 +402,7 @@ def test_recipe_supervise_end_latent_reaches_the_data_and_the_checkpoint(tmp_pat
 
     out = tmp_path / "run"
     trainer = train_main([
-        "recipes/demo.yaml", "--output_dir", str(out), "--synthetic_dir", str(tmp_path / "data"),
+        "recipes/tiny.yaml", "--output_dir", str(out), "--synthetic_dir", str(tmp_path / "data"),
         "--synthetic_train", "8", "--synthetic_val", "4", "--num_train_epochs", "2", "--epochs_per_stage", "1",
         "--first_stage_epochs", "1", "--per_device_train_batch_size", "4", "--pad_latent_to_max", "false", "--supervise_end_latent", "true",
         "--eval_max_new_tokens", "4",
@@ -414,7 +414,7 @@ def test_recipe_supervise_end_latent_reaches_the_data_and_the_checkpoint(tmp_pat
     model = MMCoconutForConditionalGeneration.from_pretrained(out)
     assert model.config.supervise_end_latent and model.config.default_thinking == "adaptive"
     with pytest.raises(ValueError, match="needs mode='coconut'.*pad_latent_to_max=False"):
-        train_main(["recipes/demo.yaml", "--output_dir", str(tmp_path / "bad"), "--synthetic_dir",
+        train_main(["recipes/tiny.yaml", "--output_dir", str(tmp_path / "bad"), "--synthetic_dir",
                     str(tmp_path / "data"), "--synthetic_train", "8", "--synthetic_val", "4",
                     "--supervise_end_latent", "true"])
 

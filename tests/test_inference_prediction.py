@@ -240,7 +240,7 @@ def lora_run(inference_checkpoint, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("lora_run")
     out = tmp / "run"
     train_main([
-        "recipes/demo.yaml", "--load_model_path", str(inference_checkpoint), "--use_lora", "true",
+        "recipes/tiny.yaml", "--load_model_path", str(inference_checkpoint), "--use_lora", "true",
         "--output_dir", str(out), "--synthetic_dir", str(tmp / "data"), "--synthetic_train", "4",
         "--synthetic_val", "2", "--max_steps", "2", "--per_device_train_batch_size", "2", "--epochs_per_stage", "1",
         "--eval_strategy", "no", "--save_strategy", "no", "--eval_accuracy", "false", "--eval_max_new_tokens", "6",
@@ -257,7 +257,7 @@ def test_train_saves_chat_template_and_budget(lora_run):
     assert merged.generation_config.max_new_tokens == 8  # the base's budget is kept (a fresh model gets the eval one)
     from mmcoconut.training.recipe import read_recipe
 
-    recipe_tiles = read_recipe("recipes/demo.yaml")["max_tiles"]
+    recipe_tiles = read_recipe("recipes/tiny.yaml")["max_tiles"]
     assert load_internvl_processor(out / "merged").image_processor.max_patches == recipe_tiles  # not the base's
 
 

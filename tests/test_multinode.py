@@ -34,7 +34,7 @@ def free_port():
 
 def command(launch_flags, out, data):
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "ds_configs/accelerate_ddp.yaml",
-            *launch_flags, "train.py", "recipes/demo.yaml", *FLAGS, "--synthetic_dir", str(data),
+            *launch_flags, "train.py", "recipes/tiny.yaml", *FLAGS, "--synthetic_dir", str(data),
             "--output_dir", str(out)]
 
 

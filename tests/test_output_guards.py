@@ -10,7 +10,7 @@ from mmcoconut.cli.train import main as train_main
 from mmcoconut.training.checks import prepare_output_dir
 from mmcoconut.training.recipe import parse_args
 
-DEMO = str(Path("recipes/demo.yaml").resolve())
+DEMO = str(Path("recipes/tiny.yaml").resolve())
 
 
 def _previous_run(out):

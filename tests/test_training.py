@@ -58,7 +58,7 @@ def test_unknown_recipe_key_is_an_error(tmp_path):
 def test_demo_recipe_trains_through_stages_and_saves_a_loadable_checkpoint(tmp_path):
     out = tmp_path / "run"
     trainer = train_main([
-        "recipes/demo.yaml", "--output_dir", str(out), "--synthetic_dir", str(tmp_path / "data"),
+        "recipes/tiny.yaml", "--output_dir", str(out), "--synthetic_dir", str(tmp_path / "data"),
         "--synthetic_train", "8", "--synthetic_val", "4", "--num_train_epochs", "2", "--first_stage_epochs", "1",
         "--epochs_per_stage", "1", "--per_device_train_batch_size", "4", "--logging_steps", "1",
         "--report_to", "tensorboard",
@@ -94,7 +94,7 @@ def test_training_logs_never_average_over_a_stage_boundary(tmp_path):
     # 2 steps per epoch, a log every 3 steps: without the forced log at each stage's end, the log at step 3 would
     # average stage 0's and stage 1's losses and latents.
     trainer = train_main([
-        "recipes/demo.yaml", "--output_dir", str(tmp_path / "run"), "--synthetic_dir", str(tmp_path / "data"),
+        "recipes/tiny.yaml", "--output_dir", str(tmp_path / "run"), "--synthetic_dir", str(tmp_path / "data"),
         "--synthetic_train", "8", "--num_train_epochs", "3", "--first_stage_epochs", "1", "--epochs_per_stage", "1",
         "--per_device_train_batch_size", "4", "--logging_steps", "3", "--eval_strategy", "no",
         "--save_strategy", "no",
@@ -112,7 +112,7 @@ def test_intermediate_checkpoints_are_ready_for_inference_as_the_final_save(tmp_
 
     out = tmp_path / "run"
     train_main([
-        "recipes/demo.yaml", "--output_dir", str(out), "--synthetic_dir", str(tmp_path / "data"),
+        "recipes/tiny.yaml", "--output_dir", str(out), "--synthetic_dir", str(tmp_path / "data"),
         "--synthetic_train", "8", "--num_train_epochs", "2", "--first_stage_epochs", "1", "--epochs_per_stage", "1",
         "--per_device_train_batch_size", "4", "--eval_strategy", "no", "--eval_accuracy", "false",
         "--save_strategy", "steps", "--save_steps", "2", "--save_total_limit", "3", "--eval_max_new_tokens", "7",
@@ -135,7 +135,7 @@ def test_intermediate_checkpoints_are_ready_for_inference_as_the_final_save(tmp_
 def test_demo_card_says_random_init_and_loads_from_its_real_path(tmp_path):
     out = tmp_path / "demo"
     trainer = train_main([
-        "recipes/demo.yaml", "--output_dir", str(out), "--synthetic_dir", str(tmp_path / "data"),
+        "recipes/tiny.yaml", "--output_dir", str(out), "--synthetic_dir", str(tmp_path / "data"),
         "--synthetic_train", "8", "--synthetic_val", "4", "--num_train_epochs", "1",
         "--per_device_train_batch_size", "4", "--save_strategy", "no", "--use_lora", "true",
     ])
@@ -284,7 +284,7 @@ def test_train_py_without_network_prints_one_line_and_no_traceback(tmp_path):
          "--output_dir", str(tmp_path / "out"), "--report_to", "none"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
     )
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("train.py: cannot reach http://127.0.0.1:") and "OpenGVLab/InternVL3-1B-Pretrained" in last
@@ -315,27 +315,3 @@ def test_launches_that_would_silently_run_something_else_are_refused(monkeypatch
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(RuntimeError, match="launched as 2 processes"):
         check_distributed_setup(FakeTrainer())
-
-
-# Measured with the seed of recipes/demo.yaml: 72% (CoT), 59% and 57% (README's Demo); the margins leave room for
-# the floating-point differences between machines and thread counts.
-DEMO_MARGIN_COT = 0.30
-DEMO_MARGIN_FINAL = 0.20
-
-
-@pytest.mark.slow
-def test_demo_learns(tmp_path):
-    """`make demo` as shipped (fixed seed): CoT well above chance, and the latent stages answer from fewer tokens
-    while staying above chance."""
-    from trainer_curriculum import stage_results
-
-    trainer = train_main(["recipes/demo.yaml", "--output_dir", str(tmp_path / "demo"),
-                          "--synthetic_dir", str(tmp_path / "data")])
-    results = stage_results(trainer.state.log_history)
-    assert sorted(results) == [0, 1, 2]
-    chance = 0.25  # four choices
-    accuracy = {stage: entry["eval_mc_accuracy"] for stage, entry in results.items()}
-    tokens = [results[stage]["eval_mean_generated_tokens"] for stage in (0, 1, 2)]
-    assert accuracy[0] >= chance + DEMO_MARGIN_COT, accuracy
-    assert accuracy[2] >= chance + DEMO_MARGIN_FINAL, accuracy
-    assert tokens[0] > tokens[1] > tokens[2], tokens

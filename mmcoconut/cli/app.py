@@ -7,8 +7,10 @@ The page is `mmcoconut.app`. Needs the `app` extra: `pip install -e ".[app]"` (g
 a `chromium` binary).
 """
 
+import json
 import logging
 import os
+from pathlib import Path
 
 from mmcoconut.cli.help import Parser, add_loading_args, command
 from mmcoconut.errors import UserError
@@ -25,7 +27,9 @@ def build_parser():
     add_loading_args(parser)
     parser.add_argument("--screenshot", help="serve on a free loopback port, save a PNG of the page here, exit "
                                              "(needs a chromium binary)")
-    parser.add_argument("--example-image", help="pre-filled image (its answer is shown on load)")
+    parser.add_argument("--example-image", help="pre-filled image (its answer is shown on load) (default: for a "
+                                                "run that kept its generated data, as the demo does, its first "
+                                                "validation question)")
     parser.add_argument("--example-question", default="What colour is the shape to the right of the circle?",
                         help="pre-filled question (with --example-image)")
     parser.add_argument("--example-choices", nargs="*", default=[], metavar="CHOICE",
@@ -44,6 +48,20 @@ def check_before_loading(args):
     require_model(args.model)
 
 
+def run_example(model):
+    """(image, question, choices) of the first validation question a training run generated for itself
+    (`{model}/data/canonical/val.jsonl`, the demo's layout), or None."""
+    records = Path(model) / "data" / "canonical" / "val.jsonl"
+    if not records.is_file():
+        return None
+    with open(records, encoding="utf-8") as f:
+        record = json.loads(f.readline())
+    image = (records.parent / record["image"]).resolve()
+    if not image.is_file():
+        return None
+    return str(image), record["question"].split("\n")[0], "\n".join(record.get("choices") or [])
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     check_before_loading(args)
@@ -53,9 +71,10 @@ def main(argv=None):
     from mmcoconut.inference.loading import load
 
     model, processor = load(args.model, args.quantization, args.dtype, args.device, attn_implementation="eager")
-    example = None
     if args.example_image:
         example = (args.example_image, args.example_question, "\n".join(args.example_choices))
+    else:
+        example = run_example(args.model)
     demo = build_demo(model, processor, args.model, example)
     if args.screenshot:
         port = free_port()
