@@ -11,10 +11,7 @@ import sys
 from pathlib import Path
 
 from mmcoconut.cli.help import command
-from mmcoconut.training.build import build_model_and_processor, export_merged, load_records
-from mmcoconut.training.checks import check_args, check_distributed_setup, prepare_output_dir, require_hub_access
 from mmcoconut.training.recipe import parse_args
-from mmcoconut.training.report import final_eval_metrics, model_card_info, run_summary
 
 logger = logging.getLogger("train")
 
@@ -23,13 +20,18 @@ def main(argv=None):
     model_args, data_args, curriculum_args, eval_args, training_args = parse_args(
         sys.argv[1:] if argv is None else argv
     )
-    check_args(model_args, data_args, curriculum_args, eval_args, training_args)
+    # The recipe parsed (or --help answered) without torch; the rest of training needs it.
     import transformers
     from transformers import set_seed
 
     from data_collator import MMCoconutCollator
     from mmcoconut.data.curriculum import CurriculumDataset
+    from mmcoconut.training.build import build_model_and_processor, export_merged, load_records
+    from mmcoconut.training.checks import check_args, check_distributed_setup, prepare_output_dir, require_hub_access
+    from mmcoconut.training.report import final_eval_metrics, model_card_info, run_summary
     from trainer_curriculum import CurriculumSchedule, CurriculumTrainer
+
+    check_args(model_args, data_args, curriculum_args, eval_args, training_args)
 
     logging.basicConfig(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

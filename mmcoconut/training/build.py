@@ -7,15 +7,30 @@ import logging
 import warnings
 from pathlib import Path
 
+import torch
+from transformers import InternVLForConditionalGeneration
+from transformers.integrations import deepspeed as hf_deepspeed
+
 from mmcoconut.constants import DATA_SOURCES, TOKENIZERS
+from mmcoconut.data import aokvqa as data_aokvqa
+from mmcoconut.data.synthetic import write_synthetic_aokvqa
+from mmcoconut.inference.loading import load_base_internvl
+from mmcoconut.processing import (
+    INTERNVL3_VOCAB_SIZE,
+    build_internvl_processor,
+    build_internvl_tokenizer,
+    build_task_tokenizer,
+    load_internvl_processor,
+    tiny_internvl_config,
+)
+from mmcoconut.text.prompt import tokenizer_texts
+from modeling_mmcoconut import MMCoconutForConditionalGeneration
 
 logger = logging.getLogger(__name__)
 
 
 def load_records(data_args, split_name):
     """Canonical records of the training (`split_name="train"`) or validation split."""
-    from mmcoconut.data import aokvqa as data_aokvqa
-
     train = split_name == "train"
     limit = data_args.max_train_samples if train else data_args.max_eval_samples
     if data_args.data_source == "synthetic":
@@ -39,8 +54,6 @@ def load_records(data_args, split_name):
 
 def ensure_synthetic_data(data_args):
     """Generate the synthetic set once (deterministic), recorded by a manifest of its arguments."""
-    from mmcoconut.data.synthetic import write_synthetic_aokvqa
-
     out = Path(data_args.synthetic_dir)
     manifest = {"task": data_args.synthetic_task, "n_train": data_args.synthetic_train, "n_val": data_args.synthetic_val}
     manifest_path = out / "manifest.json"
@@ -63,11 +76,6 @@ def build_tiny_model(overrides, text_tokenizer, max_tiles, attn_implementation="
     default vocabulary (151,674 ids, `<video>` after it, as transformers' conversion has it); a task tokenizer
     sets the vocabulary and the `<IMG_CONTEXT>` id to its own.
     """
-    from transformers import InternVLForConditionalGeneration
-
-    from mmcoconut.processing import INTERNVL3_VOCAB_SIZE, build_internvl_processor, tiny_internvl_config
-    from modeling_mmcoconut import MMCoconutForConditionalGeneration
-
     if len(text_tokenizer) > INTERNVL3_VOCAB_SIZE:
         internvl_config = tiny_internvl_config(**overrides)
     else:
@@ -90,8 +98,6 @@ def _outside_zero3_init():
     initialisation skipped while a ZeRO-3 config is registered, so a from-scratch model would start from other
     weights than under DDP. The tiny model fits on every rank; the DeepSpeed engine partitions it afterwards.
     """
-    from transformers.integrations import deepspeed as hf_deepspeed
-
     registered = hf_deepspeed._hf_deepspeed_config_weak_ref
     hf_deepspeed.unset_hf_deepspeed_config()
     try:
@@ -102,9 +108,6 @@ def _outside_zero3_init():
 
 def build_text_tokenizer(model_args, train_records):
     """The tokenizer of a tiny model: InternVL3's, or one trained on `train_records` (`tokenizer: task`)."""
-    from mmcoconut.processing import build_internvl_tokenizer, build_task_tokenizer
-    from mmcoconut.text.prompt import tokenizer_texts
-
     if model_args.tokenizer == "internvl":
         return build_internvl_tokenizer()
     if model_args.tokenizer == "task":
@@ -114,11 +117,6 @@ def build_text_tokenizer(model_args, train_records):
 
 def build_model_and_processor(model_args, data_args, curriculum_args, train_records=None):
     """The model to train and its processor. `train_records` feed the task tokenizer (`tokenizer: task`)."""
-    import torch
-
-    from mmcoconut.processing import load_internvl_processor
-    from modeling_mmcoconut import MMCoconutForConditionalGeneration
-
     dtype = getattr(torch, model_args.model_dtype)
     if model_args.tokenizer != "internvl" and model_args.tiny_internvl is None:
         raise ValueError(f"tokenizer: {model_args.tokenizer} builds a new vocabulary, so it needs tiny_internvl "
@@ -137,8 +135,6 @@ def build_model_and_processor(model_args, data_args, curriculum_args, train_reco
             model_args.attn_implementation, dtype,
         )
     else:
-        from mmcoconut.inference.loading import load_base_internvl
-
         internvl, processor = load_base_internvl(
             model_args.model_name_or_path, dtype, model_args.attn_implementation, data_args.max_tiles
         )
@@ -155,7 +151,7 @@ def build_model_and_processor(model_args, data_args, curriculum_args, train_reco
 
 def apply_lora(model, model_args):
     """Wrap `model` with LoRA adapters; the three latent-token embedding rows stay trainable too."""
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model  # seconds to import, and only LoRA runs need it
 
     names = "|".join(model_args.lora_target_modules)
     towers = "language_model|vision_tower" if model_args.lora_vision else "language_model"

@@ -6,10 +6,16 @@ import os
 import shutil
 from pathlib import Path
 
+from transformers.trainer_utils import get_last_checkpoint, sort_checkpoints
+
 from mmcoconut.constants import DATA_SOURCES
+from mmcoconut.conversion import is_internvl_chat_checkpoint
+from mmcoconut.data import aokvqa as data_aokvqa
 from mmcoconut.errors import UserFileExistsError, UserFileNotFoundError, UserValueError
 from mmcoconut.modes import MODES
 from mmcoconut.preflight import HUB_PROBE_TIMEOUT_S, require_extra, require_hub  # require_hub's home: preflight
+from mmcoconut.processing import CHECKPOINT_PARTS, check_checkpoint_dir
+from trainer_curriculum import SCHEDULES
 
 logger = logging.getLogger(__name__)
 
@@ -20,10 +26,6 @@ def check_args(model_args, data_args, curriculum_args, eval_args, training_args)
     Raises one ValueError listing every problem; an incomplete checkpoint directory is a FileNotFoundError
     naming the missing files (both user errors, `mmcoconut.errors`: the command prints them without a traceback).
     """
-    from mmcoconut.data import aokvqa as data_aokvqa
-    from mmcoconut.processing import CHECKPOINT_PARTS, check_checkpoint_dir
-    from trainer_curriculum import SCHEDULES
-
     problems = []
 
     def need(condition, message):
@@ -87,8 +89,6 @@ def check_args(model_args, data_args, curriculum_args, eval_args, training_args)
     if m.load_model_path:
         check_checkpoint_dir(m.load_model_path)
     elif m.tiny_internvl is None and Path(m.model_name_or_path).is_dir():
-        from mmcoconut.conversion import is_internvl_chat_checkpoint
-
         base = Path(m.model_name_or_path)
         # Original-format checkpoints need no processor files: their processor is built from the config.
         original = (base / "config.json").is_file() and is_internvl_chat_checkpoint(base)
@@ -109,8 +109,6 @@ def prepare_output_dir(training_args):
     `overwrite_output_dir`; then the old `checkpoint-*` folders are removed, since `save_total_limit` rotation
     sorts by step and would delete the new run's checkpoints before the old run's.
     """
-    from transformers.trainer_utils import get_last_checkpoint, sort_checkpoints
-
     output_dir = Path(training_args.output_dir)
     resume = training_args.resume_from_checkpoint
     if isinstance(resume, str) and resume.lower() in ("false", "none", ""):

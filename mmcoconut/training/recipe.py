@@ -154,6 +154,7 @@ def parse_args(argv):
     if "-h" in argv[1:] or "--help" in argv[1:]:
         recipe_help_parser(argv[0]).print_help()
         raise SystemExit(0)
+    # Imported here, not at the top: this module is the torch-free help path of `train.py` (docs/architecture.md).
     from transformers import HfArgumentParser
 
     from trainer_curriculum import CurriculumTrainingArguments

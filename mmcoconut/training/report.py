@@ -6,6 +6,7 @@ from pathlib import Path
 import yaml
 
 from mmcoconut.modes import MODE_TABLE
+from trainer_curriculum import format_stage_table
 
 
 def final_eval_metrics(trainer):
@@ -55,8 +56,6 @@ def model_card_info(model_args, data_args, curriculum_args, training_args):
 
 def run_summary(trainer, eval_records, model_args, data_args, curriculum_args, eval_args, training_args):
     """The closing lines of a run: MC accuracy and answer length per stage (as evaluated), and what to run next."""
-    from trainer_curriculum import format_stage_table
-
     out = Path(training_args.output_dir)
     loadable = out / "merged" if model_args.use_lora else out
     lines = []
