@@ -59,7 +59,7 @@ def run_one(recipe, seed, threads, out):
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
         raise RuntimeError(f"seed {seed}, {threads} threads failed; see {out / f's{seed}-t{threads}.log'}")
-    stages = {stage: {"mc_accuracy": entry["eval_mc_accuracy"], "tokens": entry["eval_mean_generated_tokens"]}
+    stages = {str(stage): {"mc_accuracy": entry["eval_mc_accuracy"], "tokens": entry["eval_mean_generated_tokens"]}
               for stage, entry in stage_results(log_history(run_dir)).items()}
     return {"seed": seed, "threads": threads, "seconds": seconds, "stages": stages}
 
