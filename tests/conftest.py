@@ -131,15 +131,15 @@ def question_image(tmp_path_factory):
 def no_loading(monkeypatch):
     """Make every model or data load fail, so a test shows that its check came first."""
     from mmcoconut.cli import evaluate as evaluate_aokvqa
-    from mmcoconut.cli import train as train_cli
     from mmcoconut.data import aokvqa as data_aokvqa
+    from mmcoconut.training import build as training_build
     from modeling_mmcoconut import MMCoconutForConditionalGeneration
 
     def refuse(*args, **kwargs):
         raise AssertionError("a model or data was loaded before the check")
 
-    monkeypatch.setattr(train_cli, "build_model_and_processor", refuse)
-    monkeypatch.setattr(train_cli, "load_records", refuse)
+    monkeypatch.setattr(training_build, "build_model_and_processor", refuse)  # the train command imports them
+    monkeypatch.setattr(training_build, "load_records", refuse)               # from here when it runs
     monkeypatch.setattr(MMCoconutForConditionalGeneration, "from_pretrained", refuse)
     monkeypatch.setattr(evaluate_aokvqa, "load_records", refuse)
     monkeypatch.setattr(data_aokvqa, "load_canonical", refuse)  # the analysis CLI imports it when it runs

@@ -611,7 +611,7 @@ def test_user_errors_are_the_builtin_types_too():
     assert issubclass(errors.UserFileExistsError, FileExistsError)
     assert issubclass(errors.UserValueError, ValueError)
     assert issubclass(errors.MissingExtraError, ImportError)
-    assert issubclass(errors.SetupError, RuntimeError) and errors.SetupError.exit_status == 1
+    assert issubclass(errors.SetupError, RuntimeError) and errors.SetupError.exit_status == 2
     assert all(issubclass(getattr(errors, name), errors.UserError) for name in errors.__all__)
     from mmcoconut import preflight
     from mmcoconut.training.arguments import SetupError

@@ -55,9 +55,8 @@ def test_gpu_check_runs_at_toy_size_on_cpu(tmp_path):
 
 def test_real_size_is_internvl3_1b():
     """`--size real` builds InternVL3-1B's published shape: 938,193,024 parameters, plus the latent tokens' rows."""
-    from processing_mmcoconut import tokens_per_tile
-
     from benchmarks.gpu_check import build_parser, build_real_setup
+    from mmcoconut.processing import tokens_per_tile
 
     args = build_parser().parse_args(["--device", "cpu"])
     setup = build_real_setup(args, "sdpa", build_device="meta")
@@ -71,13 +70,11 @@ def test_real_size_is_internvl3_1b():
     assert parameters == 938_193_024 + 3 * 896 * 2  # untied: 3 new embedding rows and 3 new LM-head rows
 
 
-def test_gpu_check_help_answers_before_importing_torch():
-    code = ("import runpy, sys\nsys.argv = ['gpu_check', '--help']\ntry:\n"
-            "    runpy.run_module('benchmarks.gpu_check', run_name='__main__')\nexcept SystemExit:\n"
-            "    print('torch imported:', 'torch' in sys.modules)\n")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+def test_gpu_check_help_answers():
+    """A benchmark imports the library at its top like any module (docs/architecture.md): `--help` may load torch."""
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--help"], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
     assert proc.returncode == 0 and "--parts" in proc.stdout, proc.stderr
-    assert "torch imported: False" in proc.stdout
 
 
 @pytest.mark.slow
