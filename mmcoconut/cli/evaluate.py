@@ -15,7 +15,7 @@ from pathlib import Path
 
 from mmcoconut.cli.help import Parser, command
 from mmcoconut.constants import DEFAULT_MAX_NEW_TOKENS, DTYPE_NAMES, EVAL_MODES, HF_AOKVQA_ID, THINKING_MODES
-from mmcoconut.errors import UserError, UserFileExistsError
+from mmcoconut.errors import UserError
 from mmcoconut.preflight import looks_local, require_dir, require_file, require_hub, require_model
 
 logger = logging.getLogger("evaluate_aokvqa")
@@ -125,12 +125,7 @@ def check_before_loading(args):
     check_sources(args)
     from mmcoconut.evaluation.aokvqa import check_outputs_free
 
-    try:
-        check_outputs_free(args.output_dir, args.split, args.overwrite)
-    except FileExistsError as error:
-        if isinstance(error, UserError):
-            raise
-        raise UserFileExistsError(str(error)) from None
+    check_outputs_free(args.output_dir, args.split, args.overwrite)
     if args.data_file is not None:
         require_file(args.data_file, "--data-file")
     if args.aokvqa_dir is not None:

@@ -42,6 +42,7 @@ from transformers import GenerationConfig
 from data_collator import MMCoconutCollator
 from mmcoconut.constants import EVAL_MODES
 from mmcoconut.data.curriculum import CurriculumDataset
+from mmcoconut.errors import UserFileExistsError
 from mmcoconut.evaluation.metric import aokvqa_accuracy
 from mmcoconut.inference.decoding import after_thinking, eos_ids, until_eos
 from mmcoconut.text.answers import direct_answer_from, parse_answer
@@ -423,12 +424,13 @@ def output_paths(output_dir, split):
 
 
 def check_outputs_free(output_dir, split, overwrite=False):
-    """Refuse (FileExistsError) when `output_dir` already holds results of `split`, unless `overwrite`.
+    """Refuse (`UserFileExistsError`, a FileExistsError) when `output_dir` already holds results of `split`, unless
+    `overwrite`.
 
     Called before the model is loaded, so a clash costs nothing; `write_outputs` checks again."""
     existing = [str(path) for path in output_paths(output_dir, split).values() if path.exists()]
     if existing and not overwrite:
-        raise FileExistsError(
+        raise UserFileExistsError(
             f"{output_dir} already holds results of split {split!r} ({', '.join(existing)}); "
             "pass --overwrite to replace them, or choose another --output-dir"
         )
