@@ -39,7 +39,16 @@ class MissingExtraError(UserError, ModuleNotFoundError):
     """An optional dependency (a pip extra) the chosen option needs is not installed."""
 
 
+def shorten(value, limit=80):
+    """`repr(value)`, cut to about `limit` characters with its full length said, for messages that quote a value the
+    user gave: a 100,000-character question or a YAML alias bomb must not become a message of that size."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text):,} characters)"
+
+
 __all__ = [
-    "UserError", "SetupError", "UserValueError", "UserFileNotFoundError", "UserNotADirectoryError",
+    "shorten", "UserError", "SetupError", "UserValueError", "UserFileNotFoundError", "UserNotADirectoryError",
     "UserFileExistsError", "MissingExtraError",
 ]

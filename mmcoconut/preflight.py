@@ -22,6 +22,7 @@ from mmcoconut.errors import (
     UserError,
     UserFileNotFoundError,
     UserNotADirectoryError,
+    UserValueError,
 )
 
 HUB_PROBE_TIMEOUT_S = 5
@@ -81,6 +82,73 @@ def require_hub(name_or_path, what, field_name):
                          f"{fixes}") from None
 
 
+def estimate_parameters(config):
+    """(parameters, [(dotted path, block dict)]) a model config (`config.json` as a dict) describes, roughly: every
+    nested transformer (a dict with `hidden_size` and `num_hidden_layers`) counts `L·(4h² + 3h·i)` plus its
+    embeddings (and an untied output head), `i` its `intermediate_size` (4h when absent). Close enough to tell a
+    1B model from one that cannot be built, which is all it is for."""
+    blocks = []
+
+    def walk(node, path):
+        if not isinstance(node, dict):
+            return
+        sizes = [node.get(key) for key in ("hidden_size", "num_hidden_layers")]
+        if all(isinstance(size, int) and not isinstance(size, bool) and size > 0 for size in sizes):
+            blocks.append((path, node))
+        for key, value in node.items():
+            walk(value, f"{path}.{key}" if path else key)
+
+    walk(config, "")
+    total = 0
+    for _, block in blocks:
+        hidden, layers = block["hidden_size"], block["num_hidden_layers"]
+        intermediate = block.get("intermediate_size")
+        intermediate = intermediate if isinstance(intermediate, int) and intermediate > 0 else 4 * hidden
+        vocab = block.get("vocab_size") if isinstance(block.get("vocab_size"), int) else 0
+        heads = 1 if block.get("tie_word_embeddings", True) else 2
+        total += layers * (4 * hidden * hidden + 3 * hidden * intermediate) + heads * max(vocab, 0) * hidden
+    return total, blocks
+
+
+def machine_memory_bytes():
+    """Physical memory of this machine (None where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+# A config with more than this is absurd whatever the machine (the largest InternVL3 has 78 billion parameters).
+MAX_PARAMETERS = 10**12
+
+
+def check_model_size(config, where, dtype=None):
+    """Refuse, before anything is built, a model config whose weights could not fit in this machine's memory (at
+    2 bytes a parameter, the lightest unquantized dtype; 4 for `dtype` float32) or that is absurd (more than
+    `MAX_PARAMETERS`), naming the fields that make it so. Without this, `hidden_size: 10000000` tries to allocate
+    tens of gigabytes, or builds for minutes, before failing with an unrelated message."""
+    parameters, blocks = estimate_parameters(config)
+    if not blocks:
+        return
+    per_parameter = 4 if str(dtype).endswith("float32") else 2
+    memory = machine_memory_bytes()
+    too_big = parameters > MAX_PARAMETERS or (memory is not None and parameters * per_parameter > memory)
+    if not too_big:
+        return
+    path, block = max(blocks, key=lambda item: item[1]["hidden_size"] * item[1]["num_hidden_layers"])
+    prefix = f"{path}." if path else ""
+    fields = ", ".join(
+        f"{prefix}{key}: {block[key]}" for key in ("hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size")
+        if key in block
+    )
+    room = f"this machine has {memory / 2**30:.0f} GiB of memory" if memory else "the limit"
+    raise UserValueError(
+        f"{where}: the config describes a model of about {parameters:.3g} parameters ({fields}), about "
+        f"{parameters * per_parameter / 2**30:,.0f} GiB of weights; {room} (at most {MAX_PARAMETERS:.0e} parameters "
+        "in any case): check these sizes"
+    )
+
+
 def _missing_weights(directory):
     index = directory / "model.safetensors.index.json"
     if index.is_file():
@@ -99,6 +167,18 @@ def _missing_tokenizer(directory):
     ):
         missing.append("tokenizer.json (or vocab.json + merges.txt)")
     return missing
+
+
+def read_config(directory):
+    """`directory/config.json` as a dict; one line naming the file when it is not a JSON object."""
+    path = Path(directory) / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UserValueError(f"{path}: cannot read it as JSON ({error})") from None
+    if not isinstance(config, dict):
+        raise UserValueError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    return config
 
 
 def check_checkpoint_dir(name_or_path, parts=CHECKPOINT_PARTS):
@@ -131,6 +211,8 @@ def check_checkpoint_dir(name_or_path, parts=CHECKPOINT_PARTS):
         (directory / name).is_file() for name in ("processor_config.json", "preprocessor_config.json")
     ):
         missing.append("processor_config.json (or preprocessor_config.json)")
+    if "config" in parts and not missing:
+        check_model_size(read_config(directory), f"{name_or_path}/config.json")
     if missing:
         hint = ""
         if (directory / "adapter_config.json").is_file():
@@ -207,7 +289,8 @@ def chromium_binary():
 
 
 __all__ = [
-    "HUB_PROBE_TIMEOUT_S", "CHECKPOINT_PARTS", "EXTRAS", "QUANTIZATION_MODULES", "looks_local", "require_hub",
+    "HUB_PROBE_TIMEOUT_S", "CHECKPOINT_PARTS", "EXTRAS", "QUANTIZATION_MODULES", "MAX_PARAMETERS", "looks_local",
+    "require_hub", "estimate_parameters", "machine_memory_bytes", "check_model_size", "read_config",
     "check_checkpoint_dir", "require_model", "require_file", "require_dir", "require_extra", "require_quantization",
     "chromium_binary",
 ]

@@ -14,9 +14,14 @@ from pathlib import Path
 
 import yaml
 
-from mmcoconut.errors import UserFileNotFoundError, UserValueError
+from mmcoconut.errors import UserFileNotFoundError, UserValueError, shorten
 from mmcoconut.preflight import require_extra
 from mmcoconut.training.arguments import RECIPE_DATACLASSES, SetupError
+
+# Values a recipe may hold once its YAML aliases are expanded (the shipped recipes hold under 100). PyYAML builds an
+# alias once and shares it, so a "billion laughs" recipe loads at once and explodes only when something walks it
+# (a type check, an error message, `config.json`); it is refused here instead.
+MAX_RECIPE_VALUES = 10_000
 
 
 def read_recipe(path, _chain=()):
@@ -31,14 +36,34 @@ def read_recipe(path, _chain=()):
         recipe = yaml.safe_load(f) or {}
     if not isinstance(recipe, dict):
         raise UserValueError(f"{path}: a recipe must be a YAML mapping, got {type(recipe).__name__}")
+    check_recipe_size(recipe, path)
     base = recipe.pop("base", None)
     if base is None:
         return recipe
     if not isinstance(base, str):
-        raise UserValueError(f"{path}: base must be a recipe path, got {base!r}")
+        raise UserValueError(f"{path}: base must be a recipe path, got {shorten(base)}")
     if not (path.parent / base).is_file():
         raise UserFileNotFoundError(f"{path}: base recipe {path.parent / base} not found")
     return {**read_recipe(path.parent / base, chain), **recipe}
+
+
+def check_recipe_size(recipe, source, limit=MAX_RECIPE_VALUES):
+    """Refuse a recipe whose values, with every YAML alias expanded, number more than `limit`; the walk stops at
+    `limit`, so it costs at most that many steps whatever the recipe holds."""
+    count, stack = 0, [recipe]
+    while stack:
+        value = stack.pop()
+        count += 1
+        if count > limit:
+            raise UserValueError(
+                f"{source}: the recipe expands to more than {limit:,} values (YAML aliases `*name` repeat what an "
+                "anchor `&name` holds); write the values out"
+            )
+        if isinstance(value, dict):
+            stack.extend(value.keys())
+            stack.extend(value.values())
+        elif isinstance(value, (list, tuple)):
+            stack.extend(value)
 
 
 def _type_name(hint):
@@ -91,7 +116,7 @@ def check_recipe_types(recipe, dataclass_types, source):
     for dataclass_type in dataclass_types:
         hints.update(typing.get_type_hints(dataclass_type))
     problems = [
-        f"{key}: {value!r} is {type(value).__name__}, expected {_type_name(hints[key])}"
+        f"{key}: {shorten(value)} is {type(value).__name__}, expected {_type_name(hints[key])}"
         for key, value in recipe.items()
         if not isinstance(value, str) and not _accepts(hints[key], value)
     ]
@@ -198,6 +223,6 @@ def check_device_support(args, recipe_path):
 
 
 __all__ = [
-    "USAGE", "read_recipe", "check_recipe_types", "help_parser", "recipe_help_parser", "parse_args",
+    "USAGE", "MAX_RECIPE_VALUES", "read_recipe", "check_recipe_size", "check_recipe_types", "help_parser", "recipe_help_parser", "parse_args",
     "check_deepspeed_installed", "check_device_support",
 ]
