@@ -16,6 +16,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from mmcoconut.constants import MAX_IMAGE_PIXELS, MAX_QUESTION_CHARS, THOUGHTS_FACTOR
 from mmcoconut.errors import (
     MissingExtraError,
     SetupError,
@@ -252,10 +253,56 @@ def require_file(path, flag, image=False):
         from PIL import Image, UnidentifiedImageError
 
         try:
-            with Image.open(path_):
-                pass
+            with Image.open(path_) as opened:
+                width, height = opened.size
+        except Image.DecompressionBombError as error:
+            raise UserValueError(f"{flag} {path}: {error}; at most {MAX_IMAGE_PIXELS / 1e6:.0f} megapixels are "
+                                 "taken: scale it down") from None
         except (UnidentifiedImageError, OSError) as error:
             raise UserError(f"{flag} {path}: not an image ({error})") from None
+        check_image_pixels(width, height, f"{flag} {path}")
+
+
+def check_image_pixels(width, height, what):
+    """Refuse an image over `MAX_IMAGE_PIXELS` (from its header, before its pixels are decoded)."""
+    if width * height > MAX_IMAGE_PIXELS:
+        raise UserValueError(f"{what}: the image is {width}x{height} = {width * height / 1e6:,.0f} megapixels; at most "
+                             f"{MAX_IMAGE_PIXELS / 1e6:.0f} megapixels are taken: scale it down")
+
+
+def check_question(question, what="the question"):
+    """A question is non-empty text of at most `MAX_QUESTION_CHARS` characters (what the model's positions leave
+    for it is checked once it is tokenized: `mmcoconut.inference.prediction`)."""
+    if not isinstance(question, str) or not question.strip():
+        raise UserValueError(f"{what} is empty: type a question")
+    if len(question) > MAX_QUESTION_CHARS:
+        raise UserValueError(f"{what} is {len(question):,} characters long; at most {MAX_QUESTION_CHARS:,} are taken")
+
+
+def thought_limit(config):
+    """The most thoughts a request may ask of a checkpoint: `THOUGHTS_FACTOR` x what it was trained with
+    (`latent_stage` x `c_thought`, at least `c_thought`). `config` is the checkpoint's config or its `config.json`
+    as a dict."""
+    get = config.get if isinstance(config, dict) else lambda key, default=None: getattr(config, key, default)
+    c_thought = get("c_thought", 1)
+    c_thought = c_thought if isinstance(c_thought, int) and c_thought > 0 else 1
+    stage = get("latent_stage", 0)
+    stage = stage if isinstance(stage, int) and stage > 0 else 1
+    return THOUGHTS_FACTOR * stage * c_thought
+
+
+def check_thought_count(count, config, what, limit=None):
+    """Refuse `count` thoughts (`--num-latents`, `--max-thoughts`, the app's field) over `limit` (default:
+    `thought_limit(config)`): each thought is a forward pass, so an unbounded count holds the machine for minutes."""
+    if count is None:
+        return
+    if limit is None:
+        limit = thought_limit(config)
+        why = f"{THOUGHTS_FACTOR} x the {limit // THOUGHTS_FACTOR} this checkpoint was trained with"
+    else:
+        why = "the limit set"
+    if count > limit:
+        raise UserValueError(f"{what} {count}: at most {limit} thoughts are taken ({why})")
 
 
 def require_dir(path, flag):
@@ -291,6 +338,7 @@ def chromium_binary():
 __all__ = [
     "HUB_PROBE_TIMEOUT_S", "CHECKPOINT_PARTS", "EXTRAS", "QUANTIZATION_MODULES", "MAX_PARAMETERS", "looks_local",
     "require_hub", "estimate_parameters", "machine_memory_bytes", "check_model_size", "read_config",
-    "check_checkpoint_dir", "require_model", "require_file", "require_dir", "require_extra", "require_quantization",
+    "check_checkpoint_dir", "require_model", "require_file", "check_image_pixels", "check_question", "thought_limit",
+    "check_thought_count", "require_dir", "require_extra", "require_quantization",
     "chromium_binary",
 ]

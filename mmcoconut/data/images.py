@@ -77,6 +77,10 @@ def load_image(image, record_id):
 def _upright_size(image):
     """(width, height) once the EXIF orientation is applied (read from the header, no pixels decoded)."""
     width, height = image.size
+    # A PNG's EXIF may follow its pixels, and `getexif` would decode them all to find it: only a chunk read with the
+    # header counts here (one after the pixels makes `load_image` disagree with this size, a clear error).
+    if image.format == "PNG" and "exif" not in image.info:
+        return width, height
     if image.getexif().get(ExifTags.Base.Orientation) in _QUARTER_TURNS:
         return height, width
     return width, height

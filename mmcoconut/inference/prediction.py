@@ -6,8 +6,10 @@ import torch
 
 from mmcoconut.analysis.attention import ATTENTION_CATEGORIES, analyze_batch, special_token_ids, thought_entry
 from mmcoconut.constants import CHOICE_LETTERS
-from mmcoconut.data.images import load_image
+from mmcoconut.data.images import image_size, load_image
+from mmcoconut.errors import UserValueError
 from mmcoconut.inference.decoding import after_thinking, eos_ids, until_eos
+from mmcoconut.preflight import check_image_pixels, check_question
 from mmcoconut.text.answers import parse_answer, read_answer_line
 from mmcoconut.text.prompt import messages_for, render_choices
 from modeling_mmcoconut import position_ids_from_attention_mask
@@ -64,13 +66,16 @@ def predict(model, processor, image, question, choices=None, num_latents=None, m
     `choices` (up to 26 strings) makes it multiple choice; `max_new_tokens=None` keeps the checkpoint's saved
     budget; `show_thoughts` needs a model loaded with `attn_implementation="eager"` and a latent span.
     """
+    check_question(question)
     if choices:
         if len(choices) > len(CHOICE_LETTERS):
             raise ValueError(f"at most {len(CHOICE_LETTERS)} choices, got {len(choices)}")
         question = render_choices(question, choices)
     if image is not None:
-        image = load_image(image, "the question")
-    inputs = _on(build_inputs(processor, image, question, num_latents), model)
+        image = open_request_image(image)
+    inputs = build_inputs(processor, image, question, num_latents)
+    check_positions(model, inputs["input_ids"][0].tolist(), max_new_tokens)
+    inputs = _on(inputs, model)
     # Unset options come from the checkpoint's generation_config (its max_new_tokens); only a given budget overrides.
     budget = {} if max_new_tokens is None else {"max_new_tokens": max_new_tokens}
     # A given count is a closed span of that many latents, even for a checkpoint that thinks adaptively.
@@ -117,6 +122,36 @@ def predict(model, processor, image, question, choices=None, num_latents=None, m
     elif show_thoughts:
         _add_thoughts(model, processor, inputs, prediction, top_k)
     return prediction
+
+
+def open_request_image(image):
+    """A request's image (path or PIL) as upright RGB, decoded once; over `MAX_IMAGE_PIXELS` (read from the header)
+    or unreadable, a `UserValueError` (a web request must not decode a 20000x20000 image to refuse it)."""
+    try:
+        check_image_pixels(*image_size(image, "the question"), "the image")
+        return load_image(image, "the question")
+    except UserValueError:
+        raise
+    except ValueError as error:
+        raise UserValueError(str(error).replace("record 'the question': ", "")) from None
+
+
+def check_positions(model, prompt_ids, max_new_tokens=None):
+    """Refuse a prompt that, with its thoughts and the answer budget, needs more positions than the model has (a
+    100,000-character question would otherwise try to allocate tens of gigabytes before failing)."""
+    config = model.config
+    positions = config.internvl_config.text_config.max_position_embeddings
+    budget = max_new_tokens or model.generation_config.max_new_tokens or 0
+    # An open span (adaptive thinking): up to the checkpoint's thoughts, then <|end-latent|>.
+    thoughts = config.num_inference_latents + 1 if prompt_ids[-1] == config.start_latent_id else 0
+    needed = len(prompt_ids) + thoughts + budget
+    if needed > positions:
+        image = sum(1 for token in prompt_ids if token == config.internvl_config.image_token_id)
+        raise UserValueError(
+            f"the question is too long: the prompt is {len(prompt_ids):,} tokens ({image:,} of them the image's), "
+            f"with {thoughts} thoughts to come and an answer budget of {budget} tokens it needs {needed:,} "
+            f"positions, and the model has {positions:,}; shorten the question"
+        )
 
 
 def _on(inputs, model):
@@ -166,4 +201,4 @@ def format_prediction(prediction):
     return "\n".join(lines)
 
 
-__all__ = ["Prediction", "build_inputs", "predict", "format_prediction"]
+__all__ = ["Prediction", "build_inputs", "open_request_image", "check_positions", "predict", "format_prediction"]

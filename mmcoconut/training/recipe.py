@@ -32,8 +32,11 @@ def read_recipe(path, _chain=()):
         raise UserValueError(f"recipe base chain loops: {' -> '.join(map(str, chain))}")
     if not path.is_file():
         raise UserFileNotFoundError(f"recipe {path}: no such file")
-    with open(path, encoding="utf-8") as f:
-        recipe = yaml.safe_load(f) or {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            recipe = yaml.safe_load(f) or {}  # safe_load: `!!python/...` tags are refused, never run
+    except yaml.YAMLError as error:
+        raise UserValueError(f"{path}: not a valid recipe ({' '.join(str(error).split())})") from None
     if not isinstance(recipe, dict):
         raise UserValueError(f"{path}: a recipe must be a YAML mapping, got {type(recipe).__name__}")
     check_recipe_size(recipe, path)
