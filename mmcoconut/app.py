@@ -105,9 +105,9 @@ def answer_question(model, processor, image, question, choices_text="", num_late
     return answer, prediction.generated_text, heat_map, thought_rows(prediction)
 
 
-def build_demo(model, processor, model_name, example=None):
+def build_demo(model, processor, model_name, example=None, trained_on=None):
     """The Gradio Blocks app; `example` (image path, question, choices text) pre-fills the inputs and shows its
-    answer (used for the screenshot)."""
+    answer (used for the screenshot); `trained_on` says in words what the model was trained on (None: unknown)."""
     import gradio as gr
 
     # Empty: the checkpoint's own count, or for a checkpoint that thinks adaptively, the model decides.
@@ -120,7 +120,9 @@ def build_demo(model, processor, model_name, example=None):
         gr.Markdown(
             f"## mmcoconut · `{model_name}`\n"
             f"Coconut on InternVL: the model thinks in {thinking_text(model.config)} (`<|latent|>`) before it "
-            "writes. Heat maps show where each thought attends in the image."
+            "writes. Heat maps show where each thought attends in the image.\n\n"
+            f"Trained on: {trained_on or 'not stated (the checkpoint has no mmcoconut model card)'}. "
+            "It answers questions like those; others get answers of the same form, not of the same worth."
         )
         with gr.Row():
             with gr.Column():

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-OURS = {"mmcoconut", "configuration_mmcoconut", "modeling_mmcoconut", "data_collator", "trainer_curriculum", "train",
+OURS = {"mmcoconut", "configuration_mmcoconut", "modeling_mmcoconut", "pipeline_mmcoconut", "data_collator", "trainer_curriculum", "train",
         "evaluate_aokvqa", "benchmarks", "experiments", "tests"}
 ENTRY_SCRIPTS = {"train", "evaluate_aokvqa"}
 # layer → the project modules it may not import (prefix match)
@@ -60,9 +60,9 @@ def _imports(path):
 MODULES = dict(_modules())
 
 
-@pytest.mark.parametrize("name", ["modeling_mmcoconut", "configuration_mmcoconut"])
+@pytest.mark.parametrize("name", ["modeling_mmcoconut", "configuration_mmcoconut", "pipeline_mmcoconut"])
 def test_remote_code_imports_nothing_of_ours_but_each_other(name):
-    allowed = {"modeling_mmcoconut", "configuration_mmcoconut"}
+    allowed = {"modeling_mmcoconut", "configuration_mmcoconut", "pipeline_mmcoconut"}
     ours = {i for i in _imports(MODULES[name]) if i.split(".")[0] in OURS - allowed}
     assert not ours, f"{name} imports {sorted(ours)}"
 

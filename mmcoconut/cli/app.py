@@ -10,7 +10,10 @@ a `chromium` binary).
 import json
 import logging
 import os
+import re
 from pathlib import Path
+
+import yaml
 
 from mmcoconut.cli.help import Parser, add_loading_args, command
 from mmcoconut.errors import UserError
@@ -29,7 +32,8 @@ def build_parser():
                                              "(needs a chromium binary)")
     parser.add_argument("--example-image", help="pre-filled image (its answer is shown on load) (default: for a "
                                                 "run that kept its generated data, as the demo does, its first "
-                                                "validation question)")
+                                                "validation question; for a model trained on A-OKVQA, a bundled "
+                                                "example)")
     parser.add_argument("--example-question", default="What colour is the shape to the right of the circle?",
                         help="pre-filled question (with --example-image)")
     parser.add_argument("--example-choices", nargs="*", default=[], metavar="CHOICE",
@@ -46,6 +50,59 @@ def check_before_loading(args):
     if args.example_image:
         require_file(args.example_image, "--example-image", image=True)
     require_model(args.model)
+
+
+# The example for a checkpoint trained on A-OKVQA (or on anything but generated data): an A-OKVQA-style question that
+# needs outside knowledge, on the public-domain portrait of Grace Hopper (US Navy) that matplotlib ships as sample data.
+AOKVQA_EXAMPLE_IMAGE = "grace_hopper.jpg"
+AOKVQA_EXAMPLE = ("Which branch of the military does this person serve in?", ("army", "navy", "air force", "marines"))
+RECIPE_BLOCK = re.compile(r"^## Training recipe\s*```yaml\n(.*?)^```", re.DOTALL | re.MULTILINE)
+
+
+def trained_recipe(model):
+    """The recipe in a local checkpoint's model card (`README.md`, as training writes it), or None."""
+    card = Path(model) / "README.md"
+    if not card.is_file():
+        return None
+    match = RECIPE_BLOCK.search(card.read_text(encoding="utf-8"))
+    if match is None:
+        return None
+    recipe = yaml.safe_load(match.group(1))
+    return recipe if isinstance(recipe, dict) else None
+
+
+def trained_on(recipe):
+    """What the model was trained on, in words, from its card's recipe (None: the card does not say)."""
+    if recipe is None:
+        return None
+    source = recipe.get("data_source")
+    if source == "synthetic":
+        return f"the generated `{recipe.get('synthetic_task')}` task (mmcoconut's synthetic data, not photos)"
+    if source in ("aokvqa_hf", "aokvqa_official"):
+        return "A-OKVQA (COCO photos, questions that need outside knowledge)"
+    if source == "canonical":
+        return f"the records in `{recipe.get('train_file')}`"
+    return None
+
+
+def bundled_example():
+    """(image, question, choices) of the A-OKVQA-style example the app ships with."""
+    from matplotlib import cbook
+
+    question, choices = AOKVQA_EXAMPLE
+    return str(cbook.get_sample_data(AOKVQA_EXAMPLE_IMAGE, asfileobj=False)), question, "\n".join(choices)
+
+
+def choose_example(model, recipe):
+    """The page's example: a run's own first validation question when it kept its generated data (the demo), the
+    bundled A-OKVQA-style example unless the model was trained on generated data (which it alone understands), else
+    None."""
+    own = run_example(model)
+    if own is not None:
+        return own
+    if recipe is not None and recipe.get("data_source") == "synthetic":
+        return None
+    return bundled_example()
 
 
 def run_example(model):
@@ -71,11 +128,12 @@ def main(argv=None):
     from mmcoconut.inference.loading import load
 
     model, processor = load(args.model, args.quantization, args.dtype, args.device, attn_implementation="eager")
+    recipe = trained_recipe(args.model)
     if args.example_image:
         example = (args.example_image, args.example_question, "\n".join(args.example_choices))
     else:
-        example = run_example(args.model)
-    demo = build_demo(model, processor, args.model, example)
+        example = choose_example(args.model, recipe)
+    demo = build_demo(model, processor, args.model, example, trained_on=trained_on(recipe))
     if args.screenshot:
         port = free_port()
         demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
