@@ -7,6 +7,7 @@ so); the runs that are killed or raced are real `train.py` processes on the tiny
 
 import json
 import os
+import re
 import shutil
 import signal
 import struct
@@ -471,3 +472,92 @@ def test_the_app_serves_on_loopback_by_default():
     from mmcoconut.cli import app as app_cli
 
     assert app_cli.build_parser().parse_args([]).host == "127.0.0.1"
+
+
+# ---- 4, 7, 8: the web demo: bounded requests, every input error a message, the queue keeps answering ----
+
+
+@pytest.fixture(scope="module")
+def app_model(inference_checkpoint):
+    return load(inference_checkpoint, attn_implementation="eager")
+
+
+def app_cases(tmp_path, question_image):
+    """(answer_question arguments after model and processor, fragment of the message the user sees)."""
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_text("not an image")
+    huge = bomb_png(tmp_path / "huge.png")
+    return [
+        ((None, ""), "the question is empty"),
+        ((None, "x" * 100_000), "the question is 100,000 characters long"),
+        ((None, "a " * 4999), "the question is too long"),
+        ((None, "Q?", "", 5000), "continuous thoughts 5000: at most 8 thoughts"),
+        ((None, "Q?", "", -1), "continuous thoughts must be >= 0"),
+        ((None, "Q?", "\n".join(f"c{i}" for i in range(30))), "at most 4 choices"),
+        ((str(not_an_image), "Q?"), "cannot read image"),
+        ((str(huge), "Q?"), "at most 50 megapixels are taken"),
+    ]
+
+
+@pytest.mark.parametrize("index", range(8))
+def test_every_bad_app_input_is_refused_before_the_model_runs(app_model, tmp_path, question_image, monkeypatch,
+                                                              index):
+    from mmcoconut import app
+
+    model, processor = app_model
+    monkeypatch.setattr(model, "generate", lambda *a, **k: pytest.fail("generated for a refused request"))
+    args, fragment = app_cases(tmp_path, question_image)[index]
+    with pytest.raises(UserError, match=re.escape(fragment)):
+        app.answer_question(model, processor, *args)
+
+
+def test_an_answer_over_the_time_limit_is_refused_not_cut_short(app_model):
+    from mmcoconut import app
+
+    model, processor = app_model
+    with pytest.raises(UserError, match=r"the answer took longer than the 1e-09 s this app allows"):
+        app.answer_question(model, processor, None, "What is it?", time_limit_s=1e-9)
+
+
+@pytest.fixture(scope="module")
+def served_app(app_model):
+    pytest.importorskip("gradio")
+    from mmcoconut import app
+
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    model, processor = app_model
+    demo = app.build_demo(model, processor, "tiny", queue_size=30)
+    port = app.free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        demo.close()
+
+
+def test_the_app_shows_an_input_error_as_its_message(served_app):
+    """Before: Gradio's generic "upstream app has raised an exception" for every bad input."""
+    gradio_client = pytest.importorskip("gradio_client")
+    client = gradio_client.Client(served_app, verbose=False)
+    with pytest.raises(Exception, match=r"the question is empty: type a question") as error:
+        client.predict(None, "  ", "", None, api_name="/answer")
+    assert "upstream" not in str(error.value)
+    # The thought field's maximum: Gradio checks it itself, with its own clear message.
+    with pytest.raises(Exception, match=r"Value 5000 is greater than maximum value 8"):
+        client.predict(None, "Q?", "", 5000, api_name="/answer")
+
+
+@pytest.mark.slow
+def test_the_app_keeps_answering_ten_users_beside_a_refused_and_a_largest_request(served_app, question_image):
+    """Before: one request for 5000 thoughts held the only worker for over 10 minutes; 21 others timed out."""
+    gradio_client = pytest.importorskip("gradio_client")
+    client = gradio_client.Client(served_app, verbose=False)
+    image = gradio_client.handle_file(str(question_image))
+    refused = client.submit(image, "Q?", "", 5000, api_name="/answer")
+    largest = client.submit(image, "Q?", "", 8, api_name="/answer")  # the most thoughts this checkpoint allows
+    normal = [client.submit(image, f"Question {i}?", "", None, api_name="/answer") for i in range(10)]
+    with pytest.raises(Exception, match="greater than maximum value 8"):
+        refused.result(timeout=120)
+    assert largest.result(timeout=120)[1] is not None
+    answers = [job.result(timeout=120) for job in normal]
+    assert len(answers) == 10 and all(answer[1] is not None for answer in answers)

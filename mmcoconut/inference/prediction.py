@@ -3,9 +3,10 @@
 from dataclasses import dataclass, field
 
 import torch
+from PIL import Image
 
 from mmcoconut.analysis.attention import ATTENTION_CATEGORIES, analyze_batch, special_token_ids, thought_entry
-from mmcoconut.constants import CHOICE_LETTERS
+from mmcoconut.constants import CHOICE_LETTERS, MAX_IMAGE_PIXELS
 from mmcoconut.data.images import image_size, load_image
 from mmcoconut.errors import UserValueError
 from mmcoconut.inference.decoding import after_thinking, eos_ids, until_eos
@@ -60,11 +61,14 @@ def build_inputs(processor, image, question, num_latents=None):
 
 @torch.no_grad()
 def predict(model, processor, image, question, choices=None, num_latents=None, max_new_tokens=None,
-            show_thoughts=False, top_k=5):
+            show_thoughts=False, top_k=5, max_time=None):
     """Answer `question` about `image` (a path, a PIL image or None) greedily; returns a `Prediction`.
 
     `choices` (up to 26 strings) makes it multiple choice; `max_new_tokens=None` keeps the checkpoint's saved
-    budget; `show_thoughts` needs a model loaded with `attn_implementation="eager"` and a latent span.
+    budget; `show_thoughts` needs a model loaded with `attn_implementation="eager"` and a latent span; `max_time`
+    (seconds) stops decoding there (the caller decides what a stopped answer means). An empty question, one over
+    `MAX_QUESTION_CHARS`, one whose prompt with its thoughts and budget needs more positions than the model has, and an
+    image over `MAX_IMAGE_PIXELS` are `UserValueError`s, raised before the model runs.
     """
     check_question(question)
     if choices:
@@ -78,6 +82,8 @@ def predict(model, processor, image, question, choices=None, num_latents=None, m
     inputs = _on(inputs, model)
     # Unset options come from the checkpoint's generation_config (its max_new_tokens); only a given budget overrides.
     budget = {} if max_new_tokens is None else {"max_new_tokens": max_new_tokens}
+    if max_time is not None:  # transformers' MaxTimeCriteria: decoding stops there
+        budget["max_time"] = max_time
     # A given count is a closed span of that many latents, even for a checkpoint that thinks adaptively.
     thinking = {} if num_latents is None else {"thinking": "fixed"}
     output = model.generate(**inputs, do_sample=False, return_dict_in_generate=True, **budget, **thinking)
@@ -133,6 +139,9 @@ def open_request_image(image):
     except UserValueError:
         raise
     except ValueError as error:
+        if isinstance(error.__cause__, Image.DecompressionBombError):  # PIL's own limit, far above ours
+            raise UserValueError(f"the image is over {Image.MAX_IMAGE_PIXELS * 2 / 1e6:,.0f} megapixels; at most "
+                                 f"{MAX_IMAGE_PIXELS / 1e6:.0f} megapixels are taken: scale it down") from None
         raise UserValueError(str(error).replace("record 'the question': ", "")) from None
 
 
