@@ -20,7 +20,7 @@ from pathlib import Path
 
 from mmcoconut.cli.help import Parser, add_loading_args, command
 from mmcoconut.constants import CHOICE_LETTERS
-from mmcoconut.errors import UserValueError
+from mmcoconut.errors import UserValueError, shorten
 from mmcoconut.preflight import (
     check_question,
     check_thought_count,
@@ -75,7 +75,7 @@ def check_choices(choices):
         raise UserValueError(
             f"--choices takes exactly {count} choices ({CHOICE_LETTERS[0]}-{CHOICE_LETTERS[-1]}, as the checkpoint "
             f"was trained), each its own argument, e.g. --choices {' '.join(EXAMPLE_CHOICES)}; got {len(choices)}: "
-            f"{' '.join(shlex.quote(choice) for choice in choices)}"
+            f"{shorten(' '.join(shlex.quote(choice) for choice in choices), 200, quote=False)}"
         )
 
 

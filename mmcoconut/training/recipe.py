@@ -193,7 +193,7 @@ def parse_args(argv):
     known = {action.dest for action in parser._actions}
     unknown = sorted(set(recipe) - known)
     if unknown:
-        raise UserValueError(f"{argv[0]}: unknown recipe keys {unknown}")
+        raise UserValueError(f"{argv[0]}: unknown recipe keys {shorten(unknown, 200)}")
     if isinstance(recipe.get("resume_from_checkpoint"), bool):  # YAML `true`: TrainingArguments holds a string
         recipe["resume_from_checkpoint"] = str(recipe["resume_from_checkpoint"]).lower()
     check_recipe_types(recipe, parser.dataclass_types, argv[0])
