@@ -396,6 +396,16 @@ def test_a_yaml_alias_bomb_is_refused_in_one_short_line(tmp_path, where):
     assert len(line) < 600
 
 
+def test_messages_quote_a_long_value_cut_short_with_its_length(tmp_path, no_loading):
+    from mmcoconut.errors import shorten
+
+    assert shorten("x" * 100_000).endswith("... (100,000 characters)") and len(shorten("x" * 100_000)) < 120
+    assert shorten(["q_proj"] * 100_000).endswith("(100,000 items)")
+    with pytest.raises(UserError, match=r"lora_target_modules: \[0, 1, 2, 3, 4, 5, \.\.\.\] \(5,000 items\)") as error:
+        train_main([recipe(tmp_path, f"lora_target_modules: {list(range(5000))}")])
+    assert len(str(error.value)) < 400
+
+
 # ---- 11. absurd checkpoint configs ----
 
 
