@@ -162,3 +162,30 @@ def test_gen_kwargs_that_would_change_the_results_are_refused(gen_kwargs, messag
 def test_until_cuts_at_the_first_stop_string():
     assert plugin.cut_at("a\nAnswer: B. blue\n\nmore", ["\n\n", "zzz"]) == "a\nAnswer: B. blue"
     assert plugin.cut_at("Answer: B", []) == "Answer: B"
+
+
+# ---- another benchmark: lmms-eval's own ScienceQA-IMG task on a generated local copy ----
+
+
+@pytest.mark.slow
+def test_lmms_evals_own_scienceqa_img_task_runs_offline_on_a_local_copy(tmp_path):
+    from mmcoconut.integrations.scienceqa_copy import lmms_eval_task_yaml, write_scienceqa_copy
+
+    copy = write_scienceqa_copy(tmp_path / "sqa", n=4)
+    assert f"include: {lmms_eval_task_yaml()}" in (copy / "scienceqa_img_local.yaml").read_text()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "lmms_eval", "--model", plugin.MODEL_ID, "--model_args", f"pretrained={DEMO_COT}",
+               "--tasks", "scienceqa_img_local", "--include_path", str(copy), "--reasoning_tags",
+               '[["<think>", "Answer:"]]', "--gen_kwargs", "max_new_tokens=64", "--batch_size", "4",
+               "--output_path", str(tmp_path / "out"), "--log_samples"]
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    results_files = list((tmp_path / "out").rglob("*_results.json"))
+    assert results_files, (done.stdout + done.stderr)[-3000:]
+    results = json.loads(results_files[0].read_text())
+    assert 0.0 <= results["results"]["scienceqa_img_local"]["exact_match,none"] <= 1.0
+    (samples_file,) = (tmp_path / "out").rglob("*_samples_scienceqa_img_local.jsonl")
+    samples = [json.loads(line) for line in samples_file.read_text().splitlines()]
+    assert len(samples) == 4
+    # lmms-eval's --reasoning_tags hands its parser what follows the checkpoint's last `Answer:`
+    for sample in samples:
+        assert sample["filtered_resps"] == sample["resps"].rsplit("Answer:", 1)[1].strip()
