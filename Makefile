@@ -14,7 +14,7 @@ $(VENV)/.installed: requirements.txt setup.cfg requirements.lock
 	$(VENV)/bin/pip install -c requirements.lock -e ".[dev]"
 	touch $@
 
-.PHONY: install test test-slow test-latest test-next test-oldest test-cross-version test-lmms-eval lock demo demo-cot readme-check gpu-check
+.PHONY: install test test-slow test-latest test-next test-oldest test-cross-version install-lmms-eval test-lmms-eval lock demo demo-cot readme-check gpu-check
 install: $(VENV)/.installed
 
 test: $(VENV)/.installed
@@ -84,6 +84,8 @@ test-cross-version: $(VENV)/.installed .venv-oldest/.installed
 	.venv-lmms/bin/pip install -q -c .venv-lmms/constraints.txt --upgrade pip
 	.venv-lmms/bin/pip install -q -c .venv-lmms/constraints.txt -e ".[dev,lmms-eval]"
 	touch $@
+
+install-lmms-eval: .venv-lmms/.installed
 
 test-lmms-eval: .venv-lmms/.installed
 	.venv-lmms/bin/pip list 2>/dev/null | grep -iE '^(lmms.eval|filelock|torch|transformers) '
