@@ -21,10 +21,12 @@ test: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/$(FAST_SUITE)
 
-# The slow lane also runs DeepSpeed ZeRO-2/3 (tests/test_deepspeed.py): the `deepspeed` extra.
+# The slow lane also runs DeepSpeed ZeRO-2/3 (tests/test_deepspeed.py): the `deepspeed` extra; and the lmms-eval
+# plug-in's lane (its extra cannot share .venv: see test-lmms-eval).
 test-slow: $(VENV)/.installed
 	$(VENV)/bin/pip install -q -c requirements.lock -e ".[deepspeed]"
 	$(VENV)/bin/pytest -q -m slow
+	$(MAKE) test-lmms-eval
 
 # One command for a GPU machine: InternVL3-1B-sized step time and memory (ours vs the floor), batched evaluation
 # speed, a ZeRO-3 and an FSDP2 step; JSON in outputs/gpu_check.json. On CPU it runs at toy size.
