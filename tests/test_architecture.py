@@ -35,6 +35,8 @@ FORBIDDEN = {
     "mmcoconut.inference": ("mmcoconut.training", "mmcoconut.evaluation", "mmcoconut.cli", "trainer_curriculum"),
     "mmcoconut.analysis": ("mmcoconut.training", "mmcoconut.evaluation", "mmcoconut.cli", "trainer_curriculum"),
     "mmcoconut.training": ("mmcoconut.cli",),
+    # plug-ins for other tools (lmms-eval): they drive inference, as a command does, but are not commands
+    "mmcoconut.integrations": ("mmcoconut.training", "mmcoconut.analysis", "mmcoconut.cli", "trainer_curriculum"),
 }
 
 

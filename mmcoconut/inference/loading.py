@@ -135,14 +135,14 @@ def load_model(model_path, quantization="none", dtype="auto", device=None, attn_
     return model.eval()
 
 
-def load(model_path, quantization="none", dtype="auto", device=None, attn_implementation=None):
+def load(model_path, quantization="none", dtype="auto", device=None, attn_implementation=None, max_tiles=None):
     """(model in eval mode, processor) of a checkpoint or LoRA adapter directory, ready for `predict`.
 
-    The processor keeps the tiling saved with the checkpoint; a checkpoint saved without a chat template (before
-    train.py wrote one) gets the one its config implies. See `load_model` for the arguments.
+    The processor keeps the tiling saved with the checkpoint unless `max_tiles` caps it; a checkpoint saved without a
+    chat template (before train.py wrote one) gets the one its config implies. See `load_model` for the arguments.
     """
     model = load_model(model_path, quantization, dtype, device, attn_implementation)
-    processor = load_internvl_processor(model_path)
+    processor = load_internvl_processor(model_path, max_tiles=max_tiles)
     if processor.chat_template is None:
         logger.info("%s has no chat template; using the one its config implies", model_path)
         set_chat_template(processor, model.config)
