@@ -20,8 +20,9 @@ HEAVY = ("torch", "transformers", "datasets", "peft", "accelerate")
 FORBIDDEN = {
     "mmcoconut.constants": ("mmcoconut.", "configuration_mmcoconut", "modeling_mmcoconut"),
     "mmcoconut.errors": ("mmcoconut.", "configuration_mmcoconut", "modeling_mmcoconut", *HEAVY),
-    # the checks before loading: the standard library and mmcoconut.errors (huggingface_hub and PIL inside functions)
-    "mmcoconut.preflight": ("mmcoconut.constants", "mmcoconut.modes", "mmcoconut.text", "mmcoconut.data",
+    # the checks before loading: the standard library, mmcoconut.constants (the request bounds) and mmcoconut.errors
+    # (huggingface_hub and PIL inside functions)
+    "mmcoconut.preflight": ("mmcoconut.modes", "mmcoconut.text", "mmcoconut.data",
                             "mmcoconut.processing", "mmcoconut.conversion", "mmcoconut.training",
                             "mmcoconut.evaluation", "mmcoconut.inference", "mmcoconut.analysis", "mmcoconut.cli",
                             "mmcoconut.app", "configuration_mmcoconut", "modeling_mmcoconut", *HEAVY),

@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from mmcoconut.cli.help import Parser, add_loading_args, command
+from mmcoconut.constants import APP_QUEUE_SIZE, APP_TIME_LIMIT_S, THOUGHTS_FACTOR
 from mmcoconut.errors import UserError
 from mmcoconut.preflight import chromium_binary, require_extra, require_file, require_model, require_quantization
 
@@ -27,6 +28,13 @@ def build_parser():
                         help="checkpoint directory, Hub id (owner/name) or LoRA adapter directory")
     parser.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=7860, help="port to serve on")
+    parser.add_argument("--max-thoughts", type=int, default=None,
+                        help=f"continuous thoughts one request may ask for, at most (default: {THOUGHTS_FACTOR} x "
+                             "the checkpoint's)")
+    parser.add_argument("--time-limit", type=float, default=APP_TIME_LIMIT_S,
+                        help="seconds of generation one request may take; a longer one is refused with a message")
+    parser.add_argument("--queue-size", type=int, default=APP_QUEUE_SIZE,
+                        help="requests waiting at most (one is answered at a time); more are refused at once")
     add_loading_args(parser)
     parser.add_argument("--screenshot", help="serve on a free loopback port, save a PNG of the page here, exit "
                                              "(needs a chromium binary)")
@@ -42,7 +50,11 @@ def build_parser():
 
 
 def check_before_loading(args):
-    """Everything that can fail without torch, in one line each: the extras, the files, the model."""
+    """Everything that can fail without torch, in one line each: the bounds, the extras, the files, the model."""
+    for flag, value in (("--max-thoughts", args.max_thoughts), ("--time-limit", args.time_limit),
+                        ("--queue-size", args.queue_size)):
+        if value is not None and (value < 0 if flag == "--max-thoughts" else value <= 0):
+            raise UserError(f"{flag} must be {'>= 0' if flag == '--max-thoughts' else '> 0'}, got {value}")
     require_extra("gradio", "mmcoconut-app")
     require_quantization(args.quantization)
     if args.screenshot and chromium_binary() is None:
@@ -133,7 +145,8 @@ def main(argv=None):
         example = (args.example_image, args.example_question, "\n".join(args.example_choices))
     else:
         example = choose_example(args.model, recipe)
-    demo = build_demo(model, processor, args.model, example, trained_on=trained_on(recipe))
+    demo = build_demo(model, processor, args.model, example, trained_on=trained_on(recipe),
+                      max_thoughts=args.max_thoughts, time_limit_s=args.time_limit, queue_size=args.queue_size)
     if args.screenshot:
         port = free_port()
         demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
