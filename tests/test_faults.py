@@ -418,6 +418,25 @@ def test_an_absurd_checkpoint_config_is_refused_before_anything_is_built(absurd_
         train_main([recipe(tmp_path, f"load_model_path: {absurd_checkpoint}")])
 
 
+def test_an_absurd_hub_config_is_refused_before_its_weights_are_downloaded(absurd_checkpoint, monkeypatch):
+    """A Hub id: only its config.json comes down before the check (here served from the absurd checkpoint)."""
+    import huggingface_hub
+    import transformers
+
+    asked = []
+
+    def download(repo_id, filename, **kwargs):
+        asked.append(filename)
+        return str(absurd_checkpoint / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained",
+                        classmethod(lambda *a, **k: pytest.fail("weights loaded for an absurd config")))
+    with pytest.raises(UserError, match=r"owner/absurd/config.json: .*hidden_size: 10000000"):
+        load_model("owner/absurd")
+    assert asked == ["config.json"]
+
+
 # ---- held: never run code from a recipe or a checkpoint; the app binds loopback ----
 
 
