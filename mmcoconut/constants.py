@@ -30,7 +30,11 @@ QUANTIZATIONS = ("none", "torchao-int8", "bnb-8bit", "bnb-4bit")
 # as remote code and may import nothing of this package (tests/test_cli.py keeps the two equal).
 THINKING_MODES = ("fixed", "adaptive")
 
+# The recipe's `thought_supervision`: none, or each continuous thought decodes the written step it replaced.
+THOUGHT_SUPERVISION = ("none", "step")
+
 __all__ = [
     "EVAL_MODES", "DEFAULT_MAX_NEW_TOKENS", "HF_AOKVQA_ID", "RECORD_SOURCES", "DATA_SOURCES", "STEPS_FROM",
     "CHOICE_LETTERS", "QWEN_IMAGE_CONTEXT_TOKEN_ID", "TOKENIZERS", "DTYPE_NAMES", "QUANTIZATIONS", "THINKING_MODES",
+    "THOUGHT_SUPERVISION",
 ]

@@ -54,6 +54,7 @@ def main(argv=None):
         max_latent_stage=curriculum_args.max_latent_stage,
         pad_latent_to_max=curriculum_args.pad_latent_to_max,
         supervise_end_latent=curriculum_args.supervise_end_latent,
+        thought_supervision=curriculum_args.thought_supervision == "step",
         max_length=data_args.max_length,
         skip_bad_samples=data_args.skip_bad_samples,
         max_tiles=data_args.max_tiles,
