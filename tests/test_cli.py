@@ -23,6 +23,7 @@ CLIS = [
     ("module", "mmcoconut.cli.predict"),
     ("module", "mmcoconut.cli.app"),
     ("module", "mmcoconut.cli.probe"),
+    ("module", "mmcoconut.cli.intervene"),
 ]
 PROBE = """
 import runpy, sys

@@ -16,7 +16,7 @@ from tests.tiny_models import IMAGE, LATENT, collate, make_model, make_sample
 WEIGHT = 0.7
 
 
-def naive_thoughts(model, input_ids, attention_mask, pixel_values):
+def naive_thoughts(model, input_ids, attention_mask, pixel_values, latent_id=LATENT, image_id=IMAGE):
     """{(row, position): the thought placed there}, filled left to right with a full recompute for each one, and the
     final hidden states."""
     internvl = model.internvl
@@ -24,7 +24,7 @@ def naive_thoughts(model, input_ids, attention_mask, pixel_values):
     embeds = internvl.get_input_embeddings()(input_ids)
     if pixel_values is not None:
         features = internvl.model.get_image_features(pixel_values=pixel_values).pooler_output
-        embeds = embeds.masked_scatter((input_ids == IMAGE)[..., None], features.reshape(-1, features.shape[-1]))
+        embeds = embeds.masked_scatter((input_ids == image_id)[..., None], features.reshape(-1, features.shape[-1]))
 
     def full_pass(embeds):
         return internvl.model.language_model(
@@ -34,7 +34,7 @@ def naive_thoughts(model, input_ids, attention_mask, pixel_values):
     thoughts = {}
     for t in range(input_ids.shape[1]):
         for b in range(input_ids.shape[0]):
-            if input_ids[b, t] != LATENT:
+            if input_ids[b, t] != latent_id:
                 continue
             thought = full_pass(embeds)[b, t - 1]
             thoughts[(b, t)] = thought

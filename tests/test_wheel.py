@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 # The wheel's top-level names: the package and the design card's flat modules, nothing generic.
 TOP_LEVEL = {"mmcoconut", "configuration_mmcoconut", "modeling_mmcoconut", "data_collator", "trainer_curriculum"}
 COMMANDS = {"mmcoconut-train", "mmcoconut-evaluate", "mmcoconut-predict", "mmcoconut-app", "mmcoconut-analyze",
-            "mmcoconut-probe", "mmcoconut-data", "mmcoconut-convert"}
+            "mmcoconut-probe", "mmcoconut-data", "mmcoconut-convert", "mmcoconut-intervene"}
 
 
 @pytest.fixture(scope="module")
