@@ -80,3 +80,48 @@ def test_ddp_logged_loss_with_step_supervision_equals_the_definition(tmp_path):
     assert single["logged"] == pytest.approx(single["direct"], abs=1e-3)
     assert ddp["logged"] == pytest.approx(single["direct"], abs=1e-3)
     assert single["direct"] > single["plain"] + 1e-2  # the step term is in it
+
+
+def _step_batch(rank):
+    """Rank 0: two supervised thoughts; rank 1: no latent at all, so only rank 0 has a step to decode."""
+    import torch
+
+    from tests.tiny_models import collate, make_sample
+
+    batch = collate([make_sample(1, 2 if rank == 0 else 0, question_len=4, steps_len=5, seed=rank)])
+    labels = torch.tensor([[[5, 6, 7], [8, 9, -100]]]) if rank == 0 else torch.full((1, 1, 1), -100)
+    return batch, labels
+
+
+def _fsdp2_step_work(rank):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from tests.tiny_models import make_model
+
+    model = make_model(thought_supervision_weight=0.5)
+    mesh = init_device_mesh("cpu", (2,))
+    for module in model.modules():
+        if type(module).__name__ in model._no_split_modules:
+            fully_shard(module, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    batch, labels = _step_batch(rank)
+    out = model(**batch, thought_labels=labels)
+    out.loss.backward()
+    return {"loss": out.loss.detach()}
+
+
+def test_fsdp2_ranks_without_a_step_to_decode_keep_in_step(tmp_path):
+    """Under FSDP2 the decoding pass all-gathers the weights: a rank with nothing to decode must run it too (a
+    dummy pass of weight 0), or the other rank's gather times out; each rank's loss is its single-process one."""
+    import torch
+
+    from tests.test_distributed import spawn_two_ranks
+    from tests.tiny_models import make_model
+
+    two = spawn_two_ranks(tmp_path, _fsdp2_step_work)
+    for rank in range(2):
+        batch, labels = _step_batch(rank)
+        with torch.no_grad():
+            alone = make_model(thought_supervision_weight=0.5)(**batch, thought_labels=labels).loss
+        torch.testing.assert_close(two[rank]["loss"], alone, atol=1e-5, rtol=1e-5)
