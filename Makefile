@@ -14,17 +14,19 @@ $(VENV)/.installed: requirements.txt setup.cfg requirements.lock
 	$(VENV)/bin/pip install -c requirements.lock -e ".[dev]"
 	touch $@
 
-.PHONY: install test test-slow test-latest test-next test-oldest test-cross-version lock demo demo-cot readme-check gpu-check
+.PHONY: install test test-slow test-latest test-next test-oldest test-cross-version install-lmms-eval test-lmms-eval lock demo demo-cot readme-check gpu-check
 install: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/$(FAST_SUITE)
 
-# The slow lane also runs DeepSpeed ZeRO-2/3 (tests/test_deepspeed.py): the `deepspeed` extra.
+# The slow lane also runs DeepSpeed ZeRO-2/3 (tests/test_deepspeed.py): the `deepspeed` extra; and the lmms-eval
+# plug-in's lane (its extra cannot share .venv: see test-lmms-eval).
 test-slow: $(VENV)/.installed
 	$(VENV)/bin/pip install -q -c requirements.lock -e ".[deepspeed]"
 	$(VENV)/bin/pytest -q -m slow
+	$(MAKE) test-lmms-eval
 
 # One command for a GPU machine: InternVL3-1B-sized step time and memory (ours vs the floor), batched evaluation
 # speed, a ZeRO-3 and an FSDP2 step; JSON in outputs/gpu_check.json. On CPU it runs at toy size.
@@ -73,6 +75,23 @@ test-oldest: .venv-oldest/.installed
 # A checkpoint saved under the locked transformers loads (remote code) and generates under the oldest, and back.
 test-cross-version: $(VENV)/.installed .venv-oldest/.installed
 	MMCOCONUT_OTHER_PYTHON=$(CURDIR)/.venv-oldest/bin/python $(VENV)/bin/pytest -q tests/test_cross_version.py
+
+# The lmms-eval plug-in (the `lmms-eval` extra, about 100 more packages) in a venv of its own, over the lock: lmms-eval
+# 0.7.3 needs filelock<4 and its wandb needs protobuf<7, so those two pins of the lock are left to pip. Runs the
+# plug-in's tests, slow ones included (the agreement with evaluate_aokvqa.py, 2 processes); .venv skips them.
+.venv-lmms/.installed: requirements.txt setup.cfg requirements.lock
+	rm -rf .venv-lmms
+	$(PYTHON) -m venv .venv-lmms
+	grep -vE '^(filelock|protobuf)==' requirements.lock > .venv-lmms/constraints.txt
+	.venv-lmms/bin/pip install -q -c .venv-lmms/constraints.txt --upgrade pip
+	.venv-lmms/bin/pip install -q -c .venv-lmms/constraints.txt -e ".[dev,lmms-eval]"
+	touch $@
+
+install-lmms-eval: .venv-lmms/.installed
+
+test-lmms-eval: .venv-lmms/.installed
+	.venv-lmms/bin/pip list 2>/dev/null | grep -iE '^(lmms.eval|filelock|torch|transformers) '
+	.venv-lmms/bin/pytest -q tests/test_integrations_lmms_eval.py
 
 # Re-resolve every dependency (newest allowed releases) in a clean venv and write the exact versions.
 lock:

@@ -8,6 +8,13 @@ END_LATENT_TOKEN = "<|end-latent|>"
 LATENT_TOKENS = (START_LATENT_TOKEN, END_LATENT_TOKEN, LATENT_TOKEN)
 
 
+CUSTOM_PIPELINE = {
+    "impl": "pipeline_mmcoconut.MMCoconutImageTextToTextPipeline",
+    "pt": ["AutoModelForImageTextToText"],
+    "type": "multimodal",
+}
+
+
 class MMCoconutConfig(PretrainedConfig):
     r"""
     Configuration of [`MMCoconutForConditionalGeneration`]: the wrapped InternVL configuration plus
@@ -91,6 +98,9 @@ class MMCoconutConfig(PretrainedConfig):
         auto_map = dict(kwargs.pop("auto_map", None) or {})
         auto_map.setdefault("AutoModelForImageTextToText", "modeling_mmcoconut.MMCoconutForConditionalGeneration")
         kwargs["auto_map"] = auto_map
+        # `pipeline("image-text-to-text", ..., trust_remote_code=True)` builds pipeline_mmcoconut's pipeline, which
+        # refuses a plain prompt the model was never trained on (transformers' own would fail late or answer it).
+        kwargs.setdefault("custom_pipelines", {"image-text-to-text": CUSTOM_PIPELINE})
         super().__init__(**kwargs)
 
     @property

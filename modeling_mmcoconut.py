@@ -35,10 +35,14 @@ from transformers import (
 from transformers.generation.utils import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput
 from transformers.utils import ModelOutput, can_return_tuple
 
+# The pipeline module is imported only so that it travels with this file as remote code: `config.custom_pipelines`
+# names it, and transformers copies a remote module's relative imports beside the weights.
 try:  # imported as remote code (a package next to the weights)
     from .configuration_mmcoconut import LATENT_TOKENS, MMCoconutConfig
+    from .pipeline_mmcoconut import MMCoconutImageTextToTextPipeline  # noqa: F401
 except ImportError:  # imported from a checkout or an installed mmcoconut
     from configuration_mmcoconut import LATENT_TOKENS, MMCoconutConfig
+    from pipeline_mmcoconut import MMCoconutImageTextToTextPipeline  # noqa: F401
 
 logger = logging.getLogger(__name__)
 

@@ -14,6 +14,7 @@ import logging
 import socket
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +24,10 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from mmcoconut.analysis.attention import display_token
-from mmcoconut.inference.prediction import predict
-from mmcoconut.preflight import chromium_binary
+from mmcoconut.constants import APP_QUEUE_SIZE, APP_TIME_LIMIT_S, CHOICE_LETTERS, MAX_QUESTION_CHARS
+from mmcoconut.errors import UserError, UserValueError
+from mmcoconut.inference.prediction import open_request_image, predict
+from mmcoconut.preflight import check_question, check_thought_count, chromium_binary, thought_limit
 from mmcoconut.processing import IMAGENET_MEAN, IMAGENET_STD
 from mmcoconut.text.prompt import default_latents
 
@@ -88,48 +91,78 @@ def thinking_text(config):
     return f"{default if default is not None else 'no'} continuous thought(s)"
 
 
-def answer_question(model, processor, image, question, choices_text="", num_latents=None, top_k=5):
+def answer_question(model, processor, image, question, choices_text="", num_latents=None, top_k=5, max_thoughts=None,
+                    time_limit_s=None):
     """(answer, generated text, heat map image or None, table rows) for the app's inputs; `choices_text` holds
-    one choice per line; `num_latents` None (or empty) keeps the checkpoint's latent span."""
-    if not question or not question.strip():
-        raise ValueError("type a question")
+    one choice per line; `num_latents` None (or empty) keeps the checkpoint's latent span.
+
+    Every input error is a `UserValueError` with the message to show, raised before the model runs: an empty or
+    too long question, more thoughts than `max_thoughts` (default: `mmcoconut.preflight.thought_limit`), an image
+    that is not one or is over `MAX_IMAGE_PIXELS` (read from its header; decoded once, here). `time_limit_s` stops
+    the answer's generation there, an error too rather than a cut-off answer."""
+    check_question(question)
     choices = [line.strip() for line in (choices_text or "").splitlines() if line.strip()] or None
+    if choices and len(choices) > len(CHOICE_LETTERS):
+        raise UserValueError(f"at most {len(CHOICE_LETTERS)} choices, one per line; got {len(choices)}")
     num_latents = None if num_latents in (None, "") else int(num_latents)
+    if num_latents is not None and num_latents < 0:
+        raise UserValueError(f"continuous thoughts must be >= 0, got {num_latents}")
+    check_thought_count(num_latents, model.config, "continuous thoughts", limit=max_thoughts)
+    if image is not None:
+        image = open_request_image(image)
     span = default_latents(model.config) if num_latents is None else num_latents
+    started = time.monotonic()
     prediction = predict(
         model, processor, image, question.strip(), choices=choices, num_latents=num_latents,
-        show_thoughts=bool(span), top_k=top_k,
+        show_thoughts=bool(span), top_k=top_k, max_time=time_limit_s,
     )
+    if time_limit_s is not None and time.monotonic() - started >= time_limit_s:
+        raise UserValueError(f"the answer took longer than the {time_limit_s:g} s this app allows for one; ask with "
+                             "fewer continuous thoughts, a smaller image or a shorter question")
     answer = prediction.answer if prediction.answer is not None else f"(unparseable: {prediction.parse_error})"
     heat_map = attention_figure(prediction) if prediction.image_attention is not None else None
     return answer, prediction.generated_text, heat_map, thought_rows(prediction)
 
 
-def build_demo(model, processor, model_name, example=None):
+def build_demo(model, processor, model_name, example=None, trained_on=None, max_thoughts=None,
+               time_limit_s=APP_TIME_LIMIT_S, queue_size=APP_QUEUE_SIZE):
     """The Gradio Blocks app; `example` (image path, question, choices text) pre-fills the inputs and shows its
-    answer (used for the screenshot)."""
+    answer (used for the screenshot); `trained_on` says in words what the model was trained on (None: unknown).
+
+    Requests are queued (`queue_size` waiting at most, one running); an input error reaches the user as a
+    `gr.Error` with its message, at once, while the queue goes on answering; `max_thoughts` (default: 4 x the
+    checkpoint's) and `time_limit_s` bound what one request may take (`answer_question`)."""
     import gradio as gr
 
     # Empty: the checkpoint's own count, or for a checkpoint that thinks adaptively, the model decides.
     default = None if model.config.default_thinking == "adaptive" else default_latents(model.config)
-    run = lambda image, question, choices, latents: answer_question(  # noqa: E731
-        model, processor, image, question, choices, latents
-    )
+    limit = thought_limit(model.config) if max_thoughts is None else max_thoughts
+
+    def run(image, question, choices, latents):
+        try:
+            return answer_question(model, processor, image, question, choices, latents, max_thoughts=limit,
+                                   time_limit_s=time_limit_s)
+        except UserError as error:
+            raise gr.Error(str(error)) from None
+
     shown = run(*example, default) if example is not None else (None, None, None, None)
     with gr.Blocks(title="mmcoconut: continuous thoughts") as demo:
         gr.Markdown(
             f"## mmcoconut · `{model_name}`\n"
             f"Coconut on InternVL: the model thinks in {thinking_text(model.config)} (`<|latent|>`) before it "
-            "writes. Heat maps show where each thought attends in the image."
+            "writes. Heat maps show where each thought attends in the image.\n\n"
+            f"Trained on: {trained_on or 'not stated (the checkpoint has no mmcoconut model card)'}. "
+            "It answers questions like those; others get answers of the same form, not of the same worth."
         )
         with gr.Row():
             with gr.Column():
                 image = gr.Image(type="filepath", label="image", value=example[0] if example else None)
-                question = gr.Textbox(label="question", value=example[1] if example else "")
+                question = gr.Textbox(label="question", value=example[1] if example else "",
+                                      max_length=MAX_QUESTION_CHARS)
                 choices = gr.Textbox(label="choices (optional, one per line)", lines=4,
                                      value=example[2] if example else "")
                 latents = gr.Number(label="continuous thoughts (empty: the checkpoint's, or its own choice)",
-                                    value=default, precision=0, minimum=0)
+                                    value=default, precision=0, minimum=0, maximum=limit)
                 button = gr.Button("Answer", variant="primary")
             with gr.Column():
                 answer = gr.Textbox(label="answer", value=shown[0])
@@ -137,8 +170,8 @@ def build_demo(model, processor, model_name, example=None):
                 heat_map = gr.Image(label="where each thought looks", type="pil", value=shown[2])
                 table = gr.Dataframe(headers=TABLE_HEADERS, label="what each thought decodes to", value=shown[3])
         button.click(run, [image, question, choices, latents], [answer, generated, heat_map, table],
-                     api_name="answer")
-    return demo
+                     api_name="answer", concurrency_limit=1)
+    return demo.queue(max_size=queue_size, default_concurrency_limit=1)
 
 
 def free_port(host="127.0.0.1"):

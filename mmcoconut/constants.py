@@ -30,11 +30,22 @@ QUANTIZATIONS = ("none", "torchao-int8", "bnb-8bit", "bnb-4bit")
 # as remote code and may import nothing of this package (tests/test_cli.py keeps the two equal).
 THINKING_MODES = ("fixed", "adaptive")
 
+# Bounds on one request (predict, the app, evaluation's flags): every request ends in bounded time and memory.
+# Thoughts: at most THOUGHTS_FACTOR times what the checkpoint was trained with (latent_stage x c_thought, at least
+# c_thought). A question: at most MAX_QUESTION_CHARS characters (and what the model's positions leave, checked
+# once tokenized). An image: at most MAX_IMAGE_PIXELS pixels (50 megapixels; phones take 12-50 by default).
+THOUGHTS_FACTOR = 4
+MAX_QUESTION_CHARS = 10_000
+MAX_IMAGE_PIXELS = 50_000_000
+# The web demo answers one request at a time, with at most APP_QUEUE_SIZE waiting, each at most APP_TIME_LIMIT_S.
+APP_QUEUE_SIZE = 20
+APP_TIME_LIMIT_S = 60.0
+
 # The recipe's `thought_supervision`: none, or each continuous thought decodes the written step it replaced.
 THOUGHT_SUPERVISION = ("none", "step")
 
 __all__ = [
-    "EVAL_MODES", "DEFAULT_MAX_NEW_TOKENS", "HF_AOKVQA_ID", "RECORD_SOURCES", "DATA_SOURCES", "STEPS_FROM",
+    "THOUGHTS_FACTOR", "MAX_QUESTION_CHARS", "MAX_IMAGE_PIXELS", "APP_QUEUE_SIZE", "APP_TIME_LIMIT_S", "EVAL_MODES", "DEFAULT_MAX_NEW_TOKENS", "HF_AOKVQA_ID", "RECORD_SOURCES", "DATA_SOURCES", "STEPS_FROM",
     "CHOICE_LETTERS", "QWEN_IMAGE_CONTEXT_TOKEN_ID", "TOKENIZERS", "DTYPE_NAMES", "QUANTIZATIONS", "THINKING_MODES",
     "THOUGHT_SUPERVISION",
 ]

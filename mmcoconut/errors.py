@@ -7,6 +7,8 @@ also the built-in type the error would otherwise be (`UserFileNotFoundError` is 
 that catch the built-in types keep working. docs/errors.md lists the cases.
 """
 
+import reprlib
+
 
 class UserError(Exception):
     """An expected error whose message says what to change: a command prints it as one line and exits with 2 (as
@@ -39,7 +41,25 @@ class MissingExtraError(UserError, ModuleNotFoundError):
     """An optional dependency (a pip extra) the chosen option needs is not installed."""
 
 
+def shorten(value, limit=80, quote=True):
+    """`repr(value)` (a string as it is without `quote`) cut to about `limit` characters, saying how long it was, for
+    messages that quote a value the user gave: a 100,000-character question or an alias bomb's list must not become
+    a message of that size (nor take that long to write: containers go through `reprlib`, which stops early)."""
+    if isinstance(value, str):
+        text = repr(value) if quote else value
+        return text if len(text) <= limit else f"{text[:limit]}... ({len(value):,} characters)"
+    bounded = reprlib.Repr()  # (its keyword arguments are Python 3.12's)
+    bounded.maxlevel, bounded.maxstring, bounded.maxother = 2, limit, limit
+    bounded.maxlist = bounded.maxtuple = bounded.maxdict = bounded.maxset = 6
+    text = bounded.repr(value)
+    if len(text) > limit:
+        text = text[:limit] + "..."
+    if "..." in text and isinstance(value, (list, tuple, dict, set)):
+        text += f" ({len(value):,} items)"
+    return text
+
+
 __all__ = [
-    "UserError", "SetupError", "UserValueError", "UserFileNotFoundError", "UserNotADirectoryError",
+    "shorten", "UserError", "SetupError", "UserValueError", "UserFileNotFoundError", "UserNotADirectoryError",
     "UserFileExistsError", "MissingExtraError",
 ]

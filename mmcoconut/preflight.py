@@ -16,12 +16,14 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from mmcoconut.constants import MAX_IMAGE_PIXELS, MAX_QUESTION_CHARS, THOUGHTS_FACTOR
 from mmcoconut.errors import (
     MissingExtraError,
     SetupError,
     UserError,
     UserFileNotFoundError,
     UserNotADirectoryError,
+    UserValueError,
 )
 
 HUB_PROBE_TIMEOUT_S = 5
@@ -81,6 +83,73 @@ def require_hub(name_or_path, what, field_name):
                          f"{fixes}") from None
 
 
+def estimate_parameters(config):
+    """(parameters, [(dotted path, block dict)]) a model config (`config.json` as a dict) describes, roughly: every
+    nested transformer (a dict with `hidden_size` and `num_hidden_layers`) counts `L·(4h² + 3h·i)` plus its
+    embeddings (and an untied output head), `i` its `intermediate_size` (4h when absent). Close enough to tell a
+    1B model from one that cannot be built, which is all it is for."""
+    blocks = []
+
+    def walk(node, path):
+        if not isinstance(node, dict):
+            return
+        sizes = [node.get(key) for key in ("hidden_size", "num_hidden_layers")]
+        if all(isinstance(size, int) and not isinstance(size, bool) and size > 0 for size in sizes):
+            blocks.append((path, node))
+        for key, value in node.items():
+            walk(value, f"{path}.{key}" if path else key)
+
+    walk(config, "")
+    total = 0
+    for _, block in blocks:
+        hidden, layers = block["hidden_size"], block["num_hidden_layers"]
+        intermediate = block.get("intermediate_size")
+        intermediate = intermediate if isinstance(intermediate, int) and intermediate > 0 else 4 * hidden
+        vocab = block.get("vocab_size") if isinstance(block.get("vocab_size"), int) else 0
+        heads = 1 if block.get("tie_word_embeddings", True) else 2
+        total += layers * (4 * hidden * hidden + 3 * hidden * intermediate) + heads * max(vocab, 0) * hidden
+    return total, blocks
+
+
+def machine_memory_bytes():
+    """Physical memory of this machine (None where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+# A config with more than this is absurd whatever the machine (the largest InternVL3 has 78 billion parameters).
+MAX_PARAMETERS = 10**12
+
+
+def check_model_size(config, where, dtype=None):
+    """Refuse, before anything is built, a model config whose weights could not fit in this machine's memory (at
+    2 bytes a parameter, the lightest unquantized dtype; 4 for `dtype` float32) or that is absurd (more than
+    `MAX_PARAMETERS`), naming the fields that make it so. Without this, `hidden_size: 10000000` tries to allocate
+    tens of gigabytes, or builds for minutes, before failing with an unrelated message."""
+    parameters, blocks = estimate_parameters(config)
+    if not blocks:
+        return
+    per_parameter = 4 if str(dtype).endswith("float32") else 2
+    memory = machine_memory_bytes()
+    too_big = parameters > MAX_PARAMETERS or (memory is not None and parameters * per_parameter > memory)
+    if not too_big:
+        return
+    path, block = max(blocks, key=lambda item: item[1]["hidden_size"] * item[1]["num_hidden_layers"])
+    prefix = f"{path}." if path else ""
+    fields = ", ".join(
+        f"{prefix}{key}: {block[key]}" for key in ("hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size")
+        if key in block
+    )
+    room = f"this machine has {memory / 2**30:.0f} GiB of memory" if memory else "the limit"
+    raise UserValueError(
+        f"{where}: the config describes a model of about {parameters:.3g} parameters ({fields}), about "
+        f"{parameters * per_parameter / 2**30:,.0f} GiB of weights; {room} (at most {MAX_PARAMETERS:.0e} parameters "
+        "in any case): check these sizes"
+    )
+
+
 def _missing_weights(directory):
     index = directory / "model.safetensors.index.json"
     if index.is_file():
@@ -99,6 +168,18 @@ def _missing_tokenizer(directory):
     ):
         missing.append("tokenizer.json (or vocab.json + merges.txt)")
     return missing
+
+
+def read_config(directory):
+    """`directory/config.json` as a dict; one line naming the file when it is not a JSON object."""
+    path = Path(directory) / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UserValueError(f"{path}: cannot read it as JSON ({error})") from None
+    if not isinstance(config, dict):
+        raise UserValueError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    return config
 
 
 def check_checkpoint_dir(name_or_path, parts=CHECKPOINT_PARTS):
@@ -131,6 +212,8 @@ def check_checkpoint_dir(name_or_path, parts=CHECKPOINT_PARTS):
         (directory / name).is_file() for name in ("processor_config.json", "preprocessor_config.json")
     ):
         missing.append("processor_config.json (or preprocessor_config.json)")
+    if "config" in parts and not missing:
+        check_model_size(read_config(directory), f"{name_or_path}/config.json")
     if missing:
         hint = ""
         if (directory / "adapter_config.json").is_file():
@@ -170,10 +253,56 @@ def require_file(path, flag, image=False):
         from PIL import Image, UnidentifiedImageError
 
         try:
-            with Image.open(path_):
-                pass
+            with Image.open(path_) as opened:
+                width, height = opened.size
+        except Image.DecompressionBombError as error:
+            raise UserValueError(f"{flag} {path}: {error}; at most {MAX_IMAGE_PIXELS / 1e6:.0f} megapixels are "
+                                 "taken: scale it down") from None
         except (UnidentifiedImageError, OSError) as error:
             raise UserError(f"{flag} {path}: not an image ({error})") from None
+        check_image_pixels(width, height, f"{flag} {path}")
+
+
+def check_image_pixels(width, height, what):
+    """Refuse an image over `MAX_IMAGE_PIXELS` (from its header, before its pixels are decoded)."""
+    if width * height > MAX_IMAGE_PIXELS:
+        raise UserValueError(f"{what}: the image is {width}x{height} = {width * height / 1e6:,.0f} megapixels; at most "
+                             f"{MAX_IMAGE_PIXELS / 1e6:.0f} megapixels are taken: scale it down")
+
+
+def check_question(question, what="the question"):
+    """A question is non-empty text of at most `MAX_QUESTION_CHARS` characters (what the model's positions leave
+    for it is checked once it is tokenized: `mmcoconut.inference.prediction`)."""
+    if not isinstance(question, str) or not question.strip():
+        raise UserValueError(f"{what} is empty: type a question")
+    if len(question) > MAX_QUESTION_CHARS:
+        raise UserValueError(f"{what} is {len(question):,} characters long; at most {MAX_QUESTION_CHARS:,} are taken")
+
+
+def thought_limit(config):
+    """The most thoughts a request may ask of a checkpoint: `THOUGHTS_FACTOR` x what it was trained with
+    (`latent_stage` x `c_thought`, at least `c_thought`). `config` is the checkpoint's config or its `config.json`
+    as a dict."""
+    get = config.get if isinstance(config, dict) else lambda key, default=None: getattr(config, key, default)
+    c_thought = get("c_thought", 1)
+    c_thought = c_thought if isinstance(c_thought, int) and c_thought > 0 else 1
+    stage = get("latent_stage", 0)
+    stage = stage if isinstance(stage, int) and stage > 0 else 1
+    return THOUGHTS_FACTOR * stage * c_thought
+
+
+def check_thought_count(count, config, what, limit=None):
+    """Refuse `count` thoughts (`--num-latents`, `--max-thoughts`, the app's field) over `limit` (default:
+    `thought_limit(config)`): each thought is a forward pass, so an unbounded count holds the machine for minutes."""
+    if count is None:
+        return
+    if limit is None:
+        limit = thought_limit(config)
+        why = f"{THOUGHTS_FACTOR} x the {limit // THOUGHTS_FACTOR} this checkpoint was trained with"
+    else:
+        why = "the limit set"
+    if count > limit:
+        raise UserValueError(f"{what} {count}: at most {limit} thoughts are taken ({why})")
 
 
 def require_dir(path, flag):
@@ -207,7 +336,9 @@ def chromium_binary():
 
 
 __all__ = [
-    "HUB_PROBE_TIMEOUT_S", "CHECKPOINT_PARTS", "EXTRAS", "QUANTIZATION_MODULES", "looks_local", "require_hub",
-    "check_checkpoint_dir", "require_model", "require_file", "require_dir", "require_extra", "require_quantization",
+    "HUB_PROBE_TIMEOUT_S", "CHECKPOINT_PARTS", "EXTRAS", "QUANTIZATION_MODULES", "MAX_PARAMETERS", "looks_local",
+    "require_hub", "estimate_parameters", "machine_memory_bytes", "check_model_size", "read_config",
+    "check_checkpoint_dir", "require_model", "require_file", "check_image_pixels", "check_question", "thought_limit",
+    "check_thought_count", "require_dir", "require_extra", "require_quantization",
     "chromium_binary",
 ]

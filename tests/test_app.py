@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -19,7 +20,9 @@ gradio_client = pytest.importorskip("gradio_client")
 def served(inference_checkpoint, monkeypatch):
     monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
     model, processor = load(inference_checkpoint, attn_implementation="eager")
-    demo = app.build_demo(model, processor, "tiny")
+    demo = app.build_demo(model, processor, "tiny", trained_on="the tests' records")
+    header = [c["props"]["value"] for c in demo.config["components"] if c.get("type") == "markdown"]
+    assert any("Trained on: the tests' records." in text for text in header), header
     port = app.free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     try:
@@ -85,3 +88,24 @@ def test_the_app_opens_with_the_runs_own_validation_question(tmp_path):
     image, question, choices = run_example(tmp_path)
     assert image == str((tmp_path / "data" / "coco" / "1.jpg").resolve())
     assert question == "Which colour?" and choices == "green\nblue"
+
+
+def test_the_app_says_what_the_model_was_trained_on_and_picks_its_example(tmp_path):
+    """The header names the training data from the checkpoint's card; a model trained on generated data gets no
+    bundled photo, an A-OKVQA (or unknown) one gets the bundled A-OKVQA-style example."""
+    from PIL import Image
+
+    from mmcoconut.cli.app import choose_example, trained_on, trained_recipe
+
+    demo_cot = Path(__file__).resolve().parents[1] / "checkpoints" / "demo-cot"
+    recipe = trained_recipe(demo_cot)
+    assert recipe["data_source"] == "synthetic" and recipe["synthetic_task"] == "colour_chain"
+    assert "`colour_chain`" in trained_on(recipe)
+    assert choose_example(demo_cot, recipe) is None  # no generated data kept, and a photo would be nonsense to it
+
+    assert trained_recipe(tmp_path) is None and trained_on(None) is None  # no card: the header says so
+    image, question, choices = choose_example(tmp_path, None)
+    assert Image.open(image).size[0] > 100 and question.endswith("?") and len(choices.splitlines()) == 4
+    (tmp_path / "README.md").write_text("# card\n\n## Training recipe\n\n```yaml\ndata_source: aokvqa_official\n```\n")
+    assert trained_on(trained_recipe(tmp_path)).startswith("A-OKVQA")
+    assert choose_example(tmp_path, trained_recipe(tmp_path))[0] == image

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-OURS = {"mmcoconut", "configuration_mmcoconut", "modeling_mmcoconut", "data_collator", "trainer_curriculum", "train",
+OURS = {"mmcoconut", "configuration_mmcoconut", "modeling_mmcoconut", "pipeline_mmcoconut", "data_collator", "trainer_curriculum", "train",
         "evaluate_aokvqa", "benchmarks", "experiments", "tests"}
 ENTRY_SCRIPTS = {"train", "evaluate_aokvqa"}
 # layer → the project modules it may not import (prefix match)
@@ -20,8 +20,9 @@ HEAVY = ("torch", "transformers", "datasets", "peft", "accelerate")
 FORBIDDEN = {
     "mmcoconut.constants": ("mmcoconut.", "configuration_mmcoconut", "modeling_mmcoconut"),
     "mmcoconut.errors": ("mmcoconut.", "configuration_mmcoconut", "modeling_mmcoconut", *HEAVY),
-    # the checks before loading: the standard library and mmcoconut.errors (huggingface_hub and PIL inside functions)
-    "mmcoconut.preflight": ("mmcoconut.constants", "mmcoconut.modes", "mmcoconut.text", "mmcoconut.data",
+    # the checks before loading: the standard library, mmcoconut.constants (the request bounds) and mmcoconut.errors
+    # (huggingface_hub and PIL inside functions)
+    "mmcoconut.preflight": ("mmcoconut.modes", "mmcoconut.text", "mmcoconut.data",
                             "mmcoconut.processing", "mmcoconut.conversion", "mmcoconut.training",
                             "mmcoconut.evaluation", "mmcoconut.inference", "mmcoconut.analysis", "mmcoconut.cli",
                             "mmcoconut.app", "configuration_mmcoconut", "modeling_mmcoconut", *HEAVY),
@@ -34,6 +35,8 @@ FORBIDDEN = {
     "mmcoconut.inference": ("mmcoconut.training", "mmcoconut.evaluation", "mmcoconut.cli", "trainer_curriculum"),
     "mmcoconut.analysis": ("mmcoconut.training", "mmcoconut.evaluation", "mmcoconut.cli", "trainer_curriculum"),
     "mmcoconut.training": ("mmcoconut.cli",),
+    # plug-ins for other tools (lmms-eval): they drive inference, as a command does, but are not commands
+    "mmcoconut.integrations": ("mmcoconut.training", "mmcoconut.analysis", "mmcoconut.cli", "trainer_curriculum"),
 }
 
 
@@ -60,9 +63,9 @@ def _imports(path):
 MODULES = dict(_modules())
 
 
-@pytest.mark.parametrize("name", ["modeling_mmcoconut", "configuration_mmcoconut"])
+@pytest.mark.parametrize("name", ["modeling_mmcoconut", "configuration_mmcoconut", "pipeline_mmcoconut"])
 def test_remote_code_imports_nothing_of_ours_but_each_other(name):
-    allowed = {"modeling_mmcoconut", "configuration_mmcoconut"}
+    allowed = {"modeling_mmcoconut", "configuration_mmcoconut", "pipeline_mmcoconut"}
     ours = {i for i in _imports(MODULES[name]) if i.split(".")[0] in OURS - allowed}
     assert not ours, f"{name} imports {sorted(ours)}"
 

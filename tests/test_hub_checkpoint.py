@@ -10,7 +10,7 @@ import torch
 from tests.tiny_models import collate, make_model, make_sample
 
 PROJECT_MODULES = [
-    "configuration_mmcoconut", "modeling_mmcoconut", "processing_mmcoconut", "convert_internvl_chat",
+    "configuration_mmcoconut", "modeling_mmcoconut", "pipeline_mmcoconut", "processing_mmcoconut", "convert_internvl_chat",
     "data_collator", "data_curriculum", "data_aokvqa", "trainer_curriculum",
 ]
 
@@ -40,7 +40,11 @@ def test_saved_checkpoint_carries_remote_code(tmp_path):
         "AutoModel": "modeling_mmcoconut.MMCoconutForConditionalGeneration",
         "AutoModelForImageTextToText": "modeling_mmcoconut.MMCoconutForConditionalGeneration",
     }
-    assert (tmp_path / "modeling_mmcoconut.py").is_file() and (tmp_path / "configuration_mmcoconut.py").is_file()
+    for name in ("modeling_mmcoconut.py", "configuration_mmcoconut.py", "pipeline_mmcoconut.py"):
+        assert (tmp_path / name).is_file(), name
+    assert config["custom_pipelines"]["image-text-to-text"]["impl"] == (
+        "pipeline_mmcoconut.MMCoconutImageTextToTextPipeline"
+    )
 
 
 def test_remote_code_loads_without_the_project(tmp_path):

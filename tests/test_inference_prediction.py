@@ -88,6 +88,18 @@ def test_auto_classes_and_pipeline_as_remote_code_without_the_project(inference_
         pipe = pipeline("image-text-to-text", model=path, trust_remote_code=True)
         text = pipe(text=messages, return_full_text=False)[0]["generated_text"]
         assert text == processor.tokenizer.decode(ids, skip_special_tokens=True), (text, ids)
+        # A plain prompt is refused with the chat form; a prompt the chat template made runs as the chat does.
+        assert type(pipe).__name__ == "MMCoconutImageTextToTextPipeline", type(pipe)
+        try:
+            pipe(images=image, text={QUESTION!r})
+        except ValueError as error:
+            assert 'pipe(text=[{{"role": "user", "content"' in str(error), error
+        else:
+            raise AssertionError("the pipeline answered a plain prompt")
+        prompt = processor.apply_chat_template(
+            [{{"role": "user", "content": [{{"type": "image"}}, {{"type": "text", "text": {QUESTION!r}}}]}}],
+            add_generation_prompt=True)
+        assert pipe(images=image, text=prompt, return_full_text=False)[0]["generated_text"] == text
         assert not any(name in sys.modules for name in BLOCKED)
         print("IDS", ids)
     """)

@@ -18,6 +18,7 @@ def _previous_run(out):
     for step in (2, 10):
         (out / f"checkpoint-{step}").mkdir(parents=True)
         (out / f"checkpoint-{step}" / "model.safetensors").write_bytes(b"old")
+        (out / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")  # written last: the save completed
     (out / "config.json").write_text("{}")
     (out / "data").mkdir()  # the demo's generated data lives here: not a run's result
 
@@ -59,7 +60,7 @@ def test_resume_true_picks_the_latest_checkpoint(tmp_path, flag):
 
 def test_resume_true_without_a_checkpoint_is_an_error(tmp_path):
     (tmp_path / "run").mkdir()
-    with pytest.raises(FileNotFoundError, match=r"resume_from_checkpoint true: no checkpoint-\* folder in"):
+    with pytest.raises(FileNotFoundError, match=r"resume_from_checkpoint true: no complete checkpoint-\* folder in"):
         prepare_output_dir(_training_args(tmp_path / "run", "--resume_from_checkpoint", "true"))
 
 

@@ -5,6 +5,7 @@ The checkout is never on the path here: each command runs with the temporary ins
 in a working directory outside the repository, and checks that `mmcoconut` was imported from that folder.
 """
 
+import configparser
 import json
 import os
 import subprocess
@@ -16,7 +17,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 # The wheel's top-level names: the package and the design card's flat modules, nothing generic.
-TOP_LEVEL = {"mmcoconut", "configuration_mmcoconut", "modeling_mmcoconut", "data_collator", "trainer_curriculum"}
+TOP_LEVEL = {"mmcoconut", "configuration_mmcoconut", "modeling_mmcoconut", "pipeline_mmcoconut", "data_collator",
+             "trainer_curriculum"}
 COMMANDS = {"mmcoconut-train", "mmcoconut-evaluate", "mmcoconut-predict", "mmcoconut-app", "mmcoconut-analyze",
             "mmcoconut-probe", "mmcoconut-data", "mmcoconut-convert", "mmcoconut-intervene"}
 
@@ -51,11 +53,13 @@ def test_wheel_holds_the_package_and_the_card_modules_only(installed):
     _, wheel = installed
     with zipfile.ZipFile(wheel) as archive:
         names = archive.namelist()
-        entry_points = next(n for n in names if n.endswith("entry_points.txt"))
-        commands = {line.split("=")[0].strip() for line in archive.read(entry_points).decode().splitlines() if "=" in line}
+        entry_points = configparser.ConfigParser()
+        entry_points.read_string(archive.read(next(n for n in names if n.endswith("entry_points.txt"))).decode())
     top = {name.split("/")[0].removesuffix(".py") for name in names if ".dist-info" not in name.split("/")[0]}
     assert top == TOP_LEVEL
-    assert commands == COMMANDS
+    assert set(entry_points["console_scripts"]) == COMMANDS
+    # the lmms-eval plug-in (the `lmms-eval` extra): `python -m lmms_eval --model mmcoconut`
+    assert dict(entry_points["lmms_eval.models"]) == {"mmcoconut": "mmcoconut.integrations.lmms_eval:manifest"}
 
 
 def test_installed_package_is_imported_from_the_install_not_the_checkout(installed, tmp_path):

@@ -10,9 +10,13 @@ a `chromium` binary).
 import json
 import logging
 import os
+import re
 from pathlib import Path
 
+import yaml
+
 from mmcoconut.cli.help import Parser, add_loading_args, command
+from mmcoconut.constants import APP_QUEUE_SIZE, APP_TIME_LIMIT_S, THOUGHTS_FACTOR
 from mmcoconut.errors import UserError
 from mmcoconut.preflight import chromium_binary, require_extra, require_file, require_model, require_quantization
 
@@ -24,12 +28,20 @@ def build_parser():
                         help="checkpoint directory, Hub id (owner/name) or LoRA adapter directory")
     parser.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=7860, help="port to serve on")
+    parser.add_argument("--max-thoughts", type=int, default=None,
+                        help=f"continuous thoughts one request may ask for, at most (default: {THOUGHTS_FACTOR} x "
+                             "the checkpoint's)")
+    parser.add_argument("--time-limit", type=float, default=APP_TIME_LIMIT_S,
+                        help="seconds of generation one request may take; a longer one is refused with a message")
+    parser.add_argument("--queue-size", type=int, default=APP_QUEUE_SIZE,
+                        help="requests waiting at most (one is answered at a time); more are refused at once")
     add_loading_args(parser)
     parser.add_argument("--screenshot", help="serve on a free loopback port, save a PNG of the page here, exit "
                                              "(needs a chromium binary)")
     parser.add_argument("--example-image", help="pre-filled image (its answer is shown on load) (default: for a "
                                                 "run that kept its generated data, as the demo does, its first "
-                                                "validation question)")
+                                                "validation question; for a model trained on A-OKVQA, a bundled "
+                                                "example)")
     parser.add_argument("--example-question", default="What colour is the shape to the right of the circle?",
                         help="pre-filled question (with --example-image)")
     parser.add_argument("--example-choices", nargs="*", default=[], metavar="CHOICE",
@@ -38,7 +50,11 @@ def build_parser():
 
 
 def check_before_loading(args):
-    """Everything that can fail without torch, in one line each: the extras, the files, the model."""
+    """Everything that can fail without torch, in one line each: the bounds, the extras, the files, the model."""
+    for flag, value in (("--max-thoughts", args.max_thoughts), ("--time-limit", args.time_limit),
+                        ("--queue-size", args.queue_size)):
+        if value is not None and (value < 0 if flag == "--max-thoughts" else value <= 0):
+            raise UserError(f"{flag} must be {'>= 0' if flag == '--max-thoughts' else '> 0'}, got {value}")
     require_extra("gradio", "mmcoconut-app")
     require_quantization(args.quantization)
     if args.screenshot and chromium_binary() is None:
@@ -46,6 +62,59 @@ def check_before_loading(args):
     if args.example_image:
         require_file(args.example_image, "--example-image", image=True)
     require_model(args.model)
+
+
+# The example for a checkpoint trained on A-OKVQA (or on anything but generated data): an A-OKVQA-style question that
+# needs outside knowledge, on the public-domain portrait of Grace Hopper (US Navy) that matplotlib ships as sample data.
+AOKVQA_EXAMPLE_IMAGE = "grace_hopper.jpg"
+AOKVQA_EXAMPLE = ("Which branch of the military does this person serve in?", ("army", "navy", "air force", "marines"))
+RECIPE_BLOCK = re.compile(r"^## Training recipe\s*```yaml\n(.*?)^```", re.DOTALL | re.MULTILINE)
+
+
+def trained_recipe(model):
+    """The recipe in a local checkpoint's model card (`README.md`, as training writes it), or None."""
+    card = Path(model) / "README.md"
+    if not card.is_file():
+        return None
+    match = RECIPE_BLOCK.search(card.read_text(encoding="utf-8"))
+    if match is None:
+        return None
+    recipe = yaml.safe_load(match.group(1))
+    return recipe if isinstance(recipe, dict) else None
+
+
+def trained_on(recipe):
+    """What the model was trained on, in words, from its card's recipe (None: the card does not say)."""
+    if recipe is None:
+        return None
+    source = recipe.get("data_source")
+    if source == "synthetic":
+        return f"the generated `{recipe.get('synthetic_task')}` task (mmcoconut's synthetic data, not photos)"
+    if source in ("aokvqa_hf", "aokvqa_official"):
+        return "A-OKVQA (COCO photos, questions that need outside knowledge)"
+    if source == "canonical":
+        return f"the records in `{recipe.get('train_file')}`"
+    return None
+
+
+def bundled_example():
+    """(image, question, choices) of the A-OKVQA-style example the app ships with."""
+    from matplotlib import cbook
+
+    question, choices = AOKVQA_EXAMPLE
+    return str(cbook.get_sample_data(AOKVQA_EXAMPLE_IMAGE, asfileobj=False)), question, "\n".join(choices)
+
+
+def choose_example(model, recipe):
+    """The page's example: a run's own first validation question when it kept its generated data (the demo), the
+    bundled A-OKVQA-style example unless the model was trained on generated data (which it alone understands), else
+    None."""
+    own = run_example(model)
+    if own is not None:
+        return own
+    if recipe is not None and recipe.get("data_source") == "synthetic":
+        return None
+    return bundled_example()
 
 
 def run_example(model):
@@ -71,11 +140,13 @@ def main(argv=None):
     from mmcoconut.inference.loading import load
 
     model, processor = load(args.model, args.quantization, args.dtype, args.device, attn_implementation="eager")
+    recipe = trained_recipe(args.model)
     if args.example_image:
         example = (args.example_image, args.example_question, "\n".join(args.example_choices))
     else:
-        example = run_example(args.model)
-    demo = build_demo(model, processor, args.model, example)
+        example = choose_example(args.model, recipe)
+    demo = build_demo(model, processor, args.model, example, trained_on=trained_on(recipe),
+                      max_thoughts=args.max_thoughts, time_limit_s=args.time_limit, queue_size=args.queue_size)
     if args.screenshot:
         port = free_port()
         demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)

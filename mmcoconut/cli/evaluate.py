@@ -11,14 +11,24 @@ table. See `mmcoconut.evaluation.aokvqa` for the modes and how unparseable answe
 
 import argparse
 import logging
+import re
 from pathlib import Path
 
 from mmcoconut.cli.help import Parser, command
 from mmcoconut.constants import DEFAULT_MAX_NEW_TOKENS, DTYPE_NAMES, EVAL_MODES, HF_AOKVQA_ID, THINKING_MODES
-from mmcoconut.errors import UserError
-from mmcoconut.preflight import looks_local, require_dir, require_file, require_hub, require_model
+from mmcoconut.errors import UserError, shorten
+from mmcoconut.preflight import (
+    check_thought_count,
+    looks_local,
+    read_config,
+    require_dir,
+    require_file,
+    require_hub,
+    require_model,
+)
 
 logger = logging.getLogger("evaluate_aokvqa")
+SPLIT_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}")
 
 
 def build_parser():
@@ -99,14 +109,17 @@ def _check_args(parser, args):
         parser.error("--max-thoughts and --end-latent-threshold apply to --thinking adaptive")
     if args.max_thoughts is not None and args.max_thoughts < 0:
         parser.error("--max-thoughts must be >= 0")
-    for name in ("num_latents", "limit"):
-        if getattr(args, name) is not None and getattr(args, name) < 0:
-            parser.error(f"--{name.replace('_', '-')} must be >= 0")
-    for name in ("batch_size", "max_tiles"):
+    if args.num_latents is not None and args.num_latents < 0:
+        parser.error("--num-latents must be >= 0")
+    for name in ("batch_size", "max_tiles", "limit"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         parser.error("--max-new-tokens must be >= 1")
+    # The split names the output files (predictions_{split}.json): a name, never a path.
+    if not SPLIT_NAME.fullmatch(args.split):
+        parser.error(f"--split must be a name of letters, digits, '.', '_' or '-' (it names the output files), "
+                     f"got {shorten(args.split)}")
 
 
 def check_sources(args):
@@ -119,10 +132,18 @@ def check_sources(args):
         require_hub(args.hf_dataset, "dataset", "--hf-dataset")
 
 
+def check_thought_counts(args, config):
+    """`--num-latents` and `--max-thoughts` within the checkpoint's bound (`mmcoconut.preflight.thought_limit`)."""
+    check_thought_count(args.num_latents, config, "--num-latents")
+    check_thought_count(args.max_thoughts, config, "--max-thoughts")
+
+
 def check_before_loading(args):
     """What can fail without the model, each in one line: the sources (`check_sources`), earlier results in the
     way, the local data files."""
     check_sources(args)
+    if (Path(args.model) / "config.json").is_file():  # a Hub id's config is checked once it has loaded
+        check_thought_counts(args, read_config(args.model))
     from mmcoconut.evaluation.aokvqa import check_outputs_free
 
     check_outputs_free(args.output_dir, args.split, args.overwrite)
@@ -178,6 +199,7 @@ def main(argv=None):
 
     # A merged checkpoint or a LoRA adapter directory (its base is loaded and the adapters merged in).
     model = load_model(args.model, dtype=args.dtype, device=accelerator.device)
+    check_thought_counts(args, model.config)
     decoding = decoding_settings(
         model.generation_config, do_sample=args.do_sample, temperature=args.temperature, top_p=args.top_p
     )

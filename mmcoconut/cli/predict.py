@@ -16,11 +16,19 @@ head and measures where it attends (`mmcoconut.analysis.attention`).
 import json
 import logging
 import shlex
+from pathlib import Path
 
 from mmcoconut.cli.help import Parser, add_loading_args, command
 from mmcoconut.constants import CHOICE_LETTERS
-from mmcoconut.errors import UserValueError
-from mmcoconut.preflight import require_file, require_model, require_quantization
+from mmcoconut.errors import UserValueError, shorten
+from mmcoconut.preflight import (
+    check_question,
+    check_thought_count,
+    read_config,
+    require_file,
+    require_model,
+    require_quantization,
+)
 
 EXAMPLE_CHOICES = ("green", "blue", "yellow", "purple")
 
@@ -67,17 +75,20 @@ def check_choices(choices):
         raise UserValueError(
             f"--choices takes exactly {count} choices ({CHOICE_LETTERS[0]}-{CHOICE_LETTERS[-1]}, as the checkpoint "
             f"was trained), each its own argument, e.g. --choices {' '.join(EXAMPLE_CHOICES)}; got {len(choices)}: "
-            f"{' '.join(shlex.quote(choice) for choice in choices)}"
+            f"{shorten(' '.join(shlex.quote(choice) for choice in choices), 200, quote=False)}"
         )
 
 
 def check_before_loading(args):
     """Everything that can fail without torch, in one line each: the choices, the extras, the image, the model."""
+    check_question(args.question, "--question")
     check_choices(args.choices)
     require_quantization(args.quantization)
     if args.image is not None:
         require_file(args.image, "--image", image=True)
     require_model(args.model)
+    if (Path(args.model) / "config.json").is_file():  # a Hub id's config is checked once it has loaded
+        check_thought_count(args.num_latents, read_config(args.model), "--num-latents")
 
 
 def main(argv=None):
@@ -98,6 +109,7 @@ def main(argv=None):
         args.model, args.quantization, args.dtype, args.device,
         attn_implementation="eager" if args.show_thoughts else None,
     )
+    check_thought_count(args.num_latents, model.config, "--num-latents")
     prediction = predict(
         model, processor, args.image, args.question, choices=args.choices, num_latents=args.num_latents,
         max_new_tokens=args.max_new_tokens, show_thoughts=args.show_thoughts, top_k=args.top_k,

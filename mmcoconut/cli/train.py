@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from mmcoconut.cli.help import command
+from mmcoconut.errors import UserValueError
 from mmcoconut.training.recipe import parse_args
 
 logger = logging.getLogger("train")
@@ -21,15 +22,8 @@ def main(argv=None):
         sys.argv[1:] if argv is None else argv
     )
     # The recipe parsed (or --help answered) without torch; the rest of training needs it.
-    import transformers
-    from transformers import set_seed
-
-    from data_collator import MMCoconutCollator
-    from mmcoconut.data.curriculum import CurriculumDataset
-    from mmcoconut.training.build import build_model_and_processor, export_merged, load_records
-    from mmcoconut.training.checks import check_args, check_distributed_setup, prepare_output_dir, require_hub_access
-    from mmcoconut.training.report import final_eval_metrics, model_card_info, run_summary
-    from trainer_curriculum import CurriculumSchedule, CurriculumTrainer
+    from mmcoconut.training.checks import check_args
+    from mmcoconut.training.run_lock import output_dir_lock
 
     check_args(model_args, data_args, curriculum_args, eval_args, training_args)
 
@@ -37,6 +31,24 @@ def main(argv=None):
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         level=logging.INFO if training_args.process_index == 0 else logging.WARNING,
     )
+    # Held from before the "previous run" guard to the end: a second run into this output_dir fails at once.
+    with output_dir_lock(training_args.output_dir, main_process=training_args.process_index == 0):
+        return _train(model_args, data_args, curriculum_args, eval_args, training_args)
+
+
+def _train(model_args, data_args, curriculum_args, eval_args, training_args):
+    """The run itself, inside the output_dir lock."""
+    import transformers
+    from transformers import set_seed
+
+    from data_collator import MMCoconutCollator
+    from mmcoconut.data.curriculum import CurriculumDataset
+    from mmcoconut.data.records import unlabeled_ids
+    from mmcoconut.training.build import build_model_and_processor, export_merged, load_records
+    from mmcoconut.training.checks import check_distributed_setup, prepare_output_dir, require_hub_access
+    from mmcoconut.training.report import final_eval_metrics, model_card_info, run_summary
+    from trainer_curriculum import CurriculumSchedule, CurriculumTrainer
+
     resume_from_checkpoint = prepare_output_dir(training_args)
     transformers.utils.logging.set_verbosity_warning()
     set_seed(training_args.seed)
@@ -46,6 +58,15 @@ def main(argv=None):
         train_records = load_records(data_args, "train")
         evaluate = training_args.eval_strategy != "no" or training_args.do_eval
         eval_records = load_records(data_args, "eval") if evaluate else None
+    if not data_args.skip_bad_samples:  # before the model loads: a record without an answer cannot be trained on
+        for split, records in (("train", train_records), ("eval", eval_records)):
+            missing = unlabeled_ids(records) if records is not None else []
+            if missing:
+                raise UserValueError(
+                    f"{len(missing)} {split} record(s) have no answer ({', '.join(map(repr, missing[:5]))}), and "
+                    "training needs one for every record; add them, drop the records, or set skip_bad_samples to "
+                    "skip them"
+                )
     model, processor = build_model_and_processor(model_args, data_args, curriculum_args, train_records)
     dataset_kwargs = dict(
         processor=processor,
@@ -57,6 +78,7 @@ def main(argv=None):
         thought_supervision=curriculum_args.thought_supervision == "step",
         max_length=data_args.max_length,
         skip_bad_samples=data_args.skip_bad_samples,
+        require_answers=True,
         max_tiles=data_args.max_tiles,
         seed=training_args.seed,
     )

@@ -23,6 +23,7 @@ import datasets
 
 from mmcoconut.constants import CHOICE_LETTERS, HF_AOKVQA_ID, RECORD_SOURCES, STEPS_FROM
 from mmcoconut.data.records import check_text_fields
+from mmcoconut.errors import shorten
 from mmcoconut.text.answers import parse_answer
 from mmcoconut.text.prompt import answer_text, render_choices
 
@@ -243,6 +244,9 @@ def _validate_canonical(item, position, path):
     unknown = set(item) - set(CANONICAL_FIELDS)
     if unknown:
         raise ValueError(f"{where}: unknown fields {sorted(unknown)}; allowed: {list(CANONICAL_FIELDS)}")
+    if "id" in item and (isinstance(item["id"], bool) or not isinstance(item["id"], (str, int)) or item["id"] == ""):
+        raise ValueError(f"{where}: 'id' must be a non-empty string or an integer, got {shorten(item['id'])} (leave "
+                         "it out to number the records by position)")
     record = dict.fromkeys(CANONICAL_FIELDS)
     record.update(item)
     record["id"] = str(item.get("id", position))

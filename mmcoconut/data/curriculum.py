@@ -27,6 +27,7 @@ import torch
 from configuration_mmcoconut import END_LATENT_TOKEN, LATENT_TOKEN, START_LATENT_TOKEN
 from mmcoconut.data.records import check_text_fields
 from mmcoconut.data.images import decoded_size, image_size, load_image
+from mmcoconut.errors import UserValueError
 from mmcoconut.modes import LATENT_MODES, MODE_TABLE, MODES
 from mmcoconut.text.prompt import answer_text, step_text, user_prompt
 
@@ -83,6 +84,9 @@ class CurriculumDataset(torch.utils.data.Dataset):
             dataset cannot drop an index it has already announced).
         max_tiles: cap on InternVL tiles per image (the thumbnail comes on top); `None` keeps the processor's
             own `max_patches`.
+        require_answers: every record is trained on (train.py's datasets): a record without an answer is an error
+            here, at construction, not when the sampler reaches it; with `skip_bad_samples` it is skipped and
+            counted (`no_answer`). Without it, unlabeled records are kept for prompting (evaluation).
         supervise_end_latent: teach the model when to stop thinking (`coconut` mode with `pad_latent_to_max=False`,
             so that a sample's thought count follows its steps). The prediction made from the last position of the
             latent span (`<|start-latent|>` when it has no latents) is labelled `<|end-latent|>`, and the ones
@@ -117,6 +121,7 @@ class CurriculumDataset(torch.utils.data.Dataset):
         seed=0,
         supervise_end_latent=False,
         thought_supervision=False,
+        require_answers=False,
     ):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -150,6 +155,7 @@ class CurriculumDataset(torch.utils.data.Dataset):
         self.seed = seed
         self.supervise_end_latent = supervise_end_latent
         self.thought_supervision = thought_supervision
+        self.require_answers = require_answers
         self.stage = 0
         self.epoch = 0
         self._resolve_token_ids()
@@ -203,6 +209,12 @@ class CurriculumDataset(torch.utils.data.Dataset):
         size_of = decoded_size if self.skip_bad_samples else image_size
         for index, record in enumerate(_iter_undecoded(self.records)):
             record_id = _check_record(record, index)
+            if self.require_answers and record.get("answer") is None:
+                if not self.skip_bad_samples:
+                    raise UserValueError(f"record {record_id!r} has no answer, and training needs one for every "
+                                         "record; add it, drop the record, or set skip_bad_samples to skip it")
+                self._skip("no_answer", record_id)
+                continue
             num_tiles = 0
             if record.get("image") is not None:
                 try:
@@ -256,7 +268,7 @@ class CurriculumDataset(torch.utils.data.Dataset):
                 continue
             entries.append(entry)
 
-        total = len(kept) + self.skipped["bad_image"]
+        total = len(kept) + self.skipped["bad_image"] + self.skipped["no_answer"]
         details = self.skip_summary()
         if not entries:
             if not total:

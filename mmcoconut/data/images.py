@@ -1,4 +1,7 @@
-"""Record images: opened from a path, PIL image or `datasets.Image` dict, fully decoded, as 8-bit RGB.
+"""Record images: opened from a path, PIL image or `datasets.Image` dict, fully decoded, upright, as 8-bit RGB.
+
+Upright: a photo's EXIF orientation (a phone's `Orientation=6`, stored sideways) is applied, as every image viewer
+does, so the model sees what the user sees; `image_size` gives the size after it, from the header alone.
 
 `to_rgb` is ours, not PIL's `convert("RGB")`: that drops transparency onto black and clips 16-bit grayscale to
 white; viewers and transformers' processors composite onto white.
@@ -8,13 +11,15 @@ import io
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 # What PIL raises for a file it cannot open or decode: truncated data is an OSError, some broken headers a
 # SyntaxError, and an image over `Image.MAX_IMAGE_PIXELS` (e.g. 20000x20000) a DecompressionBombError, which
 # derives from Exception only.
 _UNREADABLE = (OSError, UnidentifiedImageError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+# EXIF orientations that turn the image by 90 degrees (transposed, rotated 270, transversed, rotated 90).
+_QUARTER_TURNS = (5, 6, 7, 8)
 
 
 def to_rgb(image):
@@ -60,9 +65,8 @@ def load_image(image, record_id):
         opened = _open(image)
         try:
             opened.load()
-            rgb = to_rgb(opened)
-            # `close()` frees the pixels of the image it is called on; keep an RGB copy that outlives it.
-            return rgb.copy() if rgb is opened and opened is not image else rgb
+            upright = ImageOps.exif_transpose(opened)  # a new image when the EXIF says to turn it, else a copy
+            return to_rgb(upright)
         finally:
             if opened is not image:  # close only what we opened; a caller's PIL image stays usable
                 opened.close()
@@ -70,13 +74,25 @@ def load_image(image, record_id):
         raise ValueError(f"record {record_id!r}: cannot read image {_describe(image)}: {error}") from error
 
 
+def _upright_size(image):
+    """(width, height) once the EXIF orientation is applied (read from the header, no pixels decoded)."""
+    width, height = image.size
+    # A PNG's EXIF may follow its pixels, and `getexif` would decode them all to find it: only a chunk read with the
+    # header counts here (one after the pixels makes `load_image` disagree with this size, a clear error).
+    if image.format == "PNG" and "exif" not in image.info:
+        return width, height
+    if image.getexif().get(ExifTags.Base.Orientation) in _QUARTER_TURNS:
+        return height, width
+    return width, height
+
+
 def image_size(image, record_id):
     """(width, height) from the file header only, without decoding pixels."""
     if isinstance(image, Image.Image):
-        return image.size
+        return _upright_size(image)
     try:
         with _open(image) as opened:
-            return opened.size
+            return _upright_size(opened)
     except _UNREADABLE as error:
         raise ValueError(f"record {record_id!r}: cannot read image {_describe(image)}: {error}") from error
 

@@ -16,4 +16,12 @@ def check_text_fields(record, where):
         raise ValueError(f"{where}: 'answer' must be a string or null")
 
 
-__all__ = ["check_text_fields"]
+def unlabeled_ids(records):
+    """Ids of the records without an answer (a list of records or a `datasets.Dataset`), read from the text columns
+    only: no image is decoded."""
+    if hasattr(records, "column_names"):  # a datasets.Dataset: whole columns, without decoding an image
+        return [rid for rid, answer in zip(records["id"], records["answer"]) if answer is None]
+    return [record.get("id") for record in records if record.get("answer") is None]
+
+
+__all__ = ["check_text_fields", "unlabeled_ids"]

@@ -18,7 +18,7 @@ from configuration_mmcoconut import MMCoconutConfig
 from mmcoconut.constants import QUANTIZATIONS
 from mmcoconut.conversion import is_internvl_chat_checkpoint, load_internvl_chat, load_internvl_chat_tokenizer
 from mmcoconut.errors import UserFileNotFoundError, UserValueError
-from mmcoconut.preflight import require_quantization
+from mmcoconut.preflight import check_model_size, read_config, require_quantization
 from mmcoconut.processing import (
     build_internvl_processor,
     check_checkpoint_dir,
@@ -106,6 +106,15 @@ def _load_lora(path, **load_kwargs):
         return PeftModel.from_pretrained(model, path).merge_and_unload()
 
 
+def check_hub_model_size(repo_id, dtype=None):
+    """`preflight.check_model_size` for a Hub checkpoint: only its `config.json` is downloaded (a local directory's
+    is checked by `check_checkpoint_dir`)."""
+    from huggingface_hub import hf_hub_download
+
+    config_file = Path(hf_hub_download(repo_id, "config.json"))
+    check_model_size(read_config(config_file.parent), f"{repo_id}/config.json", dtype)
+
+
 def load_model(model_path, quantization="none", dtype="auto", device=None, attn_implementation=None):
     """The model of a checkpoint or LoRA adapter directory, in eval mode on `device` (default: cuda if available).
 
@@ -114,6 +123,8 @@ def load_model(model_path, quantization="none", dtype="auto", device=None, attn_
     path = Path(model_path)
     if not (path / "adapter_config.json").is_file():
         check_checkpoint_dir(model_path, parts=("config", "weights"))
+    if not path.exists():  # a Hub id: its config comes down first and is checked before any weights
+        check_hub_model_size(model_path, dtype)
     tied = quantization != "none" and MMCoconutConfig.from_pretrained(model_path).tie_word_embeddings
     quantization_cfg = quantization_config(quantization, tied_embeddings=tied)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -135,14 +146,14 @@ def load_model(model_path, quantization="none", dtype="auto", device=None, attn_
     return model.eval()
 
 
-def load(model_path, quantization="none", dtype="auto", device=None, attn_implementation=None):
+def load(model_path, quantization="none", dtype="auto", device=None, attn_implementation=None, max_tiles=None):
     """(model in eval mode, processor) of a checkpoint or LoRA adapter directory, ready for `predict`.
 
-    The processor keeps the tiling saved with the checkpoint; a checkpoint saved without a chat template (before
-    train.py wrote one) gets the one its config implies. See `load_model` for the arguments.
+    The processor keeps the tiling saved with the checkpoint unless `max_tiles` caps it; a checkpoint saved without a
+    chat template (before train.py wrote one) gets the one its config implies. See `load_model` for the arguments.
     """
     model = load_model(model_path, quantization, dtype, device, attn_implementation)
-    processor = load_internvl_processor(model_path)
+    processor = load_internvl_processor(model_path, max_tiles=max_tiles)
     if processor.chat_template is None:
         logger.info("%s has no chat template; using the one its config implies", model_path)
         set_chat_template(processor, model.config)

@@ -3,11 +3,14 @@
 from dataclasses import dataclass, field
 
 import torch
+from PIL import Image
 
 from mmcoconut.analysis.attention import ATTENTION_CATEGORIES, analyze_batch, special_token_ids, thought_entry
-from mmcoconut.constants import CHOICE_LETTERS
-from mmcoconut.data.images import load_image
+from mmcoconut.constants import CHOICE_LETTERS, MAX_IMAGE_PIXELS
+from mmcoconut.data.images import image_size, load_image
+from mmcoconut.errors import UserValueError
 from mmcoconut.inference.decoding import after_thinking, eos_ids, until_eos
+from mmcoconut.preflight import check_image_pixels, check_question
 from mmcoconut.text.answers import parse_answer, read_answer_line
 from mmcoconut.text.prompt import messages_for, render_choices
 from modeling_mmcoconut import position_ids_from_attention_mask
@@ -58,21 +61,29 @@ def build_inputs(processor, image, question, num_latents=None):
 
 @torch.no_grad()
 def predict(model, processor, image, question, choices=None, num_latents=None, max_new_tokens=None,
-            show_thoughts=False, top_k=5):
+            show_thoughts=False, top_k=5, max_time=None):
     """Answer `question` about `image` (a path, a PIL image or None) greedily; returns a `Prediction`.
 
     `choices` (up to 26 strings) makes it multiple choice; `max_new_tokens=None` keeps the checkpoint's saved
-    budget; `show_thoughts` needs a model loaded with `attn_implementation="eager"` and a latent span.
+    budget; `show_thoughts` needs a model loaded with `attn_implementation="eager"` and a latent span; `max_time`
+    (seconds) stops decoding there (the caller decides what a stopped answer means). An empty question, one over
+    `MAX_QUESTION_CHARS`, one whose prompt with its thoughts and budget needs more positions than the model has, and an
+    image over `MAX_IMAGE_PIXELS` are `UserValueError`s, raised before the model runs.
     """
+    check_question(question)
     if choices:
         if len(choices) > len(CHOICE_LETTERS):
             raise ValueError(f"at most {len(CHOICE_LETTERS)} choices, got {len(choices)}")
         question = render_choices(question, choices)
     if image is not None:
-        image = load_image(image, "the question")
-    inputs = _on(build_inputs(processor, image, question, num_latents), model)
+        image = open_request_image(image)
+    inputs = build_inputs(processor, image, question, num_latents)
+    check_positions(model, inputs["input_ids"][0].tolist(), max_new_tokens)
+    inputs = _on(inputs, model)
     # Unset options come from the checkpoint's generation_config (its max_new_tokens); only a given budget overrides.
     budget = {} if max_new_tokens is None else {"max_new_tokens": max_new_tokens}
+    if max_time is not None:  # transformers' MaxTimeCriteria: decoding stops there
+        budget["max_time"] = max_time
     # A given count is a closed span of that many latents, even for a checkpoint that thinks adaptively.
     thinking = {} if num_latents is None else {"thinking": "fixed"}
     output = model.generate(**inputs, do_sample=False, return_dict_in_generate=True, **budget, **thinking)
@@ -117,6 +128,39 @@ def predict(model, processor, image, question, choices=None, num_latents=None, m
     elif show_thoughts:
         _add_thoughts(model, processor, inputs, prediction, top_k)
     return prediction
+
+
+def open_request_image(image):
+    """A request's image (path or PIL) as upright RGB, decoded once; over `MAX_IMAGE_PIXELS` (read from the header)
+    or unreadable, a `UserValueError` (a web request must not decode a 20000x20000 image to refuse it)."""
+    try:
+        check_image_pixels(*image_size(image, "the question"), "the image")
+        return load_image(image, "the question")
+    except UserValueError:
+        raise
+    except ValueError as error:
+        if isinstance(error.__cause__, Image.DecompressionBombError):  # PIL's own limit, far above ours
+            raise UserValueError(f"the image is over {Image.MAX_IMAGE_PIXELS * 2 / 1e6:,.0f} megapixels; at most "
+                                 f"{MAX_IMAGE_PIXELS / 1e6:.0f} megapixels are taken: scale it down") from None
+        raise UserValueError(str(error).replace("record 'the question': ", "")) from None
+
+
+def check_positions(model, prompt_ids, max_new_tokens=None):
+    """Refuse a prompt that, with its thoughts and the answer budget, needs more positions than the model has (a
+    100,000-character question would otherwise try to allocate tens of gigabytes before failing)."""
+    config = model.config
+    positions = config.internvl_config.text_config.max_position_embeddings
+    budget = max_new_tokens or model.generation_config.max_new_tokens or 0
+    # An open span (adaptive thinking): up to the checkpoint's thoughts, then <|end-latent|>.
+    thoughts = config.num_inference_latents + 1 if prompt_ids[-1] == config.start_latent_id else 0
+    needed = len(prompt_ids) + thoughts + budget
+    if needed > positions:
+        image = sum(1 for token in prompt_ids if token == config.internvl_config.image_token_id)
+        raise UserValueError(
+            f"the question is too long: the prompt is {len(prompt_ids):,} tokens ({image:,} of them the image's), "
+            f"with {thoughts} thoughts to come and an answer budget of {budget} tokens it needs {needed:,} "
+            f"positions, and the model has {positions:,}; shorten the question"
+        )
 
 
 def _on(inputs, model):
@@ -166,4 +210,4 @@ def format_prediction(prediction):
     return "\n".join(lines)
 
 
-__all__ = ["Prediction", "build_inputs", "predict", "format_prediction"]
+__all__ = ["Prediction", "build_inputs", "open_request_image", "check_positions", "predict", "format_prediction"]

@@ -14,9 +14,14 @@ from pathlib import Path
 
 import yaml
 
-from mmcoconut.errors import UserFileNotFoundError, UserValueError
+from mmcoconut.errors import UserFileNotFoundError, UserValueError, shorten
 from mmcoconut.preflight import require_extra
 from mmcoconut.training.arguments import RECIPE_DATACLASSES, SetupError
+
+# Values a recipe may hold once its YAML aliases are expanded (the shipped recipes hold under 100). PyYAML builds an
+# alias once and shares it, so a "billion laughs" recipe loads at once and explodes only when something walks it
+# (a type check, an error message, `config.json`); it is refused here instead.
+MAX_RECIPE_VALUES = 10_000
 
 
 def read_recipe(path, _chain=()):
@@ -27,18 +32,41 @@ def read_recipe(path, _chain=()):
         raise UserValueError(f"recipe base chain loops: {' -> '.join(map(str, chain))}")
     if not path.is_file():
         raise UserFileNotFoundError(f"recipe {path}: no such file")
-    with open(path, encoding="utf-8") as f:
-        recipe = yaml.safe_load(f) or {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            recipe = yaml.safe_load(f) or {}  # safe_load: `!!python/...` tags are refused, never run
+    except yaml.YAMLError as error:
+        raise UserValueError(f"{path}: not a valid recipe ({' '.join(str(error).split())})") from None
     if not isinstance(recipe, dict):
         raise UserValueError(f"{path}: a recipe must be a YAML mapping, got {type(recipe).__name__}")
+    check_recipe_size(recipe, path)
     base = recipe.pop("base", None)
     if base is None:
         return recipe
     if not isinstance(base, str):
-        raise UserValueError(f"{path}: base must be a recipe path, got {base!r}")
+        raise UserValueError(f"{path}: base must be a recipe path, got {shorten(base)}")
     if not (path.parent / base).is_file():
         raise UserFileNotFoundError(f"{path}: base recipe {path.parent / base} not found")
     return {**read_recipe(path.parent / base, chain), **recipe}
+
+
+def check_recipe_size(recipe, source, limit=MAX_RECIPE_VALUES):
+    """Refuse a recipe whose values, with every YAML alias expanded, number more than `limit`; the walk stops at
+    `limit`, so it costs at most that many steps whatever the recipe holds."""
+    count, stack = 0, [recipe]
+    while stack:
+        value = stack.pop()
+        count += 1
+        if count > limit:
+            raise UserValueError(
+                f"{source}: the recipe expands to more than {limit:,} values (YAML aliases `*name` repeat what an "
+                "anchor `&name` holds); write the values out"
+            )
+        if isinstance(value, dict):
+            stack.extend(value.keys())
+            stack.extend(value.values())
+        elif isinstance(value, (list, tuple)):
+            stack.extend(value)
 
 
 def _type_name(hint):
@@ -91,7 +119,7 @@ def check_recipe_types(recipe, dataclass_types, source):
     for dataclass_type in dataclass_types:
         hints.update(typing.get_type_hints(dataclass_type))
     problems = [
-        f"{key}: {value!r} is {type(value).__name__}, expected {_type_name(hints[key])}"
+        f"{key}: {shorten(value)} is {type(value).__name__}, expected {_type_name(hints[key])}"
         for key, value in recipe.items()
         if not isinstance(value, str) and not _accepts(hints[key], value)
     ]
@@ -165,7 +193,7 @@ def parse_args(argv):
     known = {action.dest for action in parser._actions}
     unknown = sorted(set(recipe) - known)
     if unknown:
-        raise UserValueError(f"{argv[0]}: unknown recipe keys {unknown}")
+        raise UserValueError(f"{argv[0]}: unknown recipe keys {shorten(unknown, 200)}")
     if isinstance(recipe.get("resume_from_checkpoint"), bool):  # YAML `true`: TrainingArguments holds a string
         recipe["resume_from_checkpoint"] = str(recipe["resume_from_checkpoint"]).lower()
     check_recipe_types(recipe, parser.dataclass_types, argv[0])
@@ -198,6 +226,6 @@ def check_device_support(args, recipe_path):
 
 
 __all__ = [
-    "USAGE", "read_recipe", "check_recipe_types", "help_parser", "recipe_help_parser", "parse_args",
+    "USAGE", "MAX_RECIPE_VALUES", "read_recipe", "check_recipe_size", "check_recipe_types", "help_parser", "recipe_help_parser", "parse_args",
     "check_deepspeed_installed", "check_device_support",
 ]
