@@ -39,6 +39,11 @@ class MMCoconutConfig(PretrainedConfig):
             The weights were trained to stop thinking (the curriculum's `supervise_end_latent`): each
             thought predicts `<|latent|>` (go on) or `<|end-latent|>` (stop). `generate` then thinks
             adaptively by default (see `default_thinking`).
+        thought_supervision_weight (`float`, defaults to 0.0):
+            Weight of step-level supervision of the thoughts in the training loss (the recipe's
+            `thought_supervision: step`): with `thought_labels`, the forward adds this weight times the
+            cross-entropy of each thought decoding the written step it replaced. 0 for checkpoints trained
+            without it (and saved before it existed). Training only: inference never reads it.
 
     Example:
 
@@ -63,6 +68,7 @@ class MMCoconutConfig(PretrainedConfig):
         latent_stage=0,
         training_mode="coconut",
         supervise_end_latent=False,
+        thought_supervision_weight=0.0,
         **kwargs,
     ):
         if internvl_config is None:
@@ -85,6 +91,7 @@ class MMCoconutConfig(PretrainedConfig):
                 "derived from training_mode (the 'pause' mode): drop it from config.json"
             )
         self.supervise_end_latent = supervise_end_latent
+        self.thought_supervision_weight = thought_supervision_weight
         kwargs.setdefault("tie_word_embeddings", internvl_config.tie_word_embeddings)
         # `register_for_auto_class` records one auto class per model (AutoModel, see modeling_mmcoconut); the
         # image-text-to-text pipeline loads through AutoModelForImageTextToText, which needs its own entry.

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import torch
 
 PAD_TO = ("latent", "end")
-_FEATURE_KEYS = {"input_ids", "labels", "pixel_values", "num_tiles", "id"}
+_FEATURE_KEYS = {"input_ids", "labels", "pixel_values", "num_tiles", "id", "thought_labels"}
 
 
 @dataclass
@@ -37,8 +37,9 @@ class MMCoconutCollator:
 
     Returns a dict with `input_ids`, `attention_mask`, `position_ids` (all `[B, T]` long), `labels` `[B, T]` when
     the features have labels, `num_tiles` `[B]`, `pixel_values` `[sum(num_tiles), 3, H, W]` (the samples' tiles
-    concatenated in batch order) when any sample has an image, and `ids` (list of str) when the features carry
-    `id` (prompt features).
+    concatenated in batch order) when any sample has an image, `ids` (list of str) when the features carry
+    `id` (prompt features), and `thought_labels` `[B, max latents, longest step]` (padded with `label_pad_token_id`)
+    when they carry them (step-level supervision of the thoughts: row k of a sample is its latent k's step).
     """
 
     pad_token_id: int
@@ -96,9 +97,22 @@ class MMCoconutCollator:
         if labels is not None:
             batch["labels"] = padded_labels
         batch.update(self._tiles(features))
+        if any("thought_labels" in f for f in features):
+            batch["thought_labels"] = self._thought_labels(features)
         if any("id" in f for f in features):
             batch["ids"] = [f.get("id") for f in features]
         return batch
+
+    def _thought_labels(self, features):
+        if not all("thought_labels" in f for f in features):
+            raise ValueError("either every feature has thought_labels or none does")
+        rows = [torch.as_tensor(f["thought_labels"], dtype=torch.long) for f in features]
+        latents = max(r.shape[0] for r in rows)
+        width = max([r.shape[1] for r in rows if r.numel()], default=1)
+        out = torch.full((len(rows), latents, width), self.label_pad_token_id, dtype=torch.long)
+        for i, r in enumerate(rows):
+            out[i, : r.shape[0], : r.shape[1]] = r
+        return out
 
     @staticmethod
     def _tiles(features):

@@ -282,6 +282,8 @@ class MMCoconutForConditionalGeneration(MMCoconutPreTrainedModel, GenerationMixi
         inputs_embeds=None,
         output_attentions=None,
         output_hidden_states=None,
+        thought_labels=None,
+        edit_thoughts=None,
         **kwargs,
     ):
         r"""
@@ -315,6 +317,15 @@ class MMCoconutForConditionalGeneration(MMCoconutPreTrainedModel, GenerationMixi
                 only, as in transformers), over the whole sequence.
             output_hidden_states (`bool`, *optional*): return the language model's hidden states (embeddings with the
                 thoughts filled in, then every layer), over the whole sequence.
+            thought_labels (`torch.LongTensor` of shape `(batch, max_latents, step_len)`, *optional*):
+                Step-level supervision (training, with `labels`): row k of sample b holds the token ids of the written
+                step that sample b's k-th latent replaced (-100 padding; an all -100 row supervises nothing). Each
+                thought, alone, is decoded by the language model into that step (teacher forcing) and the summed
+                cross-entropy, times `config.thought_supervision_weight`, joins the loss's sum before its division.
+            edit_thoughts (`callable`, *optional*):
+                Causal tests: `edit_thoughts(thoughts, index)` gets each latent column's thoughts `(B, H)` and which
+                latent of its row each one is `(B,)` (rows without a latent there are ignored), and returns the
+                thoughts to place instead; later thoughts are computed from the edited ones.
             return_dict (`bool`, *optional*): `False` returns `MMCoconutOutput.to_tuple()` (`None` fields dropped).
         """
         cache = kwargs.pop(CACHE_KWARG, None)
@@ -322,9 +333,10 @@ class MMCoconutForConditionalGeneration(MMCoconutPreTrainedModel, GenerationMixi
         if kwargs:
             raise TypeError(f"MMCoconutForConditionalGeneration.forward got unexpected arguments {sorted(kwargs)}")
         if cache is not None:
-            if labels is not None or pixel_values is not None:
+            if any(value is not None for value in (labels, pixel_values, thought_labels, edit_thoughts)):
                 raise ValueError(
-                    "forward with a cache continues a sequence with text tokens only: no labels or pixel_values"
+                    "forward with a cache continues a sequence with text tokens only: no labels, pixel_values, "
+                    "thought_labels or edit_thoughts"
                 )
             return self._forward_from_cache(
                 input_ids, inputs_embeds, attention_mask, position_ids, cache, use_cache, logits_to_keep,
@@ -334,6 +346,13 @@ class MMCoconutForConditionalGeneration(MMCoconutPreTrainedModel, GenerationMixi
             raise ValueError(
                 "forward over a whole sequence takes input_ids (they locate the images and latents); inputs_embeds "
                 "only continue a cached sequence"
+            )
+        if thought_labels is not None and (labels is None or edit_thoughts is not None):
+            raise ValueError("thought_labels supervise training: they need labels, and no edit_thoughts")
+        if thought_labels is not None and not self.config.thought_supervision_weight:
+            raise ValueError(
+                "thought_labels were given but config.thought_supervision_weight is 0, so they would change nothing; "
+                "set the weight (the recipe's thought_supervision: step) or leave them out"
             )
         if labels is not None and logits_to_keep is not None:
             raise ValueError(
@@ -351,6 +370,7 @@ class MMCoconutForConditionalGeneration(MMCoconutPreTrainedModel, GenerationMixi
 
         inputs_embeds = self.embed_inputs(input_ids, pixel_values, num_tiles)
         latent_mask = self._latent_mask(input_ids, attention_mask)
+        latent_index = latent_mask.cumsum(-1) - 1  # (B, T): at a latent, which thought of its row it is
         boundaries = self._pass_boundaries(latent_mask, seq_len)
 
         extras = {"output_attentions": bool(output_attentions), "output_hidden_states": bool(output_hidden_states)}
@@ -360,6 +380,8 @@ class MMCoconutForConditionalGeneration(MMCoconutPreTrainedModel, GenerationMixi
             if hidden_chunks:
                 # Continuous thought: the latent at `start` takes the last hidden state of `start - 1`.
                 thought = hidden_chunks[-1][:, -1]  # (B, H)
+                if edit_thoughts is not None:
+                    thought = edit_thoughts(thought, latent_index[:, start])
                 is_latent = latent_mask[:, start, None]  # (B, 1)
                 first = torch.where(is_latent, thought.to(chunk.dtype), chunk[:, 0])
                 chunk = torch.cat([first[:, None], chunk[:, 1:]], dim=1)
@@ -383,6 +405,11 @@ class MMCoconutForConditionalGeneration(MMCoconutPreTrainedModel, GenerationMixi
             supervised = shift_labels != -100  # (B, T-1)
             logits = lm_head(last_hidden_state[:, :-1][supervised])  # (N, V)
             loss = F.cross_entropy(logits.float(), shift_labels[supervised], reduction="sum")
+            if thought_labels is not None:
+                # A sum over the decoded steps' tokens, divided below by the answer tokens' count like the rest, so
+                # gradient accumulation and DDP weigh it exactly as one big batch would.
+                step_loss = self._step_decoding_loss(last_hidden_state, latent_mask, latent_index, thought_labels)
+                loss = loss + self.config.thought_supervision_weight * step_loss
             if num_items_in_batch is None:
                 loss = loss / supervised.sum().clamp_min(1)
             else:
@@ -400,6 +427,37 @@ class MMCoconutForConditionalGeneration(MMCoconutPreTrainedModel, GenerationMixi
             hidden_states=hidden_states,
             attentions=attentions,
         )
+
+    def _step_decoding_loss(self, last_hidden_state, latent_mask, latent_index, thought_labels):
+        """Summed cross-entropy of every supervised thought decoding its written step, teacher-forced.
+
+        The decoder is the language model itself, reading `[thought, step tokens]` with no other context: the thought
+        alone must hold the step. It adds no weights, so the checkpoint and inference are unchanged.
+        """
+        rows, columns = latent_mask.nonzero(as_tuple=True)  # row-major: each row's latents in order
+        counts = latent_mask.sum(-1)  # (B,)
+        beyond = torch.arange(thought_labels.shape[1], device=counts.device)[None] >= counts[:, None]  # (B, L)
+        if thought_labels.shape[1] < int(counts.max()) or bool((thought_labels != -100)[beyond].any()):
+            raise ValueError(
+                f"thought_labels have rows for {thought_labels.shape[1]} latents per sample, but the samples hold "
+                f"{counts.tolist()} continuous thoughts; each supervised row needs its latent"
+            )
+        targets = thought_labels[rows, latent_index[rows, columns]]  # (M, S)
+        keep = (targets != -100).any(-1)
+        thoughts = last_hidden_state[rows, columns - 1][keep]  # (M', H): the vector placed at each latent
+        targets = targets[keep]
+        decodes_here = targets.shape[0] > 0
+        if not _agree_across_ranks(int(decodes_here), thoughts.device):
+            return last_hidden_state.new_zeros((), dtype=torch.float32)
+        if not decodes_here:  # another rank decodes: sharded models need every rank to run the pass (loss times 0)
+            thoughts, targets = last_hidden_state[:1, 0], thought_labels.new_zeros(1, 1)
+        step_embeds = self.get_input_embeddings()(targets[:, :-1].clamp_min(0))  # (M', S-1, H); pads never attended
+        inputs_embeds = torch.cat([thoughts[:, None].to(step_embeds.dtype), step_embeds], dim=1)  # (M', S, H)
+        hidden = self.internvl.model.language_model(inputs_embeds=inputs_embeds, use_cache=False).last_hidden_state
+        supervised = targets != -100
+        logits = self.internvl.lm_head(hidden[supervised])  # (N, V)
+        loss = F.cross_entropy(logits.float(), targets[supervised], reduction="sum")
+        return loss if decodes_here else loss * 0
 
     def _forward_from_cache(self, input_ids, inputs_embeds, attention_mask, position_ids, cache, use_cache,
                             logits_to_keep, output_attentions=False, output_hidden_states=False):
@@ -634,6 +692,7 @@ class MMCoconutForConditionalGeneration(MMCoconutPreTrainedModel, GenerationMixi
         thinking=None,
         max_thoughts=None,
         end_latent_threshold=None,
+        edit_thoughts=None,
         **kwargs,
     ):
         """Batched generation with continuous thoughts; returns prompt + new tokens (HF convention).
@@ -667,6 +726,8 @@ class MMCoconutForConditionalGeneration(MMCoconutPreTrainedModel, GenerationMixi
             end_latent_threshold (`float`, *optional*): adaptive only; `None` stops a row where the argmax over the
                 vocabulary is `<|end-latent|>`, a float where its probability is at least this. The stop decision
                 reads the raw logits: sampling options and logits processors shape the decoded tokens only.
+            edit_thoughts (`callable`, *optional*): fixed only; replaces thoughts as the prefill makes them (causal
+                tests), as `forward`'s `edit_thoughts`.
 
         Returns:
             Like `GenerationMixin.generate`: the sequences (prompt + new tokens), or with
@@ -699,6 +760,8 @@ class MMCoconutForConditionalGeneration(MMCoconutPreTrainedModel, GenerationMixi
             raise ValueError(f"thinking must be one of {THINKING_MODES}, got {thinking!r}")
         if thinking == "fixed" and (max_thoughts is not None or end_latent_threshold is not None):
             raise ValueError("max_thoughts and end_latent_threshold apply to thinking='adaptive' only")
+        if thinking == "adaptive" and edit_thoughts is not None:
+            raise ValueError("edit_thoughts applies to thinking='fixed' only (the prompt's latents)")
         if thinking == "adaptive" and (resolved.output_attentions or resolved.output_hidden_states):
             raise ValueError(
                 "output_attentions / output_hidden_states are supported with thinking='fixed' only; with adaptive "
@@ -726,7 +789,7 @@ class MMCoconutForConditionalGeneration(MMCoconutPreTrainedModel, GenerationMixi
         else:
             cache = self._prefill_fixed(
                 input_ids, attention_mask, pixel_values, num_tiles,
-                bool(resolved.output_attentions), bool(resolved.output_hidden_states),
+                bool(resolved.output_attentions), bool(resolved.output_hidden_states), edit_thoughts,
             )
             if self.config.pause_as_thought:
                 num_thoughts = torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
@@ -810,7 +873,7 @@ class MMCoconutForConditionalGeneration(MMCoconutPreTrainedModel, GenerationMixi
         return generation_config, model_kwargs
 
     def _prefill_fixed(self, input_ids, attention_mask, pixel_values, num_tiles, output_attentions=False,
-                       output_hidden_states=False):
+                       output_hidden_states=False, edit_thoughts=None):
         """The KV cache of all but the last prompt token, its latents filled with thoughts.
 
         transformers' decoding loop runs the last token. When that is an image token, the prompt runs whole (its
@@ -841,6 +904,7 @@ class MMCoconutForConditionalGeneration(MMCoconutPreTrainedModel, GenerationMixi
             logits_to_keep=1,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states or ends_with_image,
+            edit_thoughts=edit_thoughts,
             return_dict=True,
         )
         cache = out.cache

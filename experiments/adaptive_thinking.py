@@ -139,6 +139,11 @@ class Evaluator:
     def __call__(self, mode, thinking=None, num_latents=None, max_thoughts=None):
         """`by_hops` of greedy answers, plus `seconds`. Mode coconut with no option thinks as the checkpoint was
         trained to (fixed: its latent_stage × c_thought thoughts; adaptive: until it stops, at most that many)."""
+        result = self.run(mode, thinking, num_latents, max_thoughts)
+        return {"seconds": result.metrics["seconds"], "per_hop": by_hops(result.samples, self.hops_of)}
+
+    def run(self, mode, thinking=None, num_latents=None, max_thoughts=None):
+        """`evaluate_model`'s result (every sample's answer) for the way of thinking `__call__` describes."""
         config = self.model.config
         thinking = thinking or (config.default_thinking if mode == "coconut" else None)
         if mode == "coconut" and thinking == "fixed" and num_latents is None:
@@ -151,7 +156,7 @@ class Evaluator:
             )
         if result.metrics["num_without_eos"]:
             logger.warning("%d answers did not end within %d tokens", result.metrics["num_without_eos"], MAX_NEW_TOKENS)
-        return {"seconds": result.metrics["seconds"], "per_hop": by_hops(result.samples, self.hops_of)}
+        return result
 
 
 def test_time_scaling(evaluator, max_forced):

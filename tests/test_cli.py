@@ -23,6 +23,7 @@ CLIS = [
     ("module", "mmcoconut.cli.predict"),
     ("module", "mmcoconut.cli.app"),
     ("module", "mmcoconut.cli.probe"),
+    ("module", "mmcoconut.cli.intervene"),
 ]
 PROBE = """
 import runpy, sys
@@ -57,6 +58,7 @@ def test_help_answers_without_heavy_imports_and_shows_defaults(kind, target):
 # still answer.
 EXPERIMENTS = [
     "experiments.learning_curve", "experiments.adaptive_thinking", "experiments.step_time_by_vocabulary",
+    "experiments.thought_supervision", "experiments.graph_search",
     "benchmarks.bench_train_step", "benchmarks.bench_generate", "benchmarks.gpu_check", "benchmarks.bench_quantization",
 ]
 

@@ -114,3 +114,19 @@ def test_bad_features_are_errors(features, match):
 def test_unknown_pad_to():
     with pytest.raises(ValueError, match="pad_to"):
         MMCoconutCollator(PAD, LAT, pad_to="left")
+
+
+def test_thought_labels_are_padded_to_the_most_latents_and_longest_step():
+    features = _batch()
+    features[0]["thought_labels"] = torch.tensor([[21, 22, 23], [24, X, X]])
+    features[1]["thought_labels"] = torch.tensor([[25]])
+    features[2]["thought_labels"] = torch.zeros((0, 0), dtype=torch.long)
+    batch = MMCoconutCollator(PAD, LAT)(features)
+    assert torch.equal(batch["thought_labels"], torch.tensor([
+        [[21, 22, 23], [24, X, X]],
+        [[25, X, X], [X, X, X]],
+        [[X, X, X], [X, X, X]],
+    ]))
+    del features[1]["thought_labels"]
+    with pytest.raises(ValueError, match="every feature has thought_labels or none"):
+        MMCoconutCollator(PAD, LAT)(features)

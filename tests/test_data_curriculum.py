@@ -331,3 +331,52 @@ def test_dataloader_workers_tile_on_the_fly(latent_processor, synthetic_aokvqa):
         assert image_tokens == batch["pixel_values"].shape[0] * PER_TILE == batch["num_tiles"].sum() * PER_TILE
         latent_cols = (batch["input_ids"] == dataset.latent_token_id).float().argmax(dim=1)
         assert (latent_cols == latent_cols[0]).all()
+
+
+# ---- step-level supervision of the thoughts (issue 27) ----
+
+
+@pytest.mark.parametrize("stage, pad, expected_steps", [
+    (0, False, []),
+    (1, False, [0, 0]),                 # c_thought 2: both latents of step 1 decode it
+    (2, False, [0, 0, 1, 1]),
+    (3, False, [0, 0, 1, 1]),           # past max_latent_stage: every step removed, latents capped at 2 steps' worth
+    (2, True, [0, 0, 1, 1]),
+])
+def test_thought_labels_hold_the_step_each_latent_replaced(latent_processor, stage, pad, expected_steps):
+    dataset = CurriculumDataset([record()], latent_processor, c_thought=2, max_latent_stage=2,
+                                pad_latent_to_max=pad, thought_supervision=True)
+    dataset.set_stage(stage)
+    features = dataset[0]
+    step_ids = [ids(latent_processor, f"{step}\n") for step in STEPS]
+    rows = [[t for t in row if t != -100] for row in features["thought_labels"].tolist()]
+    assert rows == [step_ids[k] for k in expected_steps]
+    assert int((features["input_ids"] == dataset.latent_token_id).sum()) == len(rows)
+
+
+def test_thought_labels_of_padded_latents_are_empty(latent_processor):
+    dataset = CurriculumDataset([record(steps=["Only step."])], latent_processor, c_thought=1, max_latent_stage=3,
+                                pad_latent_to_max=True, thought_supervision=True)
+    dataset.set_stage(3)
+    rows = dataset[0]["thought_labels"].tolist()
+    assert len(rows) == 3 and rows[0][: len(ids(latent_processor, "Only step.\n"))] == ids(latent_processor, "Only step.\n")
+    assert all(t == -100 for row in rows[1:] for t in row)
+
+
+def test_thought_labels_reach_the_batch(latent_processor):
+    dataset = CurriculumDataset([record(), record(rid="s", steps=["A.", "B."])], latent_processor, c_thought=1,
+                                max_latent_stage=2, thought_supervision=True)
+    dataset.set_stage(2)
+    collator = MMCoconutCollator(latent_processor.tokenizer.pad_token_id, dataset.latent_token_id)
+    batch = collator([dataset[0], dataset[1]])
+    assert batch["thought_labels"].shape[:2] == (2, 2)
+    for i in range(2):
+        row = dataset[i]["thought_labels"]
+        assert torch.equal(batch["thought_labels"][i, :, : row.shape[1]], row)
+        assert (batch["thought_labels"][i, :, row.shape[1]:] == -100).all()
+
+
+@pytest.mark.parametrize("mode", ["cot", "pause", "no_thoughts", "no_cot"])
+def test_thought_supervision_needs_continuous_thoughts(latent_processor, mode):
+    with pytest.raises(ValueError, match="has none"):
+        CurriculumDataset([record()], latent_processor, mode=mode, thought_supervision=True)

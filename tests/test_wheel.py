@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 TOP_LEVEL = {"mmcoconut", "configuration_mmcoconut", "modeling_mmcoconut", "pipeline_mmcoconut", "data_collator",
              "trainer_curriculum"}
 COMMANDS = {"mmcoconut-train", "mmcoconut-evaluate", "mmcoconut-predict", "mmcoconut-app", "mmcoconut-analyze",
-            "mmcoconut-probe", "mmcoconut-data", "mmcoconut-convert"}
+            "mmcoconut-probe", "mmcoconut-data", "mmcoconut-convert", "mmcoconut-intervene"}
 
 
 @pytest.fixture(scope="module")

@@ -75,6 +75,7 @@ def _train(model_args, data_args, curriculum_args, eval_args, training_args):
         max_latent_stage=curriculum_args.max_latent_stage,
         pad_latent_to_max=curriculum_args.pad_latent_to_max,
         supervise_end_latent=curriculum_args.supervise_end_latent,
+        thought_supervision=curriculum_args.thought_supervision == "step",
         max_length=data_args.max_length,
         skip_bad_samples=data_args.skip_bad_samples,
         require_answers=True,

@@ -10,6 +10,9 @@ Sequence of one sample (InternVL3 chat format, image optional):
 Labels are -100 up to and including `<|end-latent|>` (image, question, thoughts) and the token ids elsewhere. With
 `supervise_end_latent` the predictions made from `<|start-latent|>` and from each thought are supervised too: every
 one but the last predicts `<|latent|>` (go on thinking), the last predicts `<|end-latent|>` (stop).
+With `thought_supervision` the features also carry `thought_labels` `[n_latents, longest step]`: row k holds the
+token ids of the written step latent k replaced (its `c_thought` latents share that step; -100 padding; latents
+beyond the sample's steps get an all -100 row), the targets the model decodes each thought into.
 Images are opened and tiled in `__getitem__`, i.e. in DataLoader workers; no float tiles are stored.
 """
 
@@ -25,7 +28,7 @@ from configuration_mmcoconut import END_LATENT_TOKEN, LATENT_TOKEN, START_LATENT
 from mmcoconut.data.records import check_text_fields
 from mmcoconut.data.images import decoded_size, image_size, load_image
 from mmcoconut.errors import UserValueError
-from mmcoconut.modes import LATENT_MODES, MODES
+from mmcoconut.modes import LATENT_MODES, MODE_TABLE, MODES
 from mmcoconut.text.prompt import answer_text, step_text, user_prompt
 
 logger = logging.getLogger(__name__)
@@ -91,6 +94,8 @@ class CurriculumDataset(torch.utils.data.Dataset):
             `<|end-latent|>` from every thought costs nothing in the loss, so the model would stop at once; the
             `<|latent|>` labels make the stop a learned contrast between the two. `prompt_features` then ends
             the prompt at `<|start-latent|>` unless given `num_latents` (for `generate(thinking="adaptive")`).
+        thought_supervision: add `thought_labels` to the training features (step-level supervision of the thoughts,
+            see the module docstring); needs `coconut` mode, whose latents are continuous thoughts.
 
     Example:
 
@@ -115,6 +120,7 @@ class CurriculumDataset(torch.utils.data.Dataset):
         max_tiles=None,
         seed=0,
         supervise_end_latent=False,
+        thought_supervision=False,
         require_answers=False,
     ):
         if mode not in MODES:
@@ -131,6 +137,11 @@ class CurriculumDataset(torch.utils.data.Dataset):
                 "thoughts) and pad_latent_to_max=False (each sample's thought count follows its steps); got "
                 f"mode={mode!r}, pad_latent_to_max={pad_latent_to_max}"
             )
+        if thought_supervision and not MODE_TABLE[mode].fills_thoughts:
+            raise ValueError(
+                f"thought_supervision decodes continuous thoughts into the steps they replaced; mode {mode!r} has "
+                "none (use mode='coconut')"
+            )
         self.records = records
         self.processor = processor
         self.mode = mode
@@ -143,6 +154,7 @@ class CurriculumDataset(torch.utils.data.Dataset):
         self.max_tiles = max_tiles
         self.seed = seed
         self.supervise_end_latent = supervise_end_latent
+        self.thought_supervision = thought_supervision
         self.require_answers = require_answers
         self.stage = 0
         self.epoch = 0
@@ -408,7 +420,21 @@ class CurriculumDataset(torch.utils.data.Dataset):
         span = self._latent_span(n_latents, markers)
         target = [t for step in entry["steps"][n_skip:] for t in step] + entry["answer"]
         labels = [IGNORE_INDEX] * len(prompt) + self._latent_span_labels(n_latents, markers) + target
-        return self._features(prompt + span + target, pixel_values, labels)
+        features = self._features(prompt + span + target, pixel_values, labels)
+        if self.thought_supervision:
+            features["thought_labels"] = self._thought_labels(entry["steps"][:n_skip], n_latents)
+        return features
+
+    def _thought_labels(self, replaced_steps, n_latents):
+        """`[n_latents, longest step]`: latent k's row holds step `k // c_thought` of the replaced ones (-100 pads)."""
+        rows = [
+            replaced_steps[k // self.c_thought] if k // self.c_thought < len(replaced_steps) else []
+            for k in range(n_latents)
+        ]
+        labels = torch.full((n_latents, max((len(row) for row in rows), default=0)), IGNORE_INDEX, dtype=torch.long)
+        for k, row in enumerate(rows):
+            labels[k, : len(row)] = torch.tensor(row, dtype=torch.long)
+        return labels
 
     def num_latents(self, position, stage=None):
         """Latent tokens sample `position` gets at `stage` (default: the current stage), without mixing."""

@@ -30,6 +30,14 @@ The variable-depth task, `colour_chain_depth`, is the same board with 1 to 4 hop
 in it ("... follow the pointers 2 times ..."): the question tells how deep to think, only the image tells the
 answer (for adaptive thinking, where the model decides how many thoughts a question needs).
 
+The search task, `graph_search`, draws a small directed graph of 7 to 10 colours on the same 4×4 board: every tile
+is one arrow, its left half the source colour and its right half the target (a colour may head several tiles). The
+question "Starting at red and following the arrows, which colour can you reach?" offers four colours of which
+exactly one is reachable. Red always has a second arrow into a dead end (and each node of the path may), so a
+reader who follows the first arrow it sees often gets stuck; the unreachable choices are arrow targets too, inside a
+cycle red never enters. The steps are the arrows of the path from red to the answer, ProsQA-style: "red leads to
+cyan.", "cyan leads to pink.".
+
 A new task is a class with `name` and `sample(rng) -> SyntheticExample`, registered in `TASKS`.
 """
 
@@ -299,7 +307,153 @@ class ColourChainDepthTask(ColourChainTask):
         super().__init__(hops=hops, size=size, cell=cell, min_hops=min_hops)
 
 
-TASKS = {task.name: task for task in (ShapeGridTask, ColourChainTask, ColourChainDepthTask)}
+# Colours of the graph_search task: the start (red) and up to nine others, far apart in RGB after JPEG.
+GRAPH_COLOURS = {
+    **{name: COLOURS[name] for name in ("red", "green", "blue", "yellow", "purple", "orange")},
+    "cyan": (20, 200, 210),
+    "pink": (250, 150, 200),
+    "brown": (130, 75, 25),
+    "black": (20, 20, 20),
+}
+
+
+class GraphSearchTask:
+    """Visual graph search: which of four colours is reachable from red along the arrows drawn on the board?
+
+    A graph of `n` nodes (`sizes`, drawn per question) holds: the path red → … → answer (`hops` arrows, drawn in
+    `1..max_hops` as the size allows), dead ends (at least one, entered from red and maybe from the path's other
+    nodes, leading only to each other), and the three wrong choices in a cycle (each is an arrow target, none is
+    reachable). Extra arrows leave only from the cycle, the answer or the dead ends, so they never make a wrong choice
+    reachable or shorten the path. Every arrow is a `cell`-px tile on a `size × size` board (source colour left, target
+    right), so 16 arrows at most. `read_edges(image)` recovers the graph from the pixels (the tests use it).
+    """
+
+    name = "graph_search"
+    start = "red"
+    question = "Each tile is an arrow from its left colour to its right colour. Starting at red and following the " \
+        "arrows, which colour can you reach?"
+    step_template = "{key} leads to {value}."
+    _step_pattern = re.compile(r"^(\w+) leads to (\w+)\.$")
+
+    def __init__(self, sizes=(8, 9, 10), max_hops=3, size=4, cell=14):
+        if not all(8 <= n <= len(GRAPH_COLOURS) for n in sizes):
+            raise ValueError(f"graph sizes must be in 8..{len(GRAPH_COLOURS)} (the palette), got {sizes}")
+        if not 1 <= max_hops <= max(sizes) - 6:
+            raise ValueError(f"max_hops must be in 1..{max(sizes) - 6} (a path, three wrong choices, a dead end and an "
+                             f"unreachable node fit in the largest graph; smaller ones draw shorter paths), got {max_hops}")
+        self.sizes, self.max_hops, self.size, self.cell = tuple(sizes), max_hops, size, cell
+
+    @classmethod
+    def parse_step(cls, step):
+        """(source, target) colours of a step written by `sample`; a ValueError for any other text."""
+        match = cls._step_pattern.match(step)
+        if match is None:
+            raise ValueError(f"not a {cls.name} step ({cls.step_template!r}): {step!r}")
+        return match.groups()
+
+    def render(self, placement):
+        """`placement`: {(row, col): (source colour, target colour)}."""
+        side = self.size * self.cell
+        image = Image.new("RGB", (side, side), (255, 255, 255))
+        draw = ImageDraw.Draw(image)
+        half = self.cell // 2
+        for (row, col), (source, target) in placement.items():
+            left, top = col * self.cell, row * self.cell
+            draw.rectangle((left, top, left + half - 1, top + self.cell - 1), fill=GRAPH_COLOURS[source])
+            draw.rectangle((left + half, top, left + self.cell - 1, top + self.cell - 1), fill=GRAPH_COLOURS[target])
+        return image
+
+    def read_edges(self, image):
+        """The arrows `[(source, target)]` read back from the pixels (nearest palette colour at each half's centre)."""
+        pixels = image.convert("RGB").load()
+        quarter = self.cell // 4
+        edges = []
+        for row in range(self.size):
+            for col in range(self.size):
+                top, left = row * self.cell, col * self.cell
+                y = top + self.cell // 2
+                source = _nearest(pixels[left + quarter, y], GRAPH_COLOURS)
+                target = _nearest(pixels[left + self.cell - 1 - quarter, y], GRAPH_COLOURS)
+                if source is None and target is None:
+                    continue
+                if source is None or target is None:
+                    raise ValueError(f"cell ({row}, {col}) is not an arrow tile of a valid board")
+                edges.append((source, target))
+        return edges
+
+    @staticmethod
+    def num_nodes(edges):
+        """The graph's size: the colours its arrows touch."""
+        return len({node for edge in edges for node in edge})
+
+    @staticmethod
+    def reachable(edges, start):
+        """The colours reachable from `start` (itself excluded unless on a cycle) along `edges`."""
+        seen, frontier = set(), [start]
+        while frontier:
+            node = frontier.pop()
+            for source, target in edges:
+                if source == node and target not in seen:
+                    seen.add(target)
+                    frontier.append(target)
+        return seen
+
+    def sample(self, rng):
+        n = rng.choice(self.sizes)
+        hops = rng.randint(1, min(self.max_hops, n - 6))
+        others = rng.sample([c for c in GRAPH_COLOURS if c != self.start], n - 1)
+        path = [self.start, *others[:hops]]  # ends at the answer
+        wrong, rest = others[hops : hops + 3], others[hops + 3 :]
+        split = rng.randint(1, len(rest) - 1)
+        dead, hidden = rest[:split], rest[split:]  # reachable dead ends; unreachable nodes that lead to wrong choices
+        edges = list(zip(path, path[1:]))
+        edges.append((self.start, dead[0]))  # red always has a way into a dead end
+        edges += [(node, rng.choice(dead)) for node in path[1:-1] if rng.random() < 0.5]
+        edges += list(zip(dead, dead[1:]))
+        # Every choice is entered from a node that is not a choice, and (most often) the answer from a wrong choice
+        # too, so no choice stands out without searching from red.
+        rng.shuffle(hidden)
+        edges += [(hidden[i % len(hidden)], node) for i, node in enumerate(wrong)]
+        edges += [(node, rng.choice(wrong)) for node in hidden[len(wrong) :]]  # every node of the graph is drawn
+        if rng.random() < 0.75:
+            edges.append((rng.choice(wrong), path[-1]))
+        # Extra arrows leave the unreachable part (to anything), the answer or a dead end (to a dead end): the reachable
+        # set and the path stay as they are.
+        candidates = [(u, v) for u in wrong + hidden for v in path + wrong + dead + hidden]
+        candidates += [(u, v) for u in [path[-1], *dead] for v in dead]
+        candidates = [(u, v) for u, v in candidates if u != v and (u, v) not in edges]
+        rng.shuffle(candidates)
+        edges += candidates[: max(0, min(self.size * self.size, n + 5) - len(edges))]
+        cells = rng.sample([(r, c) for r in range(self.size) for c in range(self.size)], len(edges))
+        answer = path[-1]
+        choices = [answer, *wrong]
+        rng.shuffle(choices)
+        steps = [self.step_template.format(key=key, value=value) for key, value in zip(path, path[1:])]
+        rationales = [
+            " ".join(steps),
+            " ".join(f"An arrow goes from {key} to {value}." for key, value in zip(path, path[1:])),
+            f"From {self.start} the arrows lead through {', '.join(path[1:])}, so {answer} is reachable.",
+        ]
+        return SyntheticExample(
+            image=self.render(dict(zip(cells, edges))),
+            question=self.question,
+            choices=choices,
+            correct_choice_idx=choices.index(answer),
+            steps=steps,
+            rationales=rationales,
+            direct_answers=[answer] * 10,
+        )
+
+
+def _nearest(rgb, palette, max_distance=60):
+    """The colour of `palette` nearest to `rgb`, or None for background (white)."""
+    best = min(palette, key=lambda name: sum((a - b) ** 2 for a, b in zip(palette[name], rgb)))
+    if sum((a - b) ** 2 for a, b in zip(palette[best], rgb)) ** 0.5 > max_distance:
+        return None
+    return best
+
+
+TASKS = {task.name: task for task in (ShapeGridTask, ColourChainTask, ColourChainDepthTask, GraphSearchTask)}
 
 
 def write_synthetic_aokvqa(out, n_train, n_val, seed=0, task="shape_grid", jpeg_quality=95):
@@ -392,5 +546,6 @@ def official_to_hf(aokvqa_dir, coco_dir, splits=("train", "val")):
     return datasets.DatasetDict(out)
 
 
-__all__ = ["SyntheticExample", "ShapeGridTask", "ColourChainTask", "ColourChainDepthTask", "CHAIN_COLOURS", "TASKS", "STEPS_FROM", "write_synthetic_aokvqa", "official_to_hf", "main"]
+__all__ = ["SyntheticExample", "ShapeGridTask", "ColourChainTask", "ColourChainDepthTask", "GraphSearchTask",
+           "CHAIN_COLOURS", "GRAPH_COLOURS", "TASKS", "STEPS_FROM", "write_synthetic_aokvqa", "official_to_hf"]
 

@@ -5,7 +5,7 @@ A recipe is YAML over these and `CurriculumTrainingArguments`; see `mmcoconut.tr
 
 from dataclasses import dataclass, field
 
-from mmcoconut.constants import DATA_SOURCES, TOKENIZERS
+from mmcoconut.constants import DATA_SOURCES, THOUGHT_SUPERVISION, TOKENIZERS
 from mmcoconut.errors import SetupError  # its home is mmcoconut.errors; imported from here too
 from mmcoconut.modes import MODES
 
@@ -109,6 +109,17 @@ class CurriculumArguments:
         metadata={"help": "Teach when to stop thinking: each thought predicts <|latent|> (go on) or <|end-latent|> "
                           "(stop); needs mode coconut and pad_latent_to_max false. The checkpoint then generates "
                           "with thinking='adaptive' by default."},
+    )
+    thought_supervision: str = field(
+        default="none",
+        metadata={"help": f"One of {THOUGHT_SUPERVISION}. step: in training, each continuous thought is decoded by "
+                          "the language model itself, on its own and teacher-forced, into the written step it "
+                          "replaced, and that cross-entropy is added to the loss (mode coconut). Costs nothing at "
+                          "inference; the checkpoint is the same kind."},
+    )
+    thought_supervision_weight: float = field(
+        default=1.0,
+        metadata={"help": "Weight of the step decoding loss (per decoded token, against the answer's tokens)."},
     )
     reset_optimizer: bool = field(default=True, metadata={"help": "Clear optimizer state at each new stage."})
 

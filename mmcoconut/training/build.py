@@ -142,6 +142,8 @@ def build_model_and_processor(model_args, data_args, curriculum_args, train_reco
     model.config.c_thought = curriculum_args.c_thought
     model.config.training_mode = curriculum_args.mode
     model.config.supervise_end_latent = curriculum_args.supervise_end_latent
+    step_supervised = curriculum_args.thought_supervision == "step"
+    model.config.thought_supervision_weight = curriculum_args.thought_supervision_weight if step_supervised else 0.0
     if model_args.freeze_vision_tower:
         model.internvl.model.vision_tower.requires_grad_(False)
     if model_args.use_lora:

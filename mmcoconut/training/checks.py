@@ -12,11 +12,11 @@ from transformers import Qwen2Config
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import sort_checkpoints
 
-from mmcoconut.constants import DATA_SOURCES
+from mmcoconut.constants import DATA_SOURCES, THOUGHT_SUPERVISION
 from mmcoconut.conversion import is_internvl_chat_checkpoint
 from mmcoconut.data import aokvqa as data_aokvqa
 from mmcoconut.errors import UserFileExistsError, UserFileNotFoundError, UserValueError, shorten
-from mmcoconut.modes import MODES
+from mmcoconut.modes import MODE_TABLE, MODES
 from mmcoconut.preflight import (  # require_hub's home: preflight
     HUB_PROBE_TIMEOUT_S,
     check_model_size,
@@ -50,6 +50,13 @@ def check_args(model_args, data_args, curriculum_args, eval_args, training_args)
     need(0 <= c.first_stage <= c.max_latent_stage + 1,
          f"first_stage must be in 0..max_latent_stage + 1 = {c.max_latent_stage + 1}, got {c.first_stage}")
     need(0.0 <= c.uniform_prob <= 1.0, f"uniform_prob must be in [0, 1], got {c.uniform_prob}")
+    need(c.thought_supervision in THOUGHT_SUPERVISION,
+         f"thought_supervision must be one of {THOUGHT_SUPERVISION}, got {shorten(c.thought_supervision)}")
+    if c.thought_supervision == "step":
+        need(c.mode in MODE_TABLE and MODE_TABLE[c.mode].fills_thoughts,
+             f"thought_supervision: step decodes continuous thoughts, which mode {c.mode!r} has none of; use mode coconut")
+        need(c.thought_supervision_weight > 0,
+             f"thought_supervision_weight must be > 0 with thought_supervision: step, got {c.thought_supervision_weight}")
 
     d = data_args
     need(d.data_source in DATA_SOURCES, f"data_source must be one of {DATA_SOURCES}, got {shorten(d.data_source)}")
