@@ -63,6 +63,16 @@ def command(main):
     return run
 
 
+def latent_count(text):
+    """`--num-latents`' type for the analysis commands: an integer, or `steps` (each record's step count)."""
+    if text == "steps":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'steps', got {text!r}") from None
+
+
 def add_loading_args(parser):
     """The options of the commands that load a trained checkpoint to answer with it (predict, app)."""
     parser.add_argument("--quantization", choices=QUANTIZATIONS, default="none",

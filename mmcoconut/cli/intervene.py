@@ -7,23 +7,13 @@ Writes `causal.json` (every question's answers and the table) and `causal.png` (
 panel per hop count) and prints the table; the interventions are described in `mmcoconut.analysis.interventions`.
 """
 
-import argparse
 import json
 import logging
 import time
 from pathlib import Path
 
-from mmcoconut.cli.help import Parser, command
+from mmcoconut.cli.help import Parser, command, latent_count
 from mmcoconut.preflight import require_file, require_model
-
-
-def _latent_count(text):
-    if text == "steps":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer or 'steps', got {text!r}") from None
 
 
 def build_parser():
@@ -35,7 +25,7 @@ def build_parser():
     parser.add_argument("--output-dir", required=True, help="where causal.json and causal.png are written")
     parser.add_argument("--limit", type=int, default=None, help="the first N records (default: all)")
     parser.add_argument(
-        "--num-latents", type=_latent_count, default=None,
+        "--num-latents", type=latent_count, default=None,
         help="thoughts per prompt: N, or `steps` (each record's step count × c_thought, the thoughts a checkpoint "
              "trained with supervise_end_latent thinks for it). Default: `steps` for such checkpoints, else the "
              "checkpoint's latent_stage × c_thought",
