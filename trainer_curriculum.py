@@ -194,6 +194,10 @@ class CurriculumTrainer(Trainer):
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
+        if self.args.label_names is None:
+            # transformers takes every forward argument with "label" in its name as a label; `thought_labels` comes
+            # only with step supervision, and a label missing from a batch would drop its eval loss silently.
+            self.label_names = ["labels"]
         self.generation_eval_kwargs = generation_eval_kwargs
         self.inference_max_new_tokens = inference_max_new_tokens
         self.model_card_info = model_card_info or {}
