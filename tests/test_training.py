@@ -315,3 +315,17 @@ def test_launches_that_would_silently_run_something_else_are_refused(monkeypatch
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(RuntimeError, match="launched as 2 processes"):
         check_distributed_setup(FakeTrainer())
+
+
+def test_the_train_command_leaves_the_process_group_before_exit(tmp_path):
+    """Left to the interpreter's exit, gloo's threads could abort a rank after the run had saved (exit -6, and the
+    launcher called the run failed): the command tears the group down itself, after a barrier."""
+    import torch.distributed as dist
+
+    from mmcoconut.cli.train import leave_process_group
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    assert dist.is_initialized()
+    leave_process_group()
+    assert not dist.is_initialized()
+    leave_process_group()  # nothing to leave: a single-process run

@@ -123,7 +123,19 @@ def _train(model_args, data_args, curriculum_args, eval_args, training_args):
             export_merged(trainer.model, processor, Path(training_args.output_dir) / "merged")
     if trainer.is_world_process_zero():
         print(run_summary(trainer, eval_records, model_args, data_args, curriculum_args, eval_args, training_args))
+    leave_process_group()
     return trainer
+
+
+def leave_process_group():
+    """Under `accelerate launch` / torchrun: every rank waits for the others, then the process group is torn down
+    before the interpreter exits. Left to exit, a rank could abort (`terminate called without an active exception`,
+    exit -6) after the run had finished and saved, and the launcher reported the whole run as failed."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 # The console entry point: a user error (`mmcoconut.errors`: a bad recipe, a previous run in output_dir, no network
