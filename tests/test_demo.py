@@ -90,4 +90,5 @@ def test_make_demo_cot_remakes_the_checkpoint(tmp_path):
     assert results[0]["eval_mc_accuracy"] >= COT_TARGET, results
     saved = json.loads((tmp_path / "cot" / "config.json").read_text())
     shipped = json.loads((CHECKPOINT / "config.json").read_text())
-    assert saved["text_config"]["vocab_size"] == shipped["text_config"]["vocab_size"]
+    for key in ("vocab_size", "hidden_size", "num_hidden_layers"):  # the same model shape as the shipped one
+        assert saved["internvl_config"]["text_config"][key] == shipped["internvl_config"]["text_config"][key], key
