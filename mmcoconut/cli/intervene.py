@@ -58,10 +58,7 @@ def main(argv=None):
         parser.error(f"--data-file: record {unanswerable[0]!r} has no correct_choice_idx (multiple-choice records "
                      "are needed to score answers)")
     model = load_model(args.model, dtype="float32", device="cpu")
-    processor = (
-        load_internvl_processor(args.model) if args.max_tiles is None
-        else load_internvl_processor(args.model, max_tiles=args.max_tiles)
-    )
+    processor = load_internvl_processor(args.model, max_tiles=args.max_tiles)  # None keeps the saved tiling
     num_latents = args.num_latents
     if num_latents is None:
         num_latents = "steps" if model.config.default_thinking == "adaptive" else model.config.num_inference_latents

@@ -63,10 +63,7 @@ def main(argv=None):
     records = load_canonical(args.data_file)[: args.limit]
     targets = hop_targets(records)  # before the model loads: a wrong data file fails at once
     model = load_model(args.model, dtype="float32", device="cpu", attn_implementation="eager")
-    processor = (
-        load_internvl_processor(args.model) if args.max_tiles is None
-        else load_internvl_processor(args.model, max_tiles=args.max_tiles)
-    )
+    processor = load_internvl_processor(args.model, max_tiles=args.max_tiles)  # None keeps the saved tiling
     num_latents = args.num_latents
     if num_latents is None:
         num_latents = "steps" if model.config.default_thinking == "adaptive" else default_num_latents(model.config)
