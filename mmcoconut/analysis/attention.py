@@ -225,6 +225,14 @@ def default_num_latents(config):
     return config.num_inference_latents
 
 
+def analysis_num_latents(requested, config):
+    """The analysis commands' `--num-latents`: as given; else `steps` (each record's own count) for a checkpoint that
+    thinks adaptively, else the checkpoint's fixed count."""
+    if requested is not None:
+        return requested
+    return "steps" if config.default_thinking == "adaptive" else default_num_latents(config)
+
+
 def prompt_batches(model, processor, records, num_latents, batch_size=4, max_tiles=None):
     """Yield `(record indices, sample ids, batch)` for `records` laid out as at evaluation with `num_latents`
     latents each (`question <|start-latent|> <|latent|>×K <|end-latent|>`), collated and on the model's device.
@@ -433,6 +441,7 @@ __all__ = [
     "thought_attention",
     "visible_key_counts",
     "analyze_batch",
+    "analysis_num_latents",
     "thought_entry",
     "prompt_batches",
     "special_token_ids",

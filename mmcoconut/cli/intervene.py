@@ -47,6 +47,7 @@ def main(argv=None):
     require_file(args.data_file, "--data-file")
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
 
+    from mmcoconut.analysis.attention import analysis_num_latents
     from mmcoconut.analysis.interventions import causal_table, format_causal_table, intervene, plot_causal
     from mmcoconut.data.aokvqa import load_canonical
     from mmcoconut.inference.loading import load_model
@@ -59,9 +60,7 @@ def main(argv=None):
                      "are needed to score answers)")
     model = load_model(args.model, dtype="float32", device="cpu")
     processor = load_internvl_processor(args.model, max_tiles=args.max_tiles)  # None keeps the saved tiling
-    num_latents = args.num_latents
-    if num_latents is None:
-        num_latents = "steps" if model.config.default_thinking == "adaptive" else model.config.num_inference_latents
+    num_latents = analysis_num_latents(args.num_latents, model.config)
     if num_latents != "steps" and num_latents < 1:
         parser.error(f"the checkpoint prompts with {num_latents} thoughts; pass --num-latents >= 1")
     started = time.perf_counter()

@@ -47,7 +47,7 @@ def main(argv=None):
     require_file(args.data_file, "--data-file")
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
 
-    from mmcoconut.analysis.attention import default_num_latents
+    from mmcoconut.analysis.attention import analysis_num_latents
     from mmcoconut.analysis.probes import (
         collect_states,
         format_table,
@@ -64,9 +64,7 @@ def main(argv=None):
     targets = hop_targets(records)  # before the model loads: a wrong data file fails at once
     model = load_model(args.model, dtype="float32", device="cpu", attn_implementation="eager")
     processor = load_internvl_processor(args.model, max_tiles=args.max_tiles)  # None keeps the saved tiling
-    num_latents = args.num_latents
-    if num_latents is None:
-        num_latents = "steps" if model.config.default_thinking == "adaptive" else default_num_latents(model.config)
+    num_latents = analysis_num_latents(args.num_latents, model.config)
     if num_latents == "steps":
         counts = [len(record["steps"]) * model.config.c_thought for record in records]
     elif num_latents < 1:
