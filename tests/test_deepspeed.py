@@ -327,9 +327,7 @@ def test_resume_from_mid_curriculum_zero3_checkpoint_reproduces_the_run(work, st
 
 
 def test_final_zero3_save_loads_with_remote_code_and_generates(zero3_run, ddp_run):
-    from PIL import Image
     from safetensors.torch import load_file
-    from transformers import AutoModel, AutoProcessor
 
     out = zero3_run["out"]
     # stage3_gather_16bit_weights_on_model_save: whole tensors, not the rank's empty placeholders; and DDP's.
@@ -338,16 +336,30 @@ def test_final_zero3_save_loads_with_remote_code_and_generates(zero3_run, ddp_ru
     for name in ddp:
         assert ours[name].shape == ddp[name].shape and ours[name].numel() > 0, name
         torch.testing.assert_close(ours[name], ddp[name], atol=1e-4, rtol=1e-3, msg=name)
-    model = AutoModel.from_pretrained(out, trust_remote_code=True)
-    assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
-    assert model.config.latent_stage == 2
-    processor = AutoProcessor.from_pretrained(out)
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Which colour?"}]}]
-    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
-    inputs = processor(images=[Image.new("RGB", (56, 56), (200, 30, 30))], text=prompt, return_tensors="pt")
-    assert int((inputs["input_ids"] == model.config.latent_token_id).sum()) == 2  # stage 2 x c_thought 1
-    generated = model.generate(**inputs, max_new_tokens=6, do_sample=False)
-    assert generated.shape[1] > inputs["input_ids"].shape[1]
+    # In a fresh interpreter, as a user loads it: once this process has imported modeling_mmcoconut (an earlier test
+    # of the lane may have), transformers prefers that registered class to the checkpoint's remote code.
+    script = """
+import sys
+from PIL import Image
+from transformers import AutoModel, AutoProcessor
+out = sys.argv[1]
+model = AutoModel.from_pretrained(out, trust_remote_code=True)
+assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+assert "modeling_mmcoconut" not in sys.modules, "the project's own module was imported"
+assert model.config.latent_stage == 2
+processor = AutoProcessor.from_pretrained(out)
+messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Which colour?"}]}]
+prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+inputs = processor(images=[Image.new("RGB", (56, 56), (200, 30, 30))], text=prompt, return_tensors="pt")
+assert int((inputs["input_ids"] == model.config.latent_token_id).sum()) == 2  # stage 2 x c_thought 1
+generated = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+assert generated.shape[1] > inputs["input_ids"].shape[1]
+print("remote code ok")
+"""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", script, str(out)], cwd=out, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and "remote code ok" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
 def test_evaluation_with_generation_during_zero3_training(work, zero3_config, ddp_scratch):
