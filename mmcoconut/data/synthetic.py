@@ -30,13 +30,13 @@ The variable-depth task, `colour_chain_depth`, is the same board with 1 to 4 hop
 in it ("... follow the pointers 2 times ..."): the question tells how deep to think, only the image tells the
 answer (for adaptive thinking, where the model decides how many thoughts a question needs).
 
-The search task, `graph_search`, draws a small directed graph of 7 to 10 colours on the same 4×4 board: every tile
+The search task, `graph_search`, draws a small directed graph of 8 to 10 colours on the same 4×4 board: every tile
 is one arrow, its left half the source colour and its right half the target (a colour may head several tiles). The
-question "Starting at red and following the arrows, which colour can you reach?" offers four colours of which
-exactly one is reachable. Red always has a second arrow into a dead end (and each node of the path may), so a
-reader who follows the first arrow it sees often gets stuck; the unreachable choices are arrow targets too, inside a
-cycle red never enters. The steps are the arrows of the path from red to the answer, ProsQA-style: "red leads to
-cyan.", "cyan leads to pink.".
+question "Starting at red and following the arrows, which colour can you reach?" offers the same four colours in the
+same order for every image (A. green B. blue C. yellow D. purple, as `colour_chain`), of which exactly one is
+reachable. Every choice is entered by one arrow and left by one, and red always has a second arrow, so a reader who
+follows the first arrow it sees often goes astray. The steps are the arrows of the shortest path from red to the
+answer, ProsQA-style: "red leads to cyan.", "cyan leads to pink.".
 
 A new task is a class with `name` and `sample(rng) -> SyntheticExample`, registered in `TASKS`.
 """
@@ -320,12 +320,15 @@ GRAPH_COLOURS = {
 class GraphSearchTask:
     """Visual graph search: which of four colours is reachable from red along the arrows drawn on the board?
 
-    A graph of `n` nodes (`sizes`, drawn per question) holds: the path red → … → answer (`hops` arrows, drawn in
-    `1..max_hops` as the size allows), dead ends (at least one, entered from red and maybe from the path's other
-    nodes, leading only to each other), and the three wrong choices in a cycle (each is an arrow target, none is
-    reachable). Extra arrows leave only from the cycle, the answer or the dead ends, so they never make a wrong choice
-    reachable or shorten the path. Every arrow is a `cell`-px tile on a `size × size` board (source colour left, target
-    right), so 16 arrows at most. `read_edges(image)` recovers the graph from the pixels (the tests use it).
+    The four choices are `choices`, in that order, for every question (as in `ColourChainTask`), so the answer's
+    letter follows from its colour and only the search is left to learn. A graph of `n` colours (`sizes`, drawn per
+    question) holds red, the four choices and `n - 5` other colours. Each choice is entered by exactly one arrow and
+    left by exactly one, both from or to a colour that is not a choice, so no choice stands out by its own arrows; the
+    other arrows join the colours that are not choices at random. Graphs are drawn until exactly one choice is
+    reachable from red, its shortest path has `hops` arrows (`1..max_hops` as the size allows) and red has a second
+    arrow (a way astray). The steps are that shortest path. Every arrow is a `cell`-px tile on a `size × size` board
+    (source colour left, target right), so 16 arrows at most. `read_edges(image)` recovers the graph from the pixels
+    (the tests use it).
     """
 
     name = "graph_search"
@@ -334,13 +337,14 @@ class GraphSearchTask:
         "arrows, which colour can you reach?"
     step_template = "{key} leads to {value}."
     _step_pattern = re.compile(r"^(\w+) leads to (\w+)\.$")
+    choices = ("green", "blue", "yellow", "purple")  # the same four choices, in the same order, for every image
 
     def __init__(self, sizes=(8, 9, 10), max_hops=3, size=4, cell=14):
         if not all(8 <= n <= len(GRAPH_COLOURS) for n in sizes):
             raise ValueError(f"graph sizes must be in 8..{len(GRAPH_COLOURS)} (the palette), got {sizes}")
         if not 1 <= max_hops <= max(sizes) - 6:
-            raise ValueError(f"max_hops must be in 1..{max(sizes) - 6} (a path, three wrong choices, a dead end and an "
-                             f"unreachable node fit in the largest graph; smaller ones draw shorter paths), got {max_hops}")
+            raise ValueError(f"max_hops must be in 1..{max(sizes) - 6} (the largest graph's colours that are not choices "
+                             f"hold the path and ways astray; smaller graphs draw shorter paths), got {max_hops}")
         self.sizes, self.max_hops, self.size, self.cell = tuple(sizes), max_hops, size, cell
 
     @classmethod
@@ -387,6 +391,18 @@ class GraphSearchTask:
         return len({node for edge in edges for node in edge})
 
     @staticmethod
+    def shortest_paths(edges, start):
+        """{colour: the first shortest path [start, …, colour] along `edges`} (breadth first, arrows in order)."""
+        paths, frontier = {start: [start]}, [start]
+        while frontier:
+            node = frontier.pop(0)
+            for source, target in edges:
+                if source == node and target not in paths:
+                    paths[target] = [*paths[node], target]
+                    frontier.append(target)
+        return paths
+
+    @staticmethod
     def reachable(edges, start):
         """The colours reachable from `start` (itself excluded unless on a cycle) along `edges`."""
         seen, frontier = set(), [start]
@@ -401,33 +417,25 @@ class GraphSearchTask:
     def sample(self, rng):
         n = rng.choice(self.sizes)
         hops = rng.randint(1, min(self.max_hops, n - 6))
-        others = rng.sample([c for c in GRAPH_COLOURS if c != self.start], n - 1)
-        path = [self.start, *others[:hops]]  # ends at the answer
-        wrong, rest = others[hops : hops + 3], others[hops + 3 :]
-        split = rng.randint(1, len(rest) - 1)
-        dead, hidden = rest[:split], rest[split:]  # reachable dead ends; unreachable nodes that lead to wrong choices
-        edges = list(zip(path, path[1:]))
-        edges.append((self.start, dead[0]))  # red always has a way into a dead end
-        edges += [(node, rng.choice(dead)) for node in path[1:-1] if rng.random() < 0.5]
-        edges += list(zip(dead, dead[1:]))
-        # Every choice is entered from a node that is not a choice, and (most often) the answer from a wrong choice
-        # too, so no choice stands out without searching from red.
-        rng.shuffle(hidden)
-        edges += [(hidden[i % len(hidden)], node) for i, node in enumerate(wrong)]
-        edges += [(node, rng.choice(wrong)) for node in hidden[len(wrong) :]]  # every node of the graph is drawn
-        if rng.random() < 0.75:
-            edges.append((rng.choice(wrong), path[-1]))
-        # Extra arrows leave the unreachable part (to anything), the answer or a dead end (to a dead end): the reachable
-        # set and the path stay as they are.
-        candidates = [(u, v) for u in wrong + hidden for v in path + wrong + dead + hidden]
-        candidates += [(u, v) for u in [path[-1], *dead] for v in dead]
-        candidates = [(u, v) for u, v in candidates if u != v and (u, v) not in edges]
-        rng.shuffle(candidates)
-        edges += candidates[: max(0, min(self.size * self.size, n + 5) - len(edges))]
+        others = rng.sample([c for c in GRAPH_COLOURS if c != self.start and c not in self.choices], n - 5)
+        inner = [self.start, *others]  # the colours that are not choices
+        while True:  # a random graph, kept when its shape is right: the choices play symmetric parts in the drawing
+            # Each choice is entered by one arrow and left by one, both from or to a colour that is not a choice.
+            edges = {(rng.choice(inner), choice) for choice in self.choices}
+            edges |= {(choice, rng.choice(inner)) for choice in self.choices}
+            pairs = [(u, v) for u in inner for v in inner if u != v]
+            edges |= set(rng.sample(pairs, min(len(pairs), min(self.size * self.size, n + 5) - len(edges))))
+            edges = sorted(edges)
+            paths = self.shortest_paths(edges, self.start)
+            reached = [choice for choice in self.choices if choice in paths]
+            drawn = {node for edge in edges for node in edge}
+            red_out = [target for source, target in edges if source == self.start]
+            if len(reached) == 1 and len(paths[reached[0]]) - 1 == hops and len(drawn) == n and len(red_out) >= 2:
+                break
+        answer = reached[0]
+        path = paths[answer]
         cells = rng.sample([(r, c) for r in range(self.size) for c in range(self.size)], len(edges))
-        answer = path[-1]
-        choices = [answer, *wrong]
-        rng.shuffle(choices)
+        choices = list(self.choices)
         steps = [self.step_template.format(key=key, value=value) for key, value in zip(path, path[1:])]
         rationales = [
             " ".join(steps),
