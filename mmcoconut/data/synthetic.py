@@ -419,18 +419,18 @@ class GraphSearchTask:
         hops = rng.randint(1, min(self.max_hops, n - 6))
         others = rng.sample([c for c in GRAPH_COLOURS if c != self.start and c not in self.choices], n - 5)
         inner = [self.start, *others]  # the colours that are not choices
+        pairs = [(u, v) for u in inner for v in inner if u != v]
+        num_inner_arrows = min(len(pairs), min(self.size * self.size, n + 5) - 2 * len(self.choices))
         while True:  # a random graph, kept when its shape is right: the choices play symmetric parts in the drawing
             # Each choice is entered by one arrow and left by one, both from or to a colour that is not a choice.
             edges = {(rng.choice(inner), choice) for choice in self.choices}
             edges |= {(choice, rng.choice(inner)) for choice in self.choices}
-            pairs = [(u, v) for u in inner for v in inner if u != v]
-            edges |= set(rng.sample(pairs, min(len(pairs), min(self.size * self.size, n + 5) - len(edges))))
-            edges = sorted(edges)
+            edges = sorted(edges | set(rng.sample(pairs, num_inner_arrows)))
             paths = self.shortest_paths(edges, self.start)
             reached = [choice for choice in self.choices if choice in paths]
-            drawn = {node for edge in edges for node in edge}
             red_out = [target for source, target in edges if source == self.start]
-            if len(reached) == 1 and len(paths[reached[0]]) - 1 == hops and len(drawn) == n and len(red_out) >= 2:
+            if len(reached) == 1 and len(paths[reached[0]]) - 1 == hops and self.num_nodes(edges) == n \
+                    and len(red_out) >= 2:
                 break
         answer = reached[0]
         path = paths[answer]
